@@ -1,0 +1,9 @@
+"""Readers and writers that need TensorFlow or ONNX; installed as ``gru_engine.exporters``.
+
+    from gru_engine.exporters import export_bundle
+    export_bundle("model.keras", "model.gru.safetensors")
+"""
+
+from .keras_reader import export_bundle, read_keras
+
+__all__ = ["export_bundle", "read_keras"]

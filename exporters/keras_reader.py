@@ -1,0 +1,176 @@
+"""Keras model -> ModelSpec (and -> bundle). Imports TensorFlow/Keras only when called."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gru_engine import bundle
+from gru_engine.errors import UnsupportedModelError
+from gru_engine.spec import DENSE_ACTIVATIONS, GRU_ACTIVATIONS, MERGE_MODES, Layer, ModelSpec, validate
+
+SUPPORTED = ("InputLayer, Masking, GRU, Bidirectional(GRU), Dense (per time step on sequences), Dropout, "
+             "in a Sequential model or a functional single chain")
+SELF_CHECK_BATCH = 2
+SELF_CHECK_STEPS = 7
+
+
+def load_keras(model_or_path):
+    """A Keras model object, or one loaded (without its optimizer) from a .keras / .h5 file."""
+    import keras
+
+    if isinstance(model_or_path, (str, Path)):
+        path = Path(model_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such Keras model file")
+        return keras.models.load_model(path, compile=False)
+    return model_or_path
+
+
+def _refuse(layer, message: str):
+    raise UnsupportedModelError(f"layer '{layer.name}' ({type(layer).__name__}): {message}. "
+                                f"gru-engine supports: {SUPPORTED}")
+
+
+def _activation_name(layer, value, allowed) -> str:
+    import keras
+
+    name = value if isinstance(value, str) else keras.activations.serialize(value)
+    name = name if isinstance(name, str) else None
+    if name not in allowed:
+        _refuse(layer, f"activation {value!r} is not supported; use one of {list(allowed)}")
+    return name
+
+
+def _gru(layer) -> tuple[dict, dict]:
+    import keras
+
+    if type(layer) is not keras.layers.GRU:
+        _refuse(layer, "only GRU layers are supported inside Bidirectional")
+    config = layer.get_config()
+    gru_config = {
+        "units": int(config["units"]),
+        "activation": _activation_name(layer, config["activation"], GRU_ACTIVATIONS),
+        "recurrent_activation": _activation_name(layer, config["recurrent_activation"], GRU_ACTIVATIONS),
+        "use_bias": bool(config["use_bias"]),
+        "reset_after": bool(config["reset_after"]),
+        "return_sequences": bool(config["return_sequences"]),
+        "return_state": bool(config["return_state"]),
+        "go_backwards": bool(config["go_backwards"]),
+        "zero_output_for_mask": bool(layer.zero_output_for_mask),
+        "stateful": bool(config["stateful"]),
+    }
+    names = ["kernel", "recurrent_kernel"] + (["bias"] if gru_config["use_bias"] else [])
+    weights = {name: np.asarray(value, np.float32) for name, value in zip(names, layer.get_weights())}
+    return gru_config, weights
+
+
+def _layer(layer) -> Layer | None:
+    import keras
+
+    kind = type(layer)
+    if kind in (keras.layers.InputLayer, keras.layers.Dropout):
+        return None
+    if kind is keras.layers.Masking:
+        return Layer("masking", layer.name, {"mask_value": float(layer.mask_value)})
+    if kind is keras.layers.Dense:
+        config = {"units": int(layer.units), "activation": _activation_name(layer, layer.get_config()["activation"],
+                                                                             DENSE_ACTIVATIONS),
+                  "use_bias": bool(layer.use_bias)}
+        names = ["kernel"] + (["bias"] if config["use_bias"] else [])
+        return Layer("dense", layer.name, config,
+                     {name: np.asarray(value, np.float32) for name, value in zip(names, layer.get_weights())})
+    if kind is keras.layers.GRU:
+        config, weights = _gru(layer)
+        return Layer("gru", layer.name, config, weights)
+    if kind is keras.layers.Bidirectional:
+        if layer.merge_mode not in MERGE_MODES:
+            _refuse(layer, f"merge_mode {layer.merge_mode!r} is not supported; use one of {list(MERGE_MODES)}")
+        forward, forward_weights = _gru(layer.forward_layer)
+        backward, backward_weights = _gru(layer.backward_layer)
+        # Bidirectional re-aligns the backward outputs and forces zero_output_for_mask itself.
+        weights = {f"forward.{k}": v for k, v in forward_weights.items()}
+        weights.update({f"backward.{k}": v for k, v in backward_weights.items()})
+        return Layer("bidirectional", layer.name,
+                     {"merge_mode": layer.merge_mode, "forward": forward, "backward": backward}, weights)
+    _refuse(layer, "this layer type is not supported")
+
+
+def _check_chain(model) -> None:
+    """Functional models must be one chain: each layer fed by the previous one's (first) output."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        return
+    if len(model.inputs) != 1:
+        raise UnsupportedModelError(f"the model has {len(model.inputs)} inputs; gru-engine runs single-input chains")
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    previous = model.inputs[0]._keras_history.operation
+    for layer in layers:
+        if len(layer._inbound_nodes) != 1:
+            _refuse(layer, "the layer is called more than once (shared layers are not a single chain)")
+        # Positional arguments only: Keras passes the propagated mask as a keyword input.
+        inputs = layer._inbound_nodes[0].arguments.args
+        if len(inputs) != 1 or inputs[0]._keras_history.operation is not previous \
+                or inputs[0]._keras_history.tensor_index != 0:
+            _refuse(layer, "its input is not the previous layer's first output (branches and merges are not "
+                           "supported)")
+        previous = layer
+    if any(output._keras_history.operation is not layers[-1] for output in model.outputs) or [
+            output._keras_history.tensor_index for output in model.outputs] != list(range(len(model.outputs))):
+        raise UnsupportedModelError("the model's outputs must be exactly the last layer's outputs, in order")
+
+
+def _self_check_input(model, spec: ModelSpec) -> np.ndarray:
+    """A small deterministic input; masked models get padded steps so masking is checked too."""
+    shape = model.inputs[0].shape
+    batch = shape[0] or SELF_CHECK_BATCH
+    steps = shape[1] or SELF_CHECK_STEPS
+    x = np.random.default_rng(0).standard_normal((batch, steps, spec.input_features)).astype(np.float32)
+    for layer in spec.layers:
+        if layer.kind == "masking" and steps > 2:
+            x[0, steps // 2, :] = layer.config["mask_value"]
+            x[-1, -1, :] = layer.config["mask_value"]
+    return x
+
+
+def _reset_states(model) -> None:
+    for layer in model.layers:
+        for inner in (layer, getattr(layer, "forward_layer", None), getattr(layer, "backward_layer", None)):
+            if inner is not None and getattr(inner, "stateful", False):
+                inner.reset_state()
+
+
+def keras_outputs(model, x: np.ndarray) -> list[np.ndarray]:
+    """The Keras model's outputs for x, as a list of float32 arrays; stateful layers start from zero."""
+    _reset_states(model)
+    outputs = model(x, training=False)
+    _reset_states(model)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return [np.asarray(output, np.float32) for output in outputs]
+
+
+def read_keras(model_or_path) -> ModelSpec:
+    """Turn a Keras model (object or file) into a validated ModelSpec with a self-check."""
+    import keras
+
+    model = load_keras(model_or_path)
+    shape = model.inputs[0].shape
+    if len(shape) != 3 or shape[-1] is None:
+        raise UnsupportedModelError(f"the model input has shape {shape}; gru-engine needs (batch, time, features) "
+                                    "with a fixed feature count")
+    _check_chain(model)
+    layers = [layer for layer in (_layer(keras_layer) for keras_layer in model.layers) if layer is not None]
+    spec = ModelSpec(int(shape[-1]), layers,
+                     {"framework": "keras", "version": keras.__version__, "backend": keras.backend.backend()})
+    validate(spec)
+    spec.self_check_input = _self_check_input(model, spec)
+    spec.self_check_outputs = keras_outputs(model, spec.self_check_input)
+    validate(spec)
+    return spec
+
+
+def export_bundle(model_or_path, out_path) -> Path:
+    """Write a Keras model (object or .keras/.h5 file) as a self-checking bundle."""
+    return bundle.save(read_keras(model_or_path), out_path)

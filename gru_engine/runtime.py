@@ -1,0 +1,335 @@
+"""The compiled runtime: a validated ``ModelSpec`` packed into one plan and one weight buffer.
+
+Everything a kernel reads is checked here first (Numba does no bounds checking): input rank,
+feature count, dtype, sizes, state shapes. Finite values are checked inside the kernel, for speed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+
+from . import kernels, transforms
+from .errors import InputError
+from .spec import ModelSpec, output_shapes, validate
+
+# Below this batch size, waking Numba's thread pool costs more than it saves.
+PARALLEL_MIN_BATCH = 8
+# Scratch plus output per call is bounded, so a huge shape is an error, not an out-of-memory crash.
+MAX_CALL_FLOATS = 1 << 31
+# Numeric dtypes accepted and cast to float32.
+ACCEPTED_KINDS = "fiub"
+
+
+class _Program:
+    """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
+
+    def __init__(self, spec: ModelSpec, shapes, streaming: bool):
+        rows, chunks = [], []
+        offset = 0
+
+        def put(array) -> int:
+            nonlocal offset
+            start = offset
+            flat = np.ascontiguousarray(array, dtype=np.float32).ravel()
+            chunks.append(flat)
+            offset += flat.size
+            return start
+
+        carry_dims = []
+        max_dim, max_three = spec.input_features, 3
+
+        def gru_block(config, weights, prefix) -> list[int]:
+            units = config["units"]
+            bias = weights.get(prefix + "bias")
+            if bias is None:
+                input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
+            elif config["reset_after"]:
+                input_bias, recurrent_bias = bias[0], bias[1]
+            else:
+                input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
+            carry_offset = sum(carry_dims)
+            carry_dims.append(units)
+            block = {
+                "units": units,
+                "activation": kernels.ACTIVATION_CODES[config["activation"]],
+                "recurrent_activation": kernels.ACTIVATION_CODES[config["recurrent_activation"]],
+                "reset_after": int(config["reset_after"]),
+                "go_backwards": int(config["go_backwards"]),
+                "return_sequences": int(config["return_sequences"] or streaming),
+                # A stream's per-step output for a last-step-only layer is its carry, never zero.
+                "zero_output_for_mask": int(config["zero_output_for_mask"] and config["return_sequences"]),
+                "kernel": put(weights[prefix + "kernel"]),
+                "recurrent_kernel": put(weights[prefix + "recurrent_kernel"]),
+                "input_bias": put(input_bias),
+                "recurrent_bias": put(recurrent_bias),
+                "carry": carry_offset,
+            }
+            return [block[name] for name in kernels.GRU_BLOCK]
+
+        for layer, shape in zip(spec.layers, shapes):
+            row = np.zeros(kernels.PLAN_WIDTH, np.int64)
+            row[kernels.COL_IN], row[kernels.COL_OUT] = shape.input_dim, shape.output_dim
+            max_dim = max(max_dim, shape.output_dim)
+            if layer.kind == "masking":
+                row[kernels.COL_KIND] = kernels.KIND_MASKING
+                row[kernels.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
+            elif layer.kind == "dense":
+                units = layer.config["units"]
+                row[kernels.COL_KIND] = kernels.KIND_DENSE
+                row[kernels.COL_DENSE_ACTIVATION] = kernels.ACTIVATION_CODES[layer.config["activation"]]
+                row[kernels.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
+                row[kernels.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
+            elif layer.kind == "gru":
+                row[kernels.COL_KIND] = kernels.KIND_GRU
+                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
+                max_three = max(max_three, 3 * layer.config["units"])
+            else:
+                row[kernels.COL_KIND] = kernels.KIND_BIDIRECTIONAL
+                row[kernels.COL_MERGE] = kernels.MERGE_CODES[layer.config["merge_mode"]]
+                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(
+                    layer.config["forward"], layer.weights, "forward.")
+                row[kernels.COL_BACKWARD:kernels.COL_BACKWARD + kernels.BLOCK_WIDTH] = gru_block(
+                    layer.config["backward"], layer.weights, "backward.")
+                max_three = max(max_three, 3 * max(shape.state_dims))
+            rows.append(row)
+        self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
+        self.weights = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)  # (W,)
+        self.carry_dims = carry_dims
+        self.carry_size = sum(carry_dims)
+        self.max_dim = max_dim
+        self.max_three = max_three
+        last = shapes[-1]
+        self.output_dim = last.output_dim
+        self.output_is_sequence = last.output_is_sequence or streaming
+
+    def call_floats(self, batch: int, steps: int) -> int:
+        scratch = kernels.workspace_size(steps, self.max_dim, self.max_three)
+        return batch * (scratch + self.carry_size + steps * self.output_dim)
+
+    def buffers(self, batch: int, steps: int):
+        """Scratch (B, K) and output (B, rows * D) for one call of ``steps`` time steps."""
+        rows = steps if self.output_is_sequence else 1
+        work = np.empty((batch, kernels.workspace_size(steps, self.max_dim, self.max_three)), np.float32)
+        out = np.empty((batch, rows * self.output_dim), np.float32)
+        return work, out
+
+    def run(self, x, carry, work, out) -> None:
+        runner = kernels.run_batch_parallel if x.shape[0] >= PARALLEL_MIN_BATCH \
+            and numba.get_num_threads() > 1 else kernels.run_batch
+        bad = runner(self.plan, self.weights, x, carry, work, self.max_dim, self.max_three, out)
+        if bad:
+            raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
+                             "replace or drop them (for padding, use a Masking layer and a finite pad value)")
+
+
+def as_input(x, features: int, what: str = "x") -> np.ndarray:
+    """Check and coerce an input to a C-contiguous float32 (batch, time, features) array."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{what} cannot be read as a numeric array: {exc}") from None
+    if x.dtype.kind not in ACCEPTED_KINDS:
+        raise InputError(f"{what} has dtype {x.dtype}; pass a numeric array (it is cast to float32)")
+    if x.ndim != 3:
+        hint = " (add a batch axis: x[None])" if x.ndim == 2 else ""
+        raise InputError(f"{what} must have shape (batch, time, {features}), got shape {x.shape}{hint}")
+    if x.shape[2] != features:
+        raise InputError(f"{what} has {x.shape[2]} features per time step; this model takes {features}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise InputError(f"{what} has shape {x.shape}; batch and time must both be at least 1")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class Model:
+    """A model ready to run. Build it with ``gru_engine.load`` or ``Model(spec)``."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.shapes = validate(spec)
+        transforms.validate(spec.transforms, spec.input_features, self.shapes[-1].output_dim)
+        self._program = _Program(spec, self.shapes, streaming=False)
+
+    @property
+    def input_features(self) -> int:
+        return self.spec.input_features
+
+    @property
+    def state_shapes(self) -> list[int]:
+        """Units of each carry, one per GRU direction, in layer order."""
+        return list(self._program.carry_dims)
+
+    def _initial_carry(self, initial_state, batch: int) -> np.ndarray:
+        carry = np.zeros((batch, self._program.carry_size), np.float32)  # (B, C)
+        if initial_state is None:
+            return carry
+        states = [initial_state] if isinstance(initial_state, np.ndarray) else list(initial_state)
+        dims = self._program.carry_dims
+        if len(states) != len(dims):
+            raise InputError(f"initial_state needs {len(dims)} arrays (one per GRU direction, units "
+                             f"{dims}), got {len(states)}")
+        offset = 0
+        for index, (state, units) in enumerate(zip(states, dims)):
+            state = np.asarray(state)
+            if state.dtype.kind not in ACCEPTED_KINDS or state.shape != (batch, units):
+                raise InputError(f"initial_state[{index}] must be a numeric array of shape ({batch}, {units}), "
+                                 f"got {state.dtype} {state.shape}")
+            if not np.isfinite(state).all():
+                raise InputError(f"initial_state[{index}] contains NaN or infinite values")
+            carry[:, offset:offset + units] = state
+            offset += units
+        return carry
+
+    def _check_size(self, program: _Program, batch: int, steps: int) -> None:
+        if program.call_floats(batch, steps) > MAX_CALL_FLOATS:
+            raise InputError(f"an input of batch {batch} and {steps} time steps needs more than "
+                             f"{MAX_CALL_FLOATS * 4 >> 30} GiB of scratch; split it into smaller batches")
+
+    def predict(self, x, initial_state=None):
+        """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
+        x = as_input(x, self.spec.input_features)
+        x, context = transforms.apply_input(self.spec.transforms, x)
+        return self._finish(self.predict_raw(x, initial_state), context)
+
+    def predict_raw(self, x, initial_state=None):
+        """``predict`` without the bundle's input/output transforms (the network's own units)."""
+        x = as_input(x, self.spec.input_features)
+        batch, steps = x.shape[0], x.shape[1]
+        program = self._program
+        self._check_size(program, batch, steps)
+        carry = self._initial_carry(initial_state, batch)
+        work, out = program.buffers(batch, steps)
+        program.run(x, carry, work, out)
+        return self._outputs(out, carry, batch, steps)
+
+    def _outputs(self, out, carry, batch, steps):
+        shapes = output_shapes(self.spec, self.shapes, batch, steps)
+        main = out.reshape((batch, steps, -1) if self._program.output_is_sequence else (batch, -1))
+        if len(shapes) == 1:
+            return main
+        layer = self.spec.layers[-1]
+        outputs = []
+        if layer.kind == "bidirectional" and layer.config["merge_mode"] is None:
+            forward_units = self.shapes[-1].state_dims[0]
+            outputs += [main[..., :forward_units], main[..., forward_units:]]
+        else:
+            outputs.append(main)
+        last_dims = self.shapes[-1].state_dims
+        start = self._program.carry_size - sum(last_dims)
+        for units in last_dims[:len(shapes) - len(outputs)]:
+            outputs.append(carry[:, start:start + units].copy())
+            start += units
+        return outputs
+
+    def _finish(self, outputs, context):
+        if isinstance(outputs, list):
+            outputs[0] = transforms.invert_output(self.spec.transforms, outputs[0], context)
+            return outputs
+        return transforms.invert_output(self.spec.transforms, outputs, context)
+
+    def stream(self, batch: int = 1) -> "Stream":
+        """A stateful stream: feed one time step at a time, the carries kept between calls."""
+        return Stream(self, batch)
+
+    def summary(self, print_fn=print) -> None:
+        """Print layers, output shapes and parameter counts, as Keras's ``model.summary()`` does."""
+        lines = [f"{'Layer (type)':<34}{'Output Shape':<22}{'Param #':>10}", "=" * 66]
+        for layer, shape in zip(self.spec.layers, self.shapes):
+            dims = (None, None, shape.output_dim) if shape.output_is_sequence else (None, shape.output_dim)
+            kind = layer.kind if layer.kind != "gru" else "GRU"
+            lines.append(f"{layer.name + ' (' + kind + ')':<34}{str(dims):<22}{shape.parameters:>10,}")
+        lines += ["=" * 66, f"Total params: {self.spec.parameter_count:,}",
+                  f"Input: (batch, time, {self.spec.input_features}) float32",
+                  f"Source: {self.spec.source.get('framework', '?')} {self.spec.source.get('version', '')}"]
+        print_fn("\n".join(lines))
+
+
+class Stream:
+    """Step-by-step inference with carried state. Buffers are made once, here.
+
+    A stream is serialised by a lock: two threads stepping one stream take turns. Use one stream
+    per thread for parallel work.
+    """
+
+    def __init__(self, model: Model, batch: int):
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 1 <= batch <= 1 << 20:
+            raise InputError(f"stream batch must be an int between 1 and {1 << 20}, got {batch!r}")
+        for layer in model.spec.layers:
+            if layer.kind == "bidirectional" or (layer.kind == "gru" and layer.config["go_backwards"]):
+                raise InputError(f"layer '{layer.name}' reads the sequence backwards, so its output at "
+                                 "time t depends on later inputs; such a model cannot stream")
+        if not transforms.streamable(model.spec.transforms):
+            raise InputError("this bundle's transforms look at whole windows (per-window centering); "
+                             "use predict on complete windows instead of a stream")
+        self.model = model
+        self.batch = int(batch)
+        self._program = _Program(model.spec, model.shapes, streaming=True)
+        features = model.spec.input_features
+        self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
+        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
+        self._work, self._out = self._program.buffers(self.batch, 1)        # (B, K), (B, D)
+        self._lock = threading.Lock()
+        self.steps = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            self._carry[:] = 0.0
+            self.steps = 0
+
+    @property
+    def state(self) -> list[np.ndarray]:
+        """Copies of the carries, one (batch, units) array per GRU layer, in layer order."""
+        with self._lock:
+            return self._split_carry()
+
+    @state.setter
+    def state(self, states) -> None:
+        carry = self.model._initial_carry(states, self.batch)
+        with self._lock:
+            self._carry[:] = carry
+
+    def _split_carry(self) -> list[np.ndarray]:
+        states, offset = [], 0
+        for units in self._program.carry_dims:
+            states.append(self._carry[:, offset:offset + units].copy())
+            offset += units
+        return states
+
+    def step(self, x_t, out=None):
+        """Feed one time step, x_t (batch, features) or (features,) for batch 1; return the output.
+
+        Returns (batch, D), or (D,) when x_t was (features,). Pass ``out`` to write the result
+        into your own array instead of a new one.
+        """
+        x_t = np.asarray(x_t)
+        single = x_t.ndim == 1 and self.batch == 1
+        expected = (self.model.spec.input_features,) if single else (self.batch, self.model.spec.input_features)
+        if x_t.shape != expected or x_t.dtype.kind not in ACCEPTED_KINDS:
+            raise InputError(f"x_t must be a numeric array of shape {expected}, got {x_t.dtype} {x_t.shape}")
+        if self.model.spec.transforms:
+            x_t, _ = transforms.apply_input(self.model.spec.transforms, x_t.reshape(self._x.shape))
+        with self._lock:
+            np.copyto(self._x.reshape(x_t.shape), x_t, casting="unsafe")
+            self._program.run(self._x, self._carry, self._work, self._out)
+            self.steps += 1
+            result = self._out[0] if single else self._out
+            if out is None:
+                return self.model._finish(result.copy(), None)
+            np.copyto(out, self.model._finish(result, None))
+            return out
+
+    def run(self, x):
+        """Feed a chunk x (batch, time, features); return every step's output (batch, time, D)."""
+        x = as_input(x, self.model.spec.input_features)
+        if x.shape[0] != self.batch:
+            raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")
+        self.model._check_size(self._program, x.shape[0], x.shape[1])
+        x, context = transforms.apply_input(self.model.spec.transforms, x)
+        work, out = self._program.buffers(self.batch, x.shape[1])
+        with self._lock:
+            self._program.run(x, self._carry, work, out)
+            self.steps += x.shape[1]
+        return self.model._finish(out.reshape(self.batch, x.shape[1], -1), context)

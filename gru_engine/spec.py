@@ -1,0 +1,317 @@
+"""The in-memory model description every reader produces and every writer consumes.
+
+A ``ModelSpec`` is a chain of layers, each a kind, a JSON-serialisable configuration using Keras's
+names, and float32 weights in Keras's layout:
+
+- ``masking``:       config ``mask_value``; no weights.
+- ``gru``:           config ``units, activation, recurrent_activation, use_bias, reset_after,
+                     return_sequences, return_state, go_backwards, zero_output_for_mask, stateful``;
+                     weights ``kernel (input_dim, 3*units)``, ``recurrent_kernel (units, 3*units)``,
+                     ``bias (2, 3*units)`` when reset_after else ``(3*units,)``, only when use_bias.
+                     Gate columns are z | r | h.
+- ``bidirectional``: config ``merge_mode`` and ``forward``/``backward`` (two GRU configs, the backward
+                     one with go_backwards=True); weights ``forward.<name>`` and ``backward.<name>``.
+- ``dense``:         config ``units, activation, use_bias``; weights ``kernel (input_dim, units)``,
+                     ``bias (units,)`` when use_bias. Applied per time step to sequences.
+
+``validate`` checks all of it once, so the runtime and the writers can trust a spec they are given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+
+FORMAT_NAME = "gru-engine-bundle"
+FORMAT_VERSION = 1
+
+GRU_ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
+DENSE_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
+MERGE_MODES = ("concat", "sum", "mul", "ave", None)
+LAYER_KINDS = ("masking", "gru", "bidirectional", "dense")
+
+# Bounds checked before anything is allocated, so a hostile manifest cannot ask for terabytes.
+MAX_UNITS = 16384
+MAX_FEATURES = 65536
+MAX_LAYERS = 256
+MAX_PARAMETERS = 500_000_000
+
+GRU_CONFIG_KEYS = {
+    "units": int,
+    "activation": str,
+    "recurrent_activation": str,
+    "use_bias": bool,
+    "reset_after": bool,
+    "return_sequences": bool,
+    "return_state": bool,
+    "go_backwards": bool,
+    "zero_output_for_mask": bool,
+    "stateful": bool,
+}
+DENSE_CONFIG_KEYS = {"units": int, "activation": str, "use_bias": bool}
+
+
+@dataclasses.dataclass
+class Layer:
+    kind: str
+    name: str
+    config: dict[str, Any]
+    weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class LayerShape:
+    """What one layer sees and produces, per sample (time is dynamic)."""
+
+    input_dim: int
+    output_dim: int
+    input_is_sequence: bool
+    output_is_sequence: bool
+    state_dims: tuple[int, ...]  # carries this layer keeps, one per direction
+    parameters: int
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    input_features: int
+    layers: list[Layer]
+    source: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Declarative pre/post-processing steps, see ``gru_engine.transforms``.
+    transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # A small input (batch, time, features) and the source framework's outputs for it.
+    self_check_input: np.ndarray | None = None
+    self_check_outputs: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def shapes(self) -> list[LayerShape]:
+        return trace_shapes(self)
+
+    @property
+    def output_count(self) -> int:
+        """How many arrays ``predict`` returns: 1, or 1 + one state per direction with return_state."""
+        last = self.layers[-1]
+        if last.kind == "gru" and last.config["return_state"]:
+            return 2
+        if last.kind == "bidirectional" and last.config["forward"]["return_state"]:
+            return 3 if last.config["merge_mode"] is not None else 4
+        if last.kind == "bidirectional" and last.config["merge_mode"] is None:
+            return 2
+        return 1
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(shape.parameters for shape in self.shapes())
+
+
+def gru_weight_shapes(config: dict[str, Any], input_dim: int) -> dict[str, tuple[int, ...]]:
+    units = config["units"]
+    shapes = {"kernel": (input_dim, 3 * units), "recurrent_kernel": (units, 3 * units)}
+    if config["use_bias"]:
+        shapes["bias"] = (2, 3 * units) if config["reset_after"] else (3 * units,)
+    return shapes
+
+
+def weight_shapes(layer: Layer, input_dim: int) -> dict[str, tuple[int, ...]]:
+    """The exact set of tensors a layer's configuration implies."""
+    if layer.kind == "gru":
+        return gru_weight_shapes(layer.config, input_dim)
+    if layer.kind == "bidirectional":
+        shapes = {}
+        for direction in ("forward", "backward"):
+            for name, shape in gru_weight_shapes(layer.config[direction], input_dim).items():
+                shapes[f"{direction}.{name}"] = shape
+        return shapes
+    if layer.kind == "dense":
+        shapes = {"kernel": (input_dim, layer.config["units"])}
+        if layer.config["use_bias"]:
+            shapes["bias"] = (layer.config["units"],)
+        return shapes
+    return {}
+
+
+def _fail(layer_index: int | None, message: str) -> None:
+    where = "model" if layer_index is None else f"layer {layer_index}"
+    raise BundleError(f"{where}: {message}")
+
+
+def _check_keys(index: int, config: Any, keys: dict[str, type], what: str) -> None:
+    if not isinstance(config, dict):
+        _fail(index, f"{what} config must be a JSON object, got {type(config).__name__}")
+    missing = sorted(set(keys) - set(config))
+    extra = sorted(set(config) - set(keys))
+    if missing or extra:
+        _fail(index, f"{what} config has missing fields {missing} and unknown fields {extra}; "
+                     f"expected exactly {sorted(keys)}")
+    for key, expected in keys.items():
+        value = config[key]
+        # bool is an int subclass: an int field must not accept True, and vice versa.
+        if type(value) is not expected:
+            _fail(index, f"{what} config field '{key}' must be {expected.__name__}, got {value!r}")
+
+
+def _check_units(index: int, units: int, field: str) -> None:
+    if not 1 <= units <= MAX_UNITS:
+        _fail(index, f"'{field}' is {units}; it must be between 1 and {MAX_UNITS}")
+
+
+def _check_gru_config(index: int, config: Any, what: str) -> None:
+    _check_keys(index, config, GRU_CONFIG_KEYS, what)
+    _check_units(index, config["units"], "units")
+    for field in ("activation", "recurrent_activation"):
+        if config[field] not in GRU_ACTIVATIONS:
+            _fail(index, f"{what} '{field}' is {config[field]!r}; supported: {list(GRU_ACTIVATIONS)}")
+
+
+def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) -> LayerShape:
+    if layer.kind not in LAYER_KINDS:
+        _fail(index, f"unknown layer kind {layer.kind!r}; supported: {list(LAYER_KINDS)}")
+    config = layer.config
+    if layer.kind == "masking":
+        if not isinstance(config, dict) or set(config) != {"mask_value"}:
+            _fail(index, "masking config must be exactly {'mask_value': number}")
+        value = config["mask_value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(index, f"masking 'mask_value' must be a finite number, got {value!r}")
+        if not is_sequence:
+            _fail(index, "masking needs a sequence input; it cannot follow a GRU with return_sequences=False")
+        return LayerShape(input_dim, input_dim, True, True, (), 0)
+    if layer.kind == "dense":
+        _check_keys(index, config, DENSE_CONFIG_KEYS, "dense")
+        _check_units(index, config["units"], "units")
+        if config["activation"] not in DENSE_ACTIVATIONS:
+            _fail(index, f"dense 'activation' is {config['activation']!r}; supported: {list(DENSE_ACTIVATIONS)}")
+        units = config["units"]
+        parameters = input_dim * units + (units if config["use_bias"] else 0)
+        return LayerShape(input_dim, units, is_sequence, is_sequence, (), parameters)
+    if not is_sequence:
+        _fail(index, f"{layer.kind} needs a sequence input; set return_sequences=True on the layer before it")
+    if layer.kind == "gru":
+        _check_gru_config(index, config, "gru")
+        directions = [config]
+    else:
+        if not isinstance(config, dict) or set(config) != {"merge_mode", "forward", "backward"}:
+            _fail(index, "bidirectional config must have exactly the fields merge_mode, forward, backward")
+        if config["merge_mode"] not in MERGE_MODES:
+            _fail(index, f"bidirectional 'merge_mode' is {config['merge_mode']!r}; supported: {list(MERGE_MODES)}")
+        _check_gru_config(index, config["forward"], "bidirectional forward")
+        _check_gru_config(index, config["backward"], "bidirectional backward")
+        forward, backward = config["forward"], config["backward"]
+        if forward["go_backwards"] or not backward["go_backwards"]:
+            _fail(index, "bidirectional needs forward go_backwards=False and backward go_backwards=True")
+        for field in ("return_sequences", "return_state", "stateful"):
+            if forward[field] != backward[field]:
+                _fail(index, f"bidirectional forward and backward disagree on '{field}'")
+        if config["merge_mode"] in ("sum", "mul", "ave") and forward["units"] != backward["units"]:
+            _fail(index, f"merge_mode {config['merge_mode']!r} needs equal units in both directions")
+        directions = [forward, backward]
+    units = [direction["units"] for direction in directions]
+    if layer.kind == "bidirectional" and layer.config["merge_mode"] == "concat":
+        output_dim = sum(units)
+    else:
+        output_dim = units[0]
+    parameters = sum(
+        int(np.prod(shape)) for shape in weight_shapes(layer, input_dim).values()
+    )
+    return LayerShape(input_dim, output_dim, True, directions[0]["return_sequences"], tuple(units), parameters)
+
+
+def trace_shapes(spec: ModelSpec) -> list[LayerShape]:
+    """Walk the chain checking each configuration; return every layer's shapes."""
+    if not isinstance(spec.input_features, int) or isinstance(spec.input_features, bool) \
+            or not 1 <= spec.input_features <= MAX_FEATURES:
+        _fail(None, f"input_features is {spec.input_features!r}; it must be an int between 1 and {MAX_FEATURES}")
+    if not isinstance(spec.layers, list) or not 1 <= len(spec.layers) <= MAX_LAYERS:
+        _fail(None, f"the model needs between 1 and {MAX_LAYERS} layers")
+    shapes = []
+    dim, is_sequence = spec.input_features, True
+    for index, layer in enumerate(spec.layers):
+        shape = _trace_layer(index, layer, dim, is_sequence)
+        last = index == len(spec.layers) - 1
+        if layer.kind == "bidirectional" and layer.config["merge_mode"] is None and not last:
+            _fail(index, "bidirectional merge_mode=None returns two tensors, so it must be the last layer")
+        returns_state = layer.kind in ("gru", "bidirectional") and (
+            layer.config.get("return_state") or layer.config.get("forward", {}).get("return_state"))
+        if returns_state and not last:
+            _fail(index, "return_state=True is only supported on the last layer of the chain")
+        shapes.append(shape)
+        dim, is_sequence = shape.output_dim, shape.output_is_sequence
+    if not any(layer.kind in ("gru", "bidirectional") for layer in spec.layers):
+        _fail(None, "the model has no GRU layer")
+    if sum(shape.parameters for shape in shapes) > MAX_PARAMETERS:
+        _fail(None, f"the model has more than {MAX_PARAMETERS} parameters")
+    return shapes
+
+
+def validate(spec: ModelSpec) -> list[LayerShape]:
+    """Check configuration, weight names, shapes, dtypes and values; return the traced shapes."""
+    shapes = trace_shapes(spec)
+    names = set()
+    for index, (layer, shape) in enumerate(zip(spec.layers, shapes)):
+        if not isinstance(layer.name, str) or not layer.name or layer.name in names:
+            _fail(index, f"layer names must be unique non-empty strings, got {layer.name!r}")
+        names.add(layer.name)
+        expected = weight_shapes(layer, shape.input_dim)
+        missing = sorted(set(expected) - set(layer.weights))
+        extra = sorted(set(layer.weights) - set(expected))
+        if missing or extra:
+            _fail(index, f"{layer.kind} '{layer.name}' is missing tensors {missing} and has unexpected "
+                         f"tensors {extra}; its configuration implies exactly {sorted(expected)}")
+        for name, want in expected.items():
+            array = layer.weights[name]
+            if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+                _fail(index, f"tensor '{name}' must be a float32 array, got "
+                             f"{getattr(array, 'dtype', type(array).__name__)}")
+            if array.shape != want:
+                _fail(index, f"tensor '{name}' has shape {array.shape}, the configuration implies {want}")
+            if not np.isfinite(array).all():
+                _fail(index, f"tensor '{name}' contains NaN or infinite values")
+    _validate_self_check(spec, shapes)
+    return shapes
+
+
+def output_shapes(spec: ModelSpec, shapes: list[LayerShape], batch: int, time: int) -> list[tuple[int, ...]]:
+    """The shapes ``predict`` returns for an input of (batch, time, input_features)."""
+    last = shapes[-1]
+    main = (batch, time, last.output_dim) if last.output_is_sequence else (batch, last.output_dim)
+    layer = spec.layers[-1]
+    if layer.kind == "bidirectional" and layer.config["merge_mode"] is None:
+        per_direction = [main[:-1] + (units,) for units in last.state_dims]
+        states = [(batch, units) for units in last.state_dims] if spec.output_count == 4 else []
+        return per_direction + states
+    states = [(batch, units) for units in last.state_dims] if spec.output_count > 1 else []
+    return [main] + states
+
+
+def _validate_self_check(spec: ModelSpec, shapes: list[LayerShape]) -> None:
+    x = spec.self_check_input
+    if x is None:
+        if spec.self_check_outputs:
+            _fail(None, "self-check outputs are present without a self-check input")
+        return
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 3 \
+            or x.shape[2] != spec.input_features or x.shape[0] < 1 or x.shape[1] < 1 or x.size > 1_000_000:
+        _fail(None, f"self-check input must be a small float32 array (batch, time, {spec.input_features}), "
+                    f"got {getattr(x, 'shape', None)} {getattr(x, 'dtype', None)}")
+    if not np.isfinite(x).all():
+        _fail(None, "self-check input contains NaN or infinite values")
+    expected = output_shapes(spec, shapes, x.shape[0], x.shape[1])
+    got = [getattr(y, "shape", None) for y in spec.self_check_outputs]
+    if got != expected or any(y.dtype != np.float32 for y in spec.self_check_outputs):
+        _fail(None, f"self-check outputs must be float32 arrays of shapes {expected}, got {got}")
+    if not all(np.isfinite(y).all() for y in spec.self_check_outputs):
+        _fail(None, "self-check outputs contain NaN or infinite values")
+
+
+# Float32 parity with the source framework, used by the bundle self-check and every parity test.
+PARITY_ATOL = 1e-5
+PARITY_RTOL = 1e-4
+
+
+def max_excess(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest |actual - expected| beyond the parity tolerance (<= 0 means within it)."""
+    return float(np.max(np.abs(actual - expected) - (PARITY_ATOL + PARITY_RTOL * np.abs(expected)),
+                        initial=-np.inf))
