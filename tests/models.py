@@ -1,0 +1,125 @@
+"""Keras models for the tests, built from fixed seeds: the parity matrix and a random-config drawer.
+
+A model is described by plain data (a list of layer dicts), so parametrized tests get readable ids
+and hypothesis can draw descriptions. Weights are re-drawn with non-zero biases so every parameter
+matters in a comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+AIRLINE = [{"kind": "gru", "units": 50, "return_sequences": True}, {"kind": "gru", "units": 50},
+           {"kind": "dense", "units": 1}]
+
+
+def _gru(keras, spec: dict, **overrides):
+    options = {key: value for key, value in spec.items() if key not in ("kind", "merge_mode")}
+    options.update(overrides)
+    return keras.layers.GRU(**options)
+
+
+def build_model(layers: list[dict], features: int, seed: int = 0, steps: int | None = None, batch=None,
+                functional: bool = False):
+    """Build a Keras model from a description; weights drawn from ``seed``."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    built = []
+    for spec in layers:
+        kind = spec["kind"]
+        options = {key: value for key, value in spec.items() if key != "kind"}
+        if kind == "gru":
+            built.append(_gru(keras, spec))
+        elif kind == "bidirectional":
+            built.append(keras.layers.Bidirectional(_gru(keras, spec), merge_mode=spec.get("merge_mode", "concat")))
+        elif kind == "dense":
+            built.append(keras.layers.Dense(**options))
+        elif kind == "masking":
+            built.append(keras.layers.Masking(**options))
+        elif kind == "dropout":
+            built.append(keras.layers.Dropout(**options))
+        else:
+            raise ValueError(f"unknown layer kind {kind}")
+    inputs = keras.Input((steps, features), batch_size=batch)
+    # Sequential cannot end in a layer with several outputs.
+    if functional or any(spec.get("return_state") or spec.get("merge_mode", "x") is None for spec in layers):
+        x = inputs
+        for layer in built:
+            x = layer(x)
+        model = keras.Model(inputs, x)
+    else:
+        model = keras.Sequential([inputs] + built)
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0.0, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    return model
+
+
+def random_input(batch: int, steps: int, features: int, seed: int = 1, mask_value=None) -> np.ndarray:
+    """Standard normal input; with ``mask_value``, some time steps of some samples are padding."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, steps, features)).astype(np.float32)
+    if mask_value is not None:
+        padded = rng.random((batch, steps)) < 0.3
+        x[padded] = mask_value
+    return x
+
+
+def _matrix() -> dict[str, list[dict]]:
+    cases = {"airline": AIRLINE}
+    for act in ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear"):
+        for rec in ("sigmoid", "hard_sigmoid", "tanh"):
+            cases[f"act-{act}-rec-{rec}"] = [{"kind": "gru", "units": 7, "activation": act,
+                                              "recurrent_activation": rec, "return_sequences": True}]
+    for reset_after in (True, False):
+        for use_bias in (True, False):
+            for go_backwards in (False, True):
+                name = f"reset_after-{reset_after}-bias-{use_bias}-back-{go_backwards}"
+                cases[name] = [{"kind": "gru", "units": 9, "reset_after": reset_after, "use_bias": use_bias,
+                                "go_backwards": go_backwards, "return_sequences": True},
+                               {"kind": "gru", "units": 5, "reset_after": reset_after, "use_bias": use_bias,
+                                "go_backwards": go_backwards}]
+    cases["return-state"] = [{"kind": "gru", "units": 6, "return_state": True}]
+    cases["return-state-sequences"] = [{"kind": "gru", "units": 6, "return_state": True, "return_sequences": True}]
+    cases["units-1"] = [{"kind": "gru", "units": 1}, {"kind": "dense", "units": 1}]
+    cases["units-64"] = [{"kind": "gru", "units": 64, "return_sequences": True}, {"kind": "dense", "units": 3}]
+    for merge in ("concat", "sum", "mul", "ave"):
+        cases[f"bidirectional-{merge}"] = [
+            {"kind": "bidirectional", "units": 6, "merge_mode": merge, "return_sequences": True},
+            {"kind": "bidirectional", "units": 4, "merge_mode": merge, "reset_after": False}]
+    cases["bidirectional-none"] = [{"kind": "bidirectional", "units": 5, "merge_mode": None}]
+    cases["bidirectional-state"] = [{"kind": "bidirectional", "units": 5, "return_state": True}]
+    cases["masking"] = [{"kind": "masking", "mask_value": 0.0}, {"kind": "gru", "units": 8, "return_sequences": True},
+                        {"kind": "gru", "units": 4}]
+    cases["masking-sequences-dense"] = [
+        {"kind": "masking", "mask_value": -1.0}, {"kind": "gru", "units": 8, "return_sequences": True},
+        {"kind": "dense", "units": 3, "activation": "tanh"}, {"kind": "gru", "units": 4, "return_sequences": True}]
+    cases["masking-backwards"] = [{"kind": "masking", "mask_value": 0.0},
+                                  {"kind": "gru", "units": 5, "go_backwards": True, "return_sequences": True}]
+    cases["masking-bidirectional"] = [{"kind": "masking", "mask_value": 0.0},
+                                      {"kind": "bidirectional", "units": 5, "return_sequences": True},
+                                      {"kind": "bidirectional", "units": 3, "merge_mode": "sum"}]
+    for act in ("linear", "relu", "sigmoid", "tanh", "softmax"):
+        cases[f"dense-{act}"] = [{"kind": "gru", "units": 8, "return_sequences": True},
+                                 {"kind": "dense", "units": 4, "activation": act},
+                                 {"kind": "dropout", "rate": 0.5}, {"kind": "gru", "units": 3},
+                                 {"kind": "dense", "units": 2, "activation": act, "use_bias": act != "relu"}]
+    return cases
+
+
+PARITY_MATRIX = _matrix()
+
+
+def uses_masking(layers: list[dict]) -> float | None:
+    for spec in layers:
+        if spec["kind"] == "masking":
+            return spec["mask_value"]
+    return None
+
+
+def is_causal(layers: list[dict]) -> bool:
+    return not any(spec["kind"] == "bidirectional" or spec.get("go_backwards") for spec in layers)
