@@ -23,6 +23,24 @@ MAX_CALL_FLOATS = 1 << 31
 ACCEPTED_KINDS = "fiub"
 
 
+def pad_columns(matrix, width):
+    """Zero columns appended up to ``width`` (the kernels' padded gate-row width)."""
+    matrix = np.asarray(matrix, np.float32)
+    padding = [(0, 0)] * (matrix.ndim - 1) + [(0, width - matrix.shape[-1])]
+    return np.pad(matrix, padding)
+
+
+def recurrent_kernel_blocks(config, recurrent_kernel, width):
+    """The layout gru_layer reads: (H, P) zero padded, or for reset_after=False the z|r block
+    (H, 2H) followed by the h block (H, H), because that variant multiplies them by different vectors
+    (then padded to H * P floats so every layout has the same size)."""
+    if config["reset_after"]:
+        return pad_columns(recurrent_kernel, width)
+    two = 2 * config["units"]
+    blocks = np.concatenate([recurrent_kernel[:, :two].ravel(), recurrent_kernel[:, two:].ravel()])
+    return pad_columns(blocks, config["units"] * width)
+
+
 class _Program:
     """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
 
@@ -50,6 +68,8 @@ class _Program:
                 input_bias, recurrent_bias = bias[0], bias[1]
             else:
                 input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
+            width = int(kernels.padded(3 * units))
+            input_bias, recurrent_bias = pad_columns(input_bias, width), pad_columns(recurrent_bias, width)
             carry_offset = sum(carry_dims)
             carry_dims.append(units)
             block = {
@@ -61,8 +81,8 @@ class _Program:
                 "return_sequences": int(config["return_sequences"] or streaming),
                 # A stream's per-step output for a last-step-only layer is its carry, never zero.
                 "zero_output_for_mask": int(config["zero_output_for_mask"] and config["return_sequences"]),
-                "kernel": put(weights[prefix + "kernel"]),
-                "recurrent_kernel": put(weights[prefix + "recurrent_kernel"]),
+                "kernel": put(pad_columns(weights[prefix + "kernel"], width)),
+                "recurrent_kernel": put(recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width)),
                 "input_bias": put(input_bias),
                 "recurrent_bias": put(recurrent_bias),
                 "carry": carry_offset,
@@ -85,7 +105,7 @@ class _Program:
             elif layer.kind == "gru":
                 row[kernels.COL_KIND] = kernels.KIND_GRU
                 row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
-                max_three = max(max_three, 3 * layer.config["units"])
+                max_three = max(max_three, kernels.padded(3 * layer.config["units"]))
             else:
                 row[kernels.COL_KIND] = kernels.KIND_BIDIRECTIONAL
                 row[kernels.COL_MERGE] = kernels.MERGE_CODES[layer.config["merge_mode"]]
@@ -93,7 +113,7 @@ class _Program:
                     layer.config["forward"], layer.weights, "forward.")
                 row[kernels.COL_BACKWARD:kernels.COL_BACKWARD + kernels.BLOCK_WIDTH] = gru_block(
                     layer.config["backward"], layer.weights, "backward.")
-                max_three = max(max_three, 3 * max(shape.state_dims))
+                max_three = max(max_three, kernels.padded(3 * max(shape.state_dims)))
             rows.append(row)
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         self.weights = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)  # (W,)
@@ -127,6 +147,9 @@ class _Program:
 
 def as_input(x, features: int, what: str = "x") -> np.ndarray:
     """Check and coerce an input to a C-contiguous float32 (batch, time, features) array."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 3 and x.shape[2] == features \
+            and x.shape[0] and x.shape[1] and x.flags.c_contiguous:
+        return x  # the common case, checked in a few hundred nanoseconds
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -152,6 +175,10 @@ class Model:
         self.shapes = validate(spec)
         transforms.validate(spec.transforms, spec.input_features, self.shapes[-1].output_dim)
         self._program = _Program(spec, self.shapes, streaming=False)
+        self._single_output = spec.output_count == 1
+        # Per-thread scratch, reused while the input shape stays the same: calls from several
+        # threads never share a buffer, and a tight loop of predict() allocates only its output.
+        self._scratch = threading.local()
 
     @property
     def input_features(self) -> int:
@@ -162,8 +189,12 @@ class Model:
         """Units of each carry, one per GRU direction, in layer order."""
         return list(self._program.carry_dims)
 
-    def _initial_carry(self, initial_state, batch: int) -> np.ndarray:
-        carry = np.zeros((batch, self._program.carry_size), np.float32)  # (B, C)
+    def _initial_carry(self, initial_state, batch: int, carry=None) -> np.ndarray:
+        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state`` (one array per direction)."""
+        if carry is None:
+            carry = np.zeros((batch, self._program.carry_size), np.float32)  # (B, C)
+        else:
+            carry.fill(0.0)
         if initial_state is None:
             return carry
         states = [initial_state] if isinstance(initial_state, np.ndarray) else list(initial_state)
@@ -191,25 +222,34 @@ class Model:
     def predict(self, x, initial_state=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
         x = as_input(x, self.spec.input_features)
+        if not self.spec.transforms:
+            return self._run(x, initial_state)
         x, context = transforms.apply_input(self.spec.transforms, x)
-        return self._finish(self.predict_raw(x, initial_state), context)
+        return self._finish(self._run(x, initial_state), context)
 
     def predict_raw(self, x, initial_state=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
-        x = as_input(x, self.spec.input_features)
+        return self._run(as_input(x, self.spec.input_features), initial_state)
+
+    def _run(self, x, initial_state):
         batch, steps = x.shape[0], x.shape[1]
         program = self._program
-        self._check_size(program, batch, steps)
-        carry = self._initial_carry(initial_state, batch)
-        work, out = program.buffers(batch, steps)
-        program.run(x, carry, work, out)
+        scratch = self._scratch
+        if getattr(scratch, "shape", None) != (batch, steps):
+            self._check_size(program, batch, steps)
+            scratch.work, _ = program.buffers(batch, steps)
+            scratch.carry = np.empty((batch, program.carry_size), np.float32)
+            scratch.shape = (batch, steps)
+        carry = self._initial_carry(initial_state, batch, scratch.carry)
+        out = np.empty((batch, (steps if program.output_is_sequence else 1) * program.output_dim), np.float32)
+        program.run(x, carry, scratch.work, out)
         return self._outputs(out, carry, batch, steps)
 
     def _outputs(self, out, carry, batch, steps):
-        shapes = output_shapes(self.spec, self.shapes, batch, steps)
         main = out.reshape((batch, steps, -1) if self._program.output_is_sequence else (batch, -1))
-        if len(shapes) == 1:
+        if self._single_output:
             return main
+        shapes = output_shapes(self.spec, self.shapes, batch, steps)
         layer = self.spec.layers[-1]
         outputs = []
         if layer.kind == "bidirectional" and layer.config["merge_mode"] is None:

@@ -1,0 +1,495 @@
+"""``gru-engine demo``: the airline-passengers GRU tutorial, made real and carried through to deployment.
+
+One command, no network. Each step is one function below:
+
+1. ``load_series``: the monthly series shipped in the package (1949-01 .. 1960-12).
+2. ``make_windows`` and ``train``: windows of 10 months -> the next month; the last 20% of the windows
+   are held out. The tutorial's network, GRU(50, return_sequences=True) -> GRU(50) -> Dense(1), Adam,
+   MSE, batch 32, is trained twice on two encodings of the same windows (``Approach``):
+   - tutorial: min-max scaled to [0, 1], the scaler fitted on the months the training windows span;
+   - level: log, minus the window's mean log; the prediction gets that mean back, then exp. It
+     follows the series' level, which min-max scaling fitted on 1949-1958 cannot reach in 1959-1960.
+3. ``export``: a bundle whose manifest declares the encoding as input/output transforms (so
+   ``gru-engine predict`` takes and returns passengers), and the native and tf2onnx ONNX graphs.
+4. ``check_parity``: Keras, the engine and onnxruntime (both graphs) on every window, in network
+   units; and the engine on raw passenger windows against this module's own decoding of Keras's output.
+5. ``evaluate``: RMSE and MAPE in passengers on the held-out months, beside the seasonal-naive
+   (12 months earlier) and last-value baselines.
+6. ``benchmark``: the tutorial model, as ``gru-engine bench --quick``.
+7. forecast.png, latency.png, report.json and a summary naming every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.resources
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__, bundle
+from .fileio import atomic_write, atomic_write_bytes, save_array
+
+WINDOW = 10
+HELD_OUT_FRACTION = 0.2
+SEASON = 12
+UNITS = 50
+BATCH_SIZE = 32
+DEFAULT_EPOCHS = 50
+DEFAULT_SEED = 0
+DEFAULT_OUT = "demo-out"
+ONNX_METHODS = ("native", "tf2onnx")
+
+
+# 1. Data ------------------------------------------------------------------------------------------
+
+def load_series() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped series: months (M,) datetime64[M] and passengers (M,) float64."""
+    text = importlib.resources.files("gru_engine").joinpath("data/airline-passengers.csv").read_text()
+    rows = [row for row in csv.reader(io.StringIO(text)) if row][1:]  # after the header Month,Passengers
+    months = np.array([month for month, _ in rows], dtype="datetime64[M]")  # (M,)
+    passengers = np.array([float(count) for _, count in rows])              # (M,)
+    return months, passengers
+
+
+# 2. Windows, encodings, training --------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Every window of ``WINDOW`` months and the month after it; windows [split:] are held out."""
+
+    months: np.ndarray  # (M,) datetime64[M], the whole series
+    series: np.ndarray  # (M,) passengers
+    x: np.ndarray       # (N, WINDOW) passengers, N = M - WINDOW; x[i] = series[i:i + WINDOW]
+    y: np.ndarray       # (N,) passengers, y[i] = series[i + WINDOW]
+    split: int
+
+    @property
+    def target_months(self) -> np.ndarray:
+        return self.months[WINDOW:]  # (N,)
+
+    @property
+    def held_out(self) -> slice:
+        return slice(self.split, None)
+
+    @property
+    def training_months(self) -> slice:
+        """The months the training windows read or predict: what a scaler may be fitted on."""
+        return slice(0, self.split + WINDOW)
+
+
+def make_windows(months: np.ndarray, series: np.ndarray) -> Windows:
+    x = np.lib.stride_tricks.sliding_window_view(series[:-1], WINDOW)  # (N, WINDOW)
+    y = series[WINDOW:]                                                 # (N,)
+    return Windows(months, series, x, y, split=int(len(x) * (1 - HELD_OUT_FRACTION)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Approach:
+    """One encoding of passenger windows into network values, in Python and as bundle transforms.
+
+    ``encode(windows, values)`` maps values (N, K) with the statistics of their windows (N, WINDOW);
+    ``decode(windows, network_values)`` maps back to passengers. ``transforms`` declares the same
+    mapping for the bundle, so the engine's ``predict`` can be checked against ``decode``.
+    """
+
+    name: str
+    title: str
+    transforms: list
+    encode: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    decode: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def tutorial_approach(windows: Windows) -> Approach:
+    """Min-max scaling to [0, 1], fitted on the training months only: x' = (x - low) / (high - low)."""
+    fitted = windows.series[windows.training_months]
+    low, high = float(fitted.min()), float(fitted.max())
+    span = high - low
+    scale, offset = 1.0 / span, -low / span  # x' = x * scale + offset
+    return Approach(
+        "tutorial", f"tutorial model (min-max scaled: {low:g}..{high:g} passengers -> 0..1)",
+        [{"kind": "affine", "scale": [scale], "offset": [offset], "output_scale": [scale],
+          "output_offset": [offset]}],
+        encode=lambda x, values: (values - low) / span,
+        decode=lambda x, values: values * span + low)
+
+
+def _window_level(x: np.ndarray) -> np.ndarray:
+    return np.log(x).mean(axis=1, keepdims=True)  # (N, 1)
+
+
+def level_approach() -> Approach:
+    """Per window: x' = log(x) - mean(log window); the prediction is exp(y' + mean(log window))."""
+    return Approach(
+        "level", "level model (log, minus the window's mean log)",
+        [{"kind": "log", "invert_output": True}, {"kind": "center", "invert_output": True, "output_features": [0]}],
+        encode=lambda x, values: np.log(values) - _window_level(x),
+        decode=lambda x, values: np.exp(values + _window_level(x)))
+
+
+def network_inputs(approach: Approach, windows: Windows) -> np.ndarray:
+    return approach.encode(windows.x, windows.x)[..., None].astype(np.float32)  # (N, WINDOW, 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same weights, same shuffles, same float reductions: two runs agree."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def train(approach: Approach, windows: Windows, epochs: int, seed: int):
+    """The tutorial's network and training, on ``approach``'s encoding; returns (model, figures)."""
+    import keras
+
+    seed_everything(seed)
+    x = network_inputs(approach, windows)                                  # (N, WINDOW, 1)
+    y = approach.encode(windows.x, windows.y[:, None]).astype(np.float32)  # (N, 1)
+    model = keras.Sequential([keras.Input((WINDOW, 1)),
+                              keras.layers.GRU(UNITS, return_sequences=True),
+                              keras.layers.GRU(UNITS),
+                              keras.layers.Dense(1)], name=approach.name)
+    model.compile(optimizer="adam", loss="mse")
+    train_part, held_out = slice(0, windows.split), windows.held_out
+    started = time.perf_counter()
+    # Held-out loss is shown, never used: no early stopping, no model selection.
+    history = model.fit(x[train_part], y[train_part], batch_size=BATCH_SIZE, epochs=epochs,
+                        validation_data=(x[held_out], y[held_out]),
+                        verbose=1 if sys.stdout.isatty() else 2)  # a bar on a terminal, a line per epoch in a log
+    return model, {"seconds": round(time.perf_counter() - started, 2),
+                   "final_loss": float(history.history["loss"][-1]),
+                   "final_held_out_loss": float(history.history["val_loss"][-1])}
+
+
+# 3. Export ---------------------------------------------------------------------------------------
+
+def save_keras(model, path: Path) -> Path:
+    """Keras insists on a .keras name, so it writes beside the temp file, which then takes its place."""
+    def write(temp):
+        named = temp + ".keras"
+        try:
+            model.save(named)
+            os.replace(named, temp)
+        finally:
+            if os.path.exists(named):
+                os.unlink(named)
+    return atomic_write(path, write)
+
+
+def export_bundle(model, approach: Approach, path: Path) -> Path:
+    """The bundle, its manifest declaring the approach's encoding as input/output transforms."""
+    from .exporters import read_keras
+
+    spec = read_keras(model)
+    spec.transforms = approach.transforms
+    return bundle.save(spec, path)
+
+
+def export_onnx_graphs(model, out: Path, name: str) -> tuple[dict[str, Path], str]:
+    """Both ONNX graphs (network units: ONNX carries no transforms); ({} and why) if the exporter is absent."""
+    try:
+        from .exporters import export_onnx
+    except ImportError as exc:
+        return {}, f"the ONNX exporter (gru_engine.exporters.export_onnx) is not available: {exc}"
+    return {method: Path(export_onnx(model, out / f"{name}.{method}.onnx", method=method))
+            for method in ONNX_METHODS}, ""
+
+
+# 4. Parity ---------------------------------------------------------------------------------------
+
+def check_parity(model, approach: Approach, windows: Windows, bundle_path: Path, onnx_paths: dict):
+    """Every window through Keras, the engine and onnxruntime; returns (differences, engine passengers (N,))."""
+    import gru_engine
+    from .exporters.keras_reader import keras_outputs
+    from .exporters.verify import compare, onnx_runner
+
+    x = network_inputs(approach, windows)          # (N, WINDOW, 1)
+    reference = keras_outputs(model, x)[0]          # (N, 1) network units
+    engine = gru_engine.load(bundle_path)           # replays the bundle's self-check too
+    differences = {"engine": compare(engine.predict_raw(x), reference)}
+    for method, path in onnx_paths.items():
+        differences[f"onnxruntime-{method}"] = compare(onnx_runner(path)(x), [reference])
+    # The deployed path: raw passenger windows in, passengers out, through the bundle's transforms.
+    passengers = engine.predict(windows.x[..., None])  # (N, 1)
+    differences["engine-passengers"] = compare(passengers, approach.decode(windows.x, reference))
+    return differences, passengers[:, 0]
+
+
+# 5. Evaluation -----------------------------------------------------------------------------------
+
+def score(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    error = predicted - actual
+    return {"rmse": float(np.sqrt(np.mean(error ** 2))), "mape": float(100 * np.mean(np.abs(error) / actual))}
+
+
+def baselines(windows: Windows) -> dict[str, np.ndarray]:
+    """Predictions (N,) for every window's target month."""
+    targets = np.arange(WINDOW, len(windows.series))  # (N,) series index of each target
+    # The first SEASON - WINDOW windows have no month a year back; they are never held out.
+    seasonal = windows.series[np.maximum(targets - SEASON, 0)]
+    return {"seasonal-naive": seasonal, "last-value": windows.x[:, -1]}
+
+
+# 6. Benchmark ------------------------------------------------------------------------------------
+
+def benchmark(model, out: Path) -> tuple[dict | None, str]:
+    """``gru-engine bench --quick`` on the model: (results for report.json, the table), or (None, why)."""
+    try:
+        from .bench import runner
+    except ImportError as exc:
+        return None, f"the benchmark runner (gru_engine.bench.runner) is not available: {exc}"
+    raise NotImplementedError("integrate the runner")
+
+
+# 7. Charts, report, summary ----------------------------------------------------------------------
+
+def plot_forecast(path: Path, windows: Windows, forecasts: dict[str, np.ndarray], scores: dict) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    months = windows.months.astype("datetime64[D]")  # matplotlib dates need day resolution
+    targets = months[WINDOW:]
+    figure, axes = plt.subplots(figsize=(10, 4.8))
+    axes.axvspan(targets[windows.split], months[-1], color="0.9", label="held out")
+    axes.plot(months, windows.series, color="black", linewidth=1.6, label="passengers (true)")
+    held_out = windows.held_out
+    axes.plot(targets[held_out], baselines(windows)["seasonal-naive"][held_out], color="0.5", linestyle=":",
+              label=f"seasonal-naive (RMSE {scores['seasonal-naive']['rmse']:.1f})")
+    for (name, forecast), color in zip(forecasts.items(), ("tab:orange", "tab:blue")):
+        axes.plot(targets, forecast, color=color, linewidth=1.2,
+                  label=f"{name} model (held-out RMSE {scores[name]['rmse']:.1f})")
+    axes.set_title("Airline passengers: one-month-ahead forecasts, run on gru-engine")
+    axes.set_ylabel("passengers (thousands)")
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    path = atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
+    plt.close(figure)
+    return path
+
+
+def _month(value) -> str:
+    return str(np.datetime64(value, "M"))
+
+
+# The steps, run and reported in order ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Outcome:
+    """One approach carried through training, export and parity."""
+
+    approach: Approach
+    model: object                   # the trained Keras model
+    training: dict
+    files: dict[str, Path]
+    differences: dict               # implementation -> verify.Difference against Keras
+    forecast: np.ndarray            # (N,) the engine's passengers for every window's target month
+    onnx_skipped: str = ""
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.files[f"{self.approach.name}.gru.safetensors"]
+
+
+def carry_through(approach: Approach, windows: Windows, epochs: int, seed: int, out: Path) -> Outcome:
+    """Steps 2 to 4 for one approach, each reported as it happens."""
+    name = approach.name
+    print(f"\n[2] training the {approach.title}: GRU {UNITS} -> GRU {UNITS} -> Dense 1, Adam, MSE, "
+          f"batch {BATCH_SIZE}, {epochs} epochs, seed {seed}", flush=True)
+    model, training = train(approach, windows, epochs, seed)
+    print(f"[3] exporting the {name} model; the bundle declares its transforms: "
+          + ", ".join(step["kind"] for step in approach.transforms))
+    files = {f"{name}.keras": save_keras(model, out / f"{name}.keras"),
+             f"{name}.gru.safetensors": export_bundle(model, approach, out / f"{name}.gru.safetensors")}
+    onnx_paths, onnx_skipped = export_onnx_graphs(model, out, name)
+    if onnx_skipped:
+        print(f"    SKIPPED the ONNX export: {onnx_skipped}")
+    files.update({path.name: path for path in onnx_paths.values()})
+    print(f"[4] parity on all {len(windows.x)} windows (pass: gru_engine.spec.max_excess <= 0)")
+    differences, forecast = check_parity(model, approach, windows, files[f"{name}.gru.safetensors"], onnx_paths)
+    for implementation, difference in differences.items():
+        units = "passengers" if implementation == "engine-passengers" else "network units"
+        print(f"    {implementation:<20} vs keras, in {units}: {difference.describe()}")
+    return Outcome(approach, model, training, files, differences, forecast, onnx_skipped)
+
+
+def judge(windows: Windows, outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
+    """Step 5: every forecast scored on the same held-out months; says plainly who loses to seasonal-naive."""
+    held_out = windows.held_out
+    predictions = {outcome.approach.name: outcome.forecast for outcome in outcomes} | baselines(windows)
+    scores = {name: score(prediction[held_out], windows.y[held_out]) for name, prediction in predictions.items()}
+    targets = windows.target_months[held_out]
+    print(f"\n[5] one month ahead on the {len(targets)} held-out months {_month(targets[0])} .. "
+          f"{_month(targets[-1])}, in passengers (thousands):")
+    print(f"    {'forecast':<16}{'RMSE':>8}{'MAPE %':>9}")
+    for name, figures in scores.items():
+        print(f"    {name:<16}{figures['rmse']:>8.1f}{figures['mape']:>9.1f}")
+    naive = scores["seasonal-naive"]["rmse"]
+    for outcome in outcomes:
+        rmse = scores[outcome.approach.name]["rmse"]
+        if rmse < naive:
+            print(f"    the {outcome.approach.name} model beats seasonal-naive (RMSE {rmse:.1f} vs {naive:.1f})")
+        else:
+            print(f"    the {outcome.approach.name} model does NOT beat seasonal-naive (RMSE {rmse:.1f} vs "
+                  f"{naive:.1f}): repeating the month a year earlier forecasts better than this model")
+    return scores
+
+
+def report_figures(args, windows: Windows, outcomes: list[Outcome], scores: dict, bench_results,
+                   next_month: dict, skipped: dict, files: list[str], seconds: float) -> dict:
+    """Every figure the demo printed, for report.json."""
+    targets = windows.target_months
+    models = {}
+    for outcome in outcomes:
+        name = outcome.approach.name
+        models[name] = {
+            "title": outcome.approach.title, "transforms": outcome.approach.transforms,
+            "training": outcome.training,
+            "parity": {key: dataclasses.asdict(d) | {"ok": d.ok} for key, d in outcome.differences.items()},
+            "held_out": scores[name],
+            "beats_seasonal_naive": scores[name]["rmse"] < scores["seasonal-naive"]["rmse"],
+            "forecast_after_last_window": next_month[name],
+        }
+    return {
+        "gru_engine_version": __version__, "seed": args.seed, "epochs": args.epochs, "window": WINDOW,
+        "data": {"months": len(windows.series), "first": _month(windows.months[0]),
+                 "last": _month(windows.months[-1])},
+        "split": {"windows": len(windows.x), "training_windows": windows.split,
+                  "held_out_windows": len(windows.x) - windows.split,
+                  "training_targets": [_month(targets[0]), _month(targets[windows.split - 1])],
+                  "held_out_targets": [_month(targets[windows.split]), _month(targets[-1])],
+                  "min_max_fitted_on": [_month(windows.months[0]),
+                                        _month(windows.months[windows.training_months][-1])]},
+        "models": models,
+        "baselines": {name: scores[name] for name in baselines(windows)},
+        "parity_ok": all(d.ok for outcome in outcomes for d in outcome.differences.values()),
+        "forecast_month_after_last_window": _month(windows.months[-1] + 1),
+        "benchmark": bench_results,
+        "skipped": skipped,
+        "files": files,
+        "wall_seconds": round(seconds, 1),
+    }
+
+
+FILE_ROLES = {
+    "forecast.png": "true vs predicted passengers, held-out months shaded",
+    "latency.png": "benchmark latencies",
+    "report.json": "every figure above",
+    "last-window.csv": "the last 10 months, an input for gru-engine predict",
+    ".gru.safetensors": "bundle; predict takes and returns passengers",
+    ".keras": "the trained Keras model (gru-engine verify takes it)",
+    ".native.onnx": "ONNX, native GRU operators (network units)",
+    ".tf2onnx.onnx": "ONNX, tf2onnx converter (network units)",
+}
+
+
+def summarize(out: Path, files: dict[str, Path], skipped: dict, report: dict, next_month: dict) -> None:
+    print(f"\nDone in {report['wall_seconds']:.0f} s. In {out}/:")
+    for name in sorted(files):
+        role = next(role for suffix, role in FILE_ROLES.items() if name.endswith(suffix))
+        print(f"    {name:<28} {role}")
+    for step, reason in skipped.items():
+        print(f"    no {step} files: {reason}")
+    for name, outcome in report["models"].items():
+        verdict = "beats" if outcome["beats_seasonal_naive"] else "does NOT beat"
+        print(f"The {name} model: held-out RMSE {outcome['held_out']['rmse']:.1f} passengers, {verdict} "
+              f"seasonal-naive ({report['baselines']['seasonal-naive']['rmse']:.1f}); forecast for "
+              f"{report['forecast_month_after_last_window']}: {next_month[name]:.0f}.")
+    print(f"Try: gru-engine predict {files['level.gru.safetensors']} --input {files['last-window.csv']}")
+
+
+def _forecast_next(bundle_path: Path, last_window: np.ndarray) -> float:
+    import gru_engine
+    return float(gru_engine.load(bundle_path).predict(last_window[None])[0, 0])
+
+
+# The command -------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gru-engine demo",
+        description="Train the airline-passengers GRU tutorial (and a level-following variant), export, verify, "
+                    "judge against baselines, benchmark; every figure and file goes to an output folder.")
+    parser.add_argument("--epochs", type=_positive, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"default {DEFAULT_SEED}")
+    parser.add_argument("--no-bench", action="store_true", help="skip the benchmark (and latency.png)")
+    return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _output_folder(text: str) -> Path:
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a folder; choose another path")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    out = _output_folder(args.out)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    months, series = load_series()
+    windows = make_windows(months, series)
+    targets = windows.target_months
+    fitted = windows.months[windows.training_months]
+    print(f"[1] data: {len(series)} months of airline passengers (thousands), {_month(months[0])} .. "
+          f"{_month(months[-1])}, shipped in the package")
+    print(f"[2] {len(windows.x)} windows of {WINDOW} months -> the next month. Training: the first {windows.split} "
+          f"(targets {_month(targets[0])} .. {_month(targets[windows.split - 1])}); the min-max scaler is fitted on "
+          f"the months they span, {_month(fitted[0])} .. {_month(fitted[-1])}. Held out: the last "
+          f"{HELD_OUT_FRACTION:.0%}, {len(windows.x) - windows.split} windows whose targets are the months "
+          f"{_month(targets[windows.split])} .. {_month(targets[-1])}; every score is on exactly those months.")
+
+    outcomes = [carry_through(approach, windows, args.epochs, args.seed, out)
+                for approach in (tutorial_approach(windows), level_approach())]
+    scores = judge(windows, outcomes)
+    skipped = {"onnx": outcomes[0].onnx_skipped} if outcomes[0].onnx_skipped else {}
+
+    files = {name: path for outcome in outcomes for name, path in outcome.files.items()}
+    if args.no_bench:
+        bench_results, why = None, "--no-bench was given"
+    else:
+        bench_results, why = benchmark(outcomes[0].model, out)
+    if why:
+        skipped["benchmark"] = why
+        print(f"\n[6] SKIPPED the benchmark (and latency.png): {why}")
+    else:
+        files["latency.png"] = out / "latency.png"
+
+    print("\n[7] writing forecast.png, last-window.csv, report.json")
+    files["forecast.png"] = plot_forecast(out / "forecast.png", windows, {
+        outcome.approach.name: outcome.forecast for outcome in outcomes}, scores)
+    last_window = windows.series[-WINDOW:, None]  # (WINDOW, 1) the last 10 months: gru-engine predict's CSV input
+    files["last-window.csv"] = save_array(out / "last-window.csv", last_window)
+    next_month = {outcome.approach.name: _forecast_next(outcome.bundle_path, last_window) for outcome in outcomes}
+    report = report_figures(args, windows, outcomes, scores, bench_results, next_month, skipped,
+                            sorted([*files, "report.json"]), time.perf_counter() - started)
+    files["report.json"] = atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    summarize(out, files, skipped, report, next_month)
+    if not report["parity_ok"]:
+        print("PARITY FAILED: an implementation disagrees with Keras beyond tolerance (see [4] above)")
+        return 1
+    return 0
