@@ -242,13 +242,21 @@ def baselines(windows: Windows) -> dict[str, np.ndarray]:
 
 # 6. Benchmark ------------------------------------------------------------------------------------
 
-def benchmark(model, out: Path) -> tuple[dict | None, str]:
-    """``gru-engine bench --quick`` on the model: (results for report.json, the table), or (None, why)."""
+def benchmark(keras_path: Path, chart_path: Path) -> tuple[dict | None, str]:
+    """``gru-engine bench --quick`` on the trained model at batch 1, per window and per step.
+
+    Prints the table and writes the chart; returns (the results, "") or (None, why it was skipped).
+    """
     try:
         from .bench import runner
     except ImportError as exc:
         return None, f"the benchmark runner (gru_engine.bench.runner) is not available: {exc}"
-    raise NotImplementedError("integrate the runner")
+    print(f"\n[6] benchmark of {keras_path.name}, as gru-engine bench --quick --model {keras_path.name} "
+          "(progress on stderr)", flush=True)
+    results = runner.run_benchmarks(runner.user_workloads(keras_path), quick=True)
+    print(runner.format_table(results))
+    runner.write_chart(results, chart_path)
+    return results, ""
 
 
 # 7. Charts, report, summary ----------------------------------------------------------------------
@@ -280,6 +288,11 @@ def plot_forecast(path: Path, windows: Windows, forecasts: dict[str, np.ndarray]
 
 def _month(value) -> str:
     return str(np.datetime64(value, "M"))
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an incomparable pair's figures are null (its ``problem`` says why)."""
+    return value if np.isfinite(value) else None
 
 
 # The steps, run and reported in order ---------------------------------------------------------
@@ -355,7 +368,8 @@ def report_figures(args, windows: Windows, outcomes: list[Outcome], scores: dict
         models[name] = {
             "title": outcome.approach.title, "transforms": outcome.approach.transforms,
             "training": outcome.training,
-            "parity": {key: dataclasses.asdict(d) | {"ok": d.ok} for key, d in outcome.differences.items()},
+            "parity": {key: {"largest": _finite(d.largest), "excess": _finite(d.excess), "ok": d.ok,
+                             "problem": d.problem} for key, d in outcome.differences.items()},
             "held_out": scores[name],
             "beats_seasonal_naive": scores[name]["rmse"] < scores["seasonal-naive"]["rmse"],
             "forecast_after_last_window": next_month[name],
@@ -472,7 +486,7 @@ def main(argv: list[str]) -> int:
     if args.no_bench:
         bench_results, why = None, "--no-bench was given"
     else:
-        bench_results, why = benchmark(outcomes[0].model, out)
+        bench_results, why = benchmark(outcomes[0].files["tutorial.keras"], out / "latency.png")
     if why:
         skipped["benchmark"] = why
         print(f"\n[6] SKIPPED the benchmark (and latency.png): {why}")
@@ -487,7 +501,7 @@ def main(argv: list[str]) -> int:
     next_month = {outcome.approach.name: _forecast_next(outcome.bundle_path, last_window) for outcome in outcomes}
     report = report_figures(args, windows, outcomes, scores, bench_results, next_month, skipped,
                             sorted([*files, "report.json"]), time.perf_counter() - started)
-    files["report.json"] = atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    files["report.json"] = atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     summarize(out, files, skipped, report, next_month)
     if not report["parity_ok"]:
         print("PARITY FAILED: an implementation disagrees with Keras beyond tolerance (see [4] above)")

@@ -34,6 +34,10 @@ KIND_DENSE = 3
 LANES = 16
 
 ACTIVATION_CODES = {"linear": 0, "tanh": 1, "sigmoid": 2, "hard_sigmoid": 3, "relu": 4, "softmax": 5}
+# What a GRU emits at a masked step. Keras: zeros with zero_output_for_mask, else its previous
+# output in this call (zeros before the first unmasked step, whatever the initial state). A stream
+# emits the carry instead, so each step equals predict() on the whole prefix.
+MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY = 0, 1, 2
 MERGE_CODES = {"concat": 0, "sum": 1, "mul": 2, "ave": 3, None: 4}  # None: written as concat
 
 # Plan row layout. Every row: kind, input_dim, output_dim, then kind-specific columns.
@@ -47,11 +51,11 @@ COL_DENSE_ACTIVATION, COL_DENSE_KERNEL, COL_DENSE_BIAS = 3, 4, 5
 COL_MERGE = 3
 GRU_BLOCK = (
     "units", "activation", "recurrent_activation", "reset_after", "go_backwards", "return_sequences",
-    "zero_output_for_mask", "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry",
+    "masked_output", "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry",
 )
 BLOCK_WIDTH = len(GRU_BLOCK)
 COL_FORWARD, COL_BACKWARD = 4, 4 + BLOCK_WIDTH
-(G_UNITS, G_ACT, G_REC_ACT, G_RESET_AFTER, G_GO_BACKWARDS, G_RETURN_SEQUENCES, G_ZERO_OUTPUT,
+(G_UNITS, G_ACT, G_REC_ACT, G_RESET_AFTER, G_GO_BACKWARDS, G_RETURN_SEQUENCES, G_MASKED_OUTPUT,
  G_KERNEL, G_RECURRENT_KERNEL, G_INPUT_BIAS, G_RECURRENT_BIAS, G_CARRY) = range(BLOCK_WIDTH)
 
 
@@ -166,7 +170,7 @@ def project(x, rows, input_dim, kernel, bias, out):
 
 @njit(**KERNEL_FLAGS)
 def gru_layer(x, steps, input_dim, kernel, recurrent_kernel, input_bias, recurrent_bias, activation,
-              recurrent_activation, reset_after, go_backwards, zero_output_for_mask, mask, masked,
+              recurrent_activation, reset_after, go_backwards, masked_output, mask, masked,
               h, xw, gates, candidate, out, time_ordered_output):
     """Run one GRU direction over ``steps`` time steps of one sample.
 
@@ -177,6 +181,7 @@ def gru_layer(x, steps, input_dim, kernel, recurrent_kernel, input_bias, recurre
                                      product runs over whole contiguous rows), then unused padding
     input_bias:       (P,)           zero padded
     recurrent_bias:   (P,)           zero padded; all zeros when reset_after is False
+    masked_output:    MASKED_ZERO, MASKED_PREVIOUS or MASKED_CARRY: the output at a skipped step
     mask:             (>=steps,)     1.0 keep, 0.0 skip; read only when ``masked``
     h:                (H,)           carry, read as the initial state and updated in place
     xw:               (>=steps, >=P) scratch for the input projection
@@ -201,6 +206,8 @@ def gru_layer(x, steps, input_dim, kernel, recurrent_kernel, input_bias, recurre
         recurrent_h = recurrent_kernel[units * two:units * three].reshape((units, units))  # (H, H)
     # The input projection has no time dependency: one pass before the recurrent loop.
     project(x, steps, input_dim, kernel, input_bias, xw)
+    # After an unmasked step the previous output is the carry; before one it is zero (Keras).
+    repeat_carry = masked_output == MASKED_CARRY
     for s in range(steps):
         t = steps - 1 - s if go_backwards else s
         o = t if time_ordered_output else s
@@ -208,8 +215,9 @@ def gru_layer(x, steps, input_dim, kernel, recurrent_kernel, input_bias, recurre
         if masked and mask[t] == ZERO:
             # Keras skips masked steps: the carry passes through, the output repeats it (or is zero).
             for j in range(units):
-                row[j] = ZERO if zero_output_for_mask else h[j]
+                row[j] = h[j] if repeat_carry else ZERO
             continue
+        repeat_carry = masked_output != MASKED_ZERO
         x_zr = xw[t][:two]       # (2H,)
         x_h = xw[t][two:three]   # (H,)
         if reset_after:
@@ -254,7 +262,7 @@ def gru_block(row, col, weights, input_dim, x, steps, mask, masked, carry, xw, g
         weights[r:r + units * width],
         weights[ib:ib + width], weights[rb:rb + width],
         row[col + G_ACT], row[col + G_REC_ACT], row[col + G_RESET_AFTER] != 0,
-        row[col + G_GO_BACKWARDS] != 0, row[col + G_ZERO_OUTPUT] != 0, mask, masked,
+        row[col + G_GO_BACKWARDS] != 0, row[col + G_MASKED_OUTPUT], mask, masked,
         carry[c:c + units], xw, gates, candidate, out, time_ordered_output,
     )
     return units, row[col + G_RETURN_SEQUENCES] != 0

@@ -41,6 +41,12 @@ def recurrent_kernel_blocks(config, recurrent_kernel, width):
     return pad_columns(blocks, config["units"] * width)
 
 
+def masked_output(config, streaming: bool) -> int:
+    if config["zero_output_for_mask"] and config["return_sequences"]:
+        return kernels.MASKED_ZERO
+    return kernels.MASKED_CARRY if streaming else kernels.MASKED_PREVIOUS
+
+
 class _Program:
     """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
 
@@ -79,8 +85,7 @@ class _Program:
                 "reset_after": int(config["reset_after"]),
                 "go_backwards": int(config["go_backwards"]),
                 "return_sequences": int(config["return_sequences"] or streaming),
-                # A stream's per-step output for a last-step-only layer is its carry, never zero.
-                "zero_output_for_mask": int(config["zero_output_for_mask"] and config["return_sequences"]),
+                "masked_output": masked_output(config, streaming),
                 "kernel": put(pad_columns(weights[prefix + "kernel"], width)),
                 "recurrent_kernel": put(recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width)),
                 "input_bias": put(input_bias),
@@ -311,6 +316,11 @@ class Stream:
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
         self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._work, self._out = self._program.buffers(self.batch, 1)        # (B, K), (B, D)
+        # Views made once, so a step only copies x_t in and makes one compiled call.
+        self._x_rows = self._x[:, 0, :]                                     # (B, F)
+        self._shapes = {(self.batch, features): (self._x_rows, self._out)}
+        if self.batch == 1:
+            self._shapes[(features,)] = (self._x_rows[0], self._out[0])     # (F,), (D,)
         self._lock = threading.Lock()
         self.steps = 0
 
@@ -341,24 +351,28 @@ class Stream:
     def step(self, x_t, out=None):
         """Feed one time step, x_t (batch, features) or (features,) for batch 1; return the output.
 
-        Returns (batch, D), or (D,) when x_t was (features,). Pass ``out`` to write the result
-        into your own array instead of a new one.
+        Returns (batch, D), or (D,) when x_t was (features,): for a model whose last GRU returns
+        only its last step, what ``predict`` returns for the sequence fed so far. Pass ``out`` to
+        write the result into your own array instead of a new one.
         """
         x_t = np.asarray(x_t)
-        single = x_t.ndim == 1 and self.batch == 1
-        expected = (self.model.spec.input_features,) if single else (self.batch, self.model.spec.input_features)
-        if x_t.shape != expected or x_t.dtype.kind not in ACCEPTED_KINDS:
-            raise InputError(f"x_t must be a numeric array of shape {expected}, got {x_t.dtype} {x_t.shape}")
+        views = self._shapes.get(x_t.shape)
+        if views is None or x_t.dtype.kind not in ACCEPTED_KINDS:
+            raise InputError(f"x_t must be a numeric array of shape {sorted(self._shapes, key=len)}, "
+                             f"got {x_t.dtype} {x_t.shape}")
         if self.model.spec.transforms:
             x_t, _ = transforms.apply_input(self.model.spec.transforms, x_t.reshape(self._x.shape))
+            x_t = x_t.reshape(views[0].shape)
+        x_view, result = views
         with self._lock:
-            np.copyto(self._x.reshape(x_t.shape), x_t, casting="unsafe")
+            x_view[...] = x_t
             self._program.run(self._x, self._carry, self._work, self._out)
             self.steps += 1
-            result = self._out[0] if single else self._out
+            if self.model.spec.transforms:
+                result = transforms.invert_output(self.model.spec.transforms, result, None)
             if out is None:
-                return self.model._finish(result.copy(), None)
-            np.copyto(out, self.model._finish(result, None))
+                return result.copy()
+            out[...] = result
             return out
 
     def run(self, x):
