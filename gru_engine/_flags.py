@@ -14,6 +14,7 @@ KERNEL_FLAGS = dict(
     error_model="numpy",
     boundscheck=False,
     fastmath={"contract", "reassoc", "nsz", "arcp"},
+    _nrt=False,
 )
 
 PARALLEL_KERNEL_FLAGS = dict(KERNEL_FLAGS, parallel=True)

@@ -501,7 +501,8 @@ def main(argv: list[str]) -> int:
     next_month = {outcome.approach.name: _forecast_next(outcome.bundle_path, last_window) for outcome in outcomes}
     report = report_figures(args, windows, outcomes, scores, bench_results, next_month, skipped,
                             sorted([*files, "report.json"]), time.perf_counter() - started)
-    files["report.json"] = atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    files["report.json"] = atomic_write_bytes(out / "report.json", text.encode())
     summarize(out, files, skipped, report, next_month)
     if not report["parity_ok"]:
         print("PARITY FAILED: an implementation disagrees with Keras beyond tolerance (see [4] above)")

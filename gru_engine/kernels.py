@@ -370,10 +370,11 @@ def count_nonfinite(x):
     """How many samples of x (B, T, F) hold a NaN or infinity."""
     bad = 0
     for b in range(x.shape[0]):
-        for value in x[b].ravel():
-            if not math.isfinite(value):
-                bad += 1
-                break
+        finite = True
+        for t in range(x.shape[1]):
+            for f in range(x.shape[2]):
+                finite &= math.isfinite(x[b, t, f])
+        bad += not finite
     return bad
 
 
