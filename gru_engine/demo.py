@@ -434,21 +434,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="gru-engine demo",
         description="Train the airline-passengers GRU tutorial (and a level-following variant), export, verify, "
                     "judge against baselines, benchmark; every figure and file goes to an output folder.")
-    parser.add_argument("--epochs", type=_positive, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
+    parser.add_argument("--epochs", type=_at_least(1), default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"default {DEFAULT_SEED}")
+    parser.add_argument("--seed", type=_at_least(0), default=DEFAULT_SEED, help=f"default {DEFAULT_SEED}")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark (and latency.png)")
     return parser.parse_args(argv)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        return value
+    return parse
 
 
 def _output_folder(text: str) -> Path:

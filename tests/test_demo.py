@@ -1,0 +1,150 @@
+"""``gru-engine demo``: the pieces on the real data set, then the whole command, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gru_engine import demo, transforms
+
+EXPECTED_FILES = {
+    "forecast.png", "latency.png", "report.json", "last-window.csv",
+    *(f"{name}{suffix}" for name in ("tutorial", "level")
+      for suffix in (".keras", ".gru.safetensors", ".native.onnx", ".tf2onnx.onnx")),
+}
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return demo.make_windows(*demo.load_series())
+
+
+def _month(windows, index):
+    return str(windows.target_months[index])
+
+
+def test_windows_hold_out_the_last_fifth_and_say_which_months(windows):
+    assert len(windows.series) == 144 and len(windows.x) == 134 and windows.split == 107
+    assert np.array_equal(windows.x[5], windows.series[5:15]) and windows.y[5] == windows.series[15]
+    assert (_month(windows, 0), _month(windows, windows.split - 1)) == ("1949-11", "1958-09")
+    assert (_month(windows, windows.split), _month(windows, -1)) == ("1958-10", "1960-12")
+    assert str(windows.months[windows.training_months][-1]) == "1958-09"
+
+
+def test_the_min_max_scaler_sees_only_the_training_months(windows):
+    approach = demo.tutorial_approach(windows)
+    fitted = approach.encode(None, windows.series[windows.training_months])
+    assert fitted.min() == 0.0 and fitted.max() == pytest.approx(1.0)
+    # Why the tutorial model falls short: the held-out peaks lie above anything it was trained on.
+    assert approach.encode(None, windows.y[windows.held_out]).max() > 1.2
+
+
+@pytest.mark.parametrize("make", [demo.tutorial_approach, lambda windows: demo.level_approach()],
+                         ids=["tutorial", "level"])
+def test_declared_transforms_do_what_the_python_encoding_does(windows, make):
+    approach = make(windows)
+    transforms.validate(approach.transforms, input_features=1, output_dim=1)
+    x = windows.x[..., None]  # (N, WINDOW, 1) passengers
+    network_x, context = transforms.apply_input(approach.transforms, x)
+    np.testing.assert_allclose(network_x[..., 0], approach.encode(windows.x, windows.x), rtol=1e-6, atol=1e-6)
+    network_y = np.random.default_rng(0).uniform(-0.5, 1.5, (len(x), 1)).astype(np.float32)  # (N, 1)
+    np.testing.assert_allclose(transforms.invert_output(approach.transforms, network_y, context),
+                               approach.decode(windows.x, network_y), rtol=1e-6)
+
+
+def test_baselines_repeat_last_year_and_last_month(windows):
+    predictions = demo.baselines(windows)
+    target = demo.WINDOW + windows.split  # series index of the first held-out month
+    assert predictions["seasonal-naive"][windows.split] == windows.series[target - 12]
+    assert predictions["last-value"][windows.split] == windows.series[target - 1]
+
+
+def test_score_in_the_units_given():
+    figures = demo.score(np.array([110.0, 180.0]), np.array([100.0, 200.0]))
+    assert figures["rmse"] == pytest.approx(np.sqrt((100 + 400) / 2))
+    assert figures["mape"] == pytest.approx(10.0)
+
+
+def test_bad_options_are_refused_with_a_reason(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--epochs", "0"])
+    assert exit_info.value.code == 2 and "'0' is not a whole number >= 1" in capsys.readouterr().err
+    occupied = tmp_path / "file"
+    occupied.write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        demo.main(["--out", str(occupied)])
+
+
+def _gru_engine(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gru_engine.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = _gru_engine("demo", "--epochs", "2", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout, json.loads((out / "report.json").read_text())
+
+
+def test_demo_writes_every_file(demo_run):
+    out, stdout, report = demo_run
+    assert set(report["files"]) == EXPECTED_FILES and report["skipped"] == {}
+    for name in EXPECTED_FILES:
+        assert (out / name).stat().st_size > 0, name
+        assert name in stdout  # the summary names each file
+    assert not [path.name for path in out.iterdir() if path.name not in EXPECTED_FILES]  # no temp files left
+
+
+def test_demo_parity_is_within_tolerance_everywhere(demo_run):
+    _, stdout, report = demo_run
+    assert report["parity_ok"]
+    for name, model in report["models"].items():
+        assert set(model["parity"]) == {"engine", "onnxruntime-native", "onnxruntime-tf2onnx", "engine-passengers"}
+        for implementation, difference in model["parity"].items():
+            assert difference["ok"] and difference["excess"] <= 0 and np.isfinite(difference["largest"]), \
+                (name, implementation)
+
+
+def test_demo_scores_every_forecast_on_the_same_held_out_months(demo_run):
+    _, stdout, report = demo_run
+    assert report["split"]["held_out_targets"] == ["1958-10", "1960-12"]
+    assert "27 held-out months 1958-10 .. 1960-12" in stdout
+    naive = report["baselines"]["seasonal-naive"]["rmse"]
+    for name, model in report["models"].items():
+        assert model["beats_seasonal_naive"] == (model["held_out"]["rmse"] < naive)
+        verdict = "beats" if model["beats_seasonal_naive"] else "does NOT beat"
+        assert f"the {name} model {verdict} seasonal-naive" in stdout
+        assert f"{name:<16}{model['held_out']['rmse']:>8.1f}{model['held_out']['mape']:>9.1f}" in stdout
+
+
+def test_demo_pngs_are_images(demo_run):
+    import matplotlib.image
+
+    out, _, _ = demo_run
+    for name in ("forecast.png", "latency.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+        assert image[..., :3].std() > 0.05  # something is drawn
+
+
+def test_the_demo_bundle_takes_and_returns_passengers(demo_run):
+    out, _, report = demo_run
+    result = _gru_engine("predict", str(out / "level.gru.safetensors"), "--input", str(out / "last-window.csv"))
+    assert result.returncode == 0, result.stderr
+    forecast = float(result.stdout)
+    assert forecast == pytest.approx(report["models"]["level"]["forecast_after_last_window"], rel=1e-6)
+    assert 300 < forecast < 700  # passengers (thousands), not a scaled value
+
+
+def test_two_runs_with_one_seed_agree(demo_run, tmp_path):
+    out, _, report = demo_run
+    again = _gru_engine("demo", "--epochs", "2", "--out", str(tmp_path), "--no-bench")
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((tmp_path / "report.json").read_text())
+    for name in report["models"]:
+        assert second["models"][name]["held_out"] == report["models"][name]["held_out"]
+        assert (tmp_path / f"{name}.gru.safetensors").read_bytes() == (out / f"{name}.gru.safetensors").read_bytes()
