@@ -7,3 +7,8 @@
 from .keras_reader import export_bundle, read_keras
 
 __all__ = ["export_bundle", "read_keras"]
+
+from .onnx_reader import import_onnx, read_onnx  # noqa: E402  (ONNX: onnx/onnxruntime imported when called)
+from .onnx_writer import export_onnx  # noqa: E402
+
+__all__ += ["export_onnx", "import_onnx", "read_onnx"]

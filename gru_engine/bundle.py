@@ -127,7 +127,7 @@ def _manifest(metadata: dict, path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{path}: manifest format is not '{FORMAT_NAME}'")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format_version {version!r}; this gru-engine reads version "
                           f"{FORMAT_VERSION}. Re-export the model with this version's gru-engine export")
     if set(manifest) != MANIFEST_KEYS:

@@ -42,7 +42,7 @@ def recurrent_kernel_blocks(config, recurrent_kernel, width):
 
 
 def masked_output(config, streaming: bool) -> int:
-    if config["zero_output_for_mask"] and config["return_sequences"]:
+    if config["zero_output_for_mask"]:
         return kernels.MASKED_ZERO
     return kernels.MASKED_CARRY if streaming else kernels.MASKED_PREVIOUS
 
@@ -130,20 +130,27 @@ class _Program:
         self.output_dim = last.output_dim
         self.output_is_sequence = last.output_is_sequence or streaming
 
-    def call_floats(self, batch: int, steps: int) -> int:
-        scratch = kernels.workspace_size(steps, self.max_dim, self.max_three)
-        return batch * (scratch + self.carry_size + steps * self.output_dim)
+    def parallel(self, batch: int) -> bool:
+        return batch >= PARALLEL_MIN_BATCH and numba.get_num_threads() > 1
 
-    def buffers(self, batch: int, steps: int):
-        """Scratch (B, K) and output (B, rows * D) for one call of ``steps`` time steps."""
+    def call_floats(self, batch: int, steps: int) -> int:
+        blocks = -(-batch // kernels.BLOCK)
+        scratch = blocks * kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_three)
+        return scratch + batch * (self.carry_size + steps * self.output_dim)
+
+    def workspace(self, batch: int, steps: int, parallel: bool) -> np.ndarray:
+        """Scratch (blocks, K): one block's worth, or one per block when blocks run in parallel."""
+        blocks = -(-batch // kernels.BLOCK) if parallel else 1
+        size = kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_three)
+        return np.empty((blocks, size), np.float32)
+
+    def output(self, batch: int, steps: int) -> np.ndarray:
+        """(B, rows * D), rows = steps when the last layer returns sequences, else 1."""
         rows = steps if self.output_is_sequence else 1
-        work = np.empty((batch, kernels.workspace_size(steps, self.max_dim, self.max_three)), np.float32)
-        out = np.empty((batch, rows * self.output_dim), np.float32)
-        return work, out
+        return np.empty((batch, rows * self.output_dim), np.float32)
 
     def run(self, x, carry, work, out) -> None:
-        runner = kernels.run_batch_parallel if x.shape[0] >= PARALLEL_MIN_BATCH \
-            and numba.get_num_threads() > 1 else kernels.run_batch
+        runner = kernels.run_batch_parallel if work.shape[0] > 1 else kernels.run_batch
         bad = runner(self.plan, self.weights, x, carry, work, self.max_dim, self.max_three, out)
         if bad:
             raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
@@ -240,13 +247,14 @@ class Model:
         batch, steps = x.shape[0], x.shape[1]
         program = self._program
         scratch = self._scratch
-        if getattr(scratch, "shape", None) != (batch, steps):
+        key = (batch, steps, program.parallel(batch))
+        if getattr(scratch, "key", None) != key:
             self._check_size(program, batch, steps)
-            scratch.work, _ = program.buffers(batch, steps)
+            scratch.work = program.workspace(batch, steps, key[2])
             scratch.carry = np.empty((batch, program.carry_size), np.float32)
-            scratch.shape = (batch, steps)
+            scratch.key = key
         carry = self._initial_carry(initial_state, batch, scratch.carry)
-        out = np.empty((batch, (steps if program.output_is_sequence else 1) * program.output_dim), np.float32)
+        out = program.output(batch, steps)
         program.run(x, carry, scratch.work, out)
         return self._outputs(out, carry, batch, steps)
 
@@ -315,7 +323,9 @@ class Stream:
         features = model.spec.input_features
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
         self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
-        self._work, self._out = self._program.buffers(self.batch, 1)        # (B, K), (B, D)
+        self._parallel = self._program.parallel(self.batch)
+        self._work = self._program.workspace(self.batch, 1, self._parallel)  # (blocks, K)
+        self._out = self._program.output(self.batch, 1)                     # (B, D)
         # Views made once, so a step only copies x_t in and makes one compiled call.
         self._x_rows = self._x[:, 0, :]                                     # (B, F)
         self._shapes = {(self.batch, features): (self._x_rows, self._out)}
@@ -382,7 +392,8 @@ class Stream:
             raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")
         self.model._check_size(self._program, x.shape[0], x.shape[1])
         x, context = transforms.apply_input(self.model.spec.transforms, x)
-        work, out = self._program.buffers(self.batch, x.shape[1])
+        work = self._program.workspace(self.batch, x.shape[1], self._parallel)
+        out = self._program.output(self.batch, x.shape[1])
         with self._lock:
             self._program.run(x, self._carry, work, out)
             self.steps += x.shape[1]

@@ -209,8 +209,8 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
             _fail(index, f"merge_mode {config['merge_mode']!r} needs equal units in both directions")
         directions = [forward, backward]
     units = [direction["units"] for direction in directions]
-    if layer.kind == "bidirectional" and layer.config["merge_mode"] == "concat":
-        output_dim = sum(units)
+    if layer.kind == "bidirectional" and layer.config["merge_mode"] in ("concat", None):
+        output_dim = sum(units)  # merge_mode=None: both directions side by side, split on return
     else:
         output_dim = units[0]
     parameters = sum(

@@ -1,0 +1,380 @@
+"""ModelSpec -> ONNX graph of native ONNX GRU operators (no Loop, no Scan), and ``export_onnx``.
+
+Graph interface (``batch`` and ``time`` are dynamic):
+
+    input               (batch, time, features) float32
+    initial_state_<k>   (batch, units_k)   only with state_io=True; feeds the GRU's initial_h
+    output              (batch, time, D) or (batch, D): the model's main output
+    output_forward,     instead of ``output`` when the last layer is Bidirectional(merge_mode=None)
+    output_backward
+    state_<k>           (batch, units_k)   the final carry of GRU direction k
+
+``k`` counts GRU directions in layer order (a Bidirectional layer has two: forward, then backward),
+the order of ``gru_engine.Model.state_shapes``. Without state_io the graph returns what Keras
+returns: the main output(s), then ``state_<k>`` for the last layer's directions when it has
+return_state=True. With state_io=True it returns the main output(s), then ``state_<k>`` for every
+direction, so a caller can carry the state from one call to the next (streaming).
+
+ONNX GRU (gates z, r, h, as in Keras), per direction, time-major X (time, batch, input):
+
+    z_t = f(X_t W_z^T + H_{t-1} R_z^T + Wb_z + Rb_z)
+    r_t = f(X_t W_r^T + H_{t-1} R_r^T + Wb_r + Rb_r)
+    h_t = g(X_t W_h^T + r_t * (H_{t-1} R_h^T + Rb_h) + Wb_h)      linear_before_reset=1
+    h_t = g(X_t W_h^T + (r_t * H_{t-1}) R_h^T + Rb_h + Wb_h)      linear_before_reset=0
+    H_t = (1 - z_t) * h_t + z_t * H_{t-1}
+
+so the Keras weights map as W = kernel.T (3H, I), R = recurrent_kernel.T (3H, H), B = [Wb, Rb]
+(6H,), with f = recurrent_activation and g = activation:
+
+    reset_after=True   linear_before_reset=1, Wb = bias[0], Rb = bias[1]
+    reset_after=False  linear_before_reset=0, Wb = bias,    Rb = 0
+
+Keras go_backwards returns its sequence in processing order (reversed in time); an ONNX "reverse"
+GRU writes Y in time order, so a go_backwards layer that returns sequences gets a time reversal.
+Keras Bidirectional re-aligns the backward sequence in time, which is exactly ONNX's Y.
+
+Refused (UnsupportedModelError), because one GRU node cannot reproduce it exactly: Masking (Keras
+skips masked steps anywhere in a sequence; ONNX sequence_lens only drops trailing steps). The
+tf2onnx path (``tf2onnx_export``) does reproduce it, with a Loop. A stateful layer is written like
+any other, starting each call from zero (as ``predict`` does); state_io=True carries the state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gru_engine.errors import UnsupportedModelError
+from gru_engine.fileio import atomic_write_bytes
+from gru_engine.spec import Layer, ModelSpec, validate
+
+DEFAULT_OPSET = 17
+# Squeeze/Unsqueeze take their axes as inputs from opset 13 on; this writer uses that form.
+MIN_OPSET = 13
+INPUT = "input"
+OUTPUT = "output"
+
+# Keras activation -> (ONNX activation, alpha, beta). Keras 3 hard_sigmoid is clip(x / 6 + 0.5, 0, 1).
+GRU_ACTIVATIONS = {
+    "sigmoid": ("Sigmoid", None, None),
+    "tanh": ("Tanh", None, None),
+    "relu": ("Relu", None, None),
+    "hard_sigmoid": ("HardSigmoid", 1.0 / 6.0, 0.5),
+    "linear": ("Affine", 1.0, 0.0),
+}
+DENSE_ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax"}  # else linear
+MERGE_OPS = {"sum": "Add", "mul": "Mul", "ave": "Add"}
+
+
+def initial_state_name(k: int) -> str:
+    return f"initial_state_{k}"
+
+
+def state_name(k: int) -> str:
+    return f"state_{k}"
+
+
+class _Graph:
+    """Nodes and initializers with unique tensor names; ``reserved``: the graph's input and output names."""
+
+    def __init__(self, reserved: list[str]):
+        from onnx import helper, numpy_helper
+
+        self._helper, self._numpy_helper = helper, numpy_helper
+        self.nodes, self.initializers = [], []
+        self._used = set(reserved)
+        self._constants = set()  # helper constants (axes, indices) are stored once
+        self._renamed = {}       # intermediate tensor -> the graph-output name it was given
+
+    def fresh(self, hint: str) -> str:
+        name, index = hint, 1
+        while name in self._used:
+            name, index = f"{hint}_{index}", index + 1
+        self._used.add(name)
+        return name
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        if name not in self._constants:
+            self._constants.add(name)
+            self._used.add(name)
+            self.initializers.append(self._numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def ints(self, *values: int) -> str:
+        """A shared int64 vector constant, e.g. the axes of a Squeeze."""
+        return self.constant("ints_" + "_".join(str(v).replace("-", "m") for v in values),
+                             np.array(values, np.int64))
+
+    def index(self, value: int) -> str:
+        return self.constant(f"index_{value}", np.array(value, np.int64))
+
+    def add(self, op: str, inputs: list[str], hints: str | list[str | None], node: str | None = None,
+            **attributes):
+        """Append a node; one output name per hint (None: that optional output is not produced).
+
+        ``node`` names the node (a layer's name for its main node, which an importer keeps).
+        """
+        single = isinstance(hints, str)
+        names = [self.fresh(hint) if hint else "" for hint in ([hints] if single else hints)]
+        while inputs and not inputs[-1]:
+            inputs = inputs[:-1]  # trailing optional inputs are left out, not named ""
+        node_name = self.fresh(node or f"{op}/{next(name for name in names if name)}")
+        self.nodes.append(self._helper.make_node(op, inputs, names, name=node_name, **attributes))
+        return names[0] if single else names
+
+    def name_output(self, tensor: str, name: str) -> None:
+        """Rename an intermediate tensor to a graph-output name (an Identity if it already has one)."""
+        if tensor in self._renamed:
+            self.nodes.append(self._helper.make_node("Identity", [self._renamed[tensor]], [name],
+                                                     name=self.fresh(f"Identity/{name}")))
+            return
+        for node in self.nodes:
+            node.input[:] = [name if value == tensor else value for value in node.input]
+            node.output[:] = [name if value == tensor else value for value in node.output]
+        self._renamed[tensor] = name
+
+
+def _main_names(spec: ModelSpec) -> list[str]:
+    last = spec.layers[-1]
+    if last.kind == "bidirectional" and last.config["merge_mode"] is None:
+        return [f"{OUTPUT}_forward", f"{OUTPUT}_backward"]
+    return [OUTPUT]
+
+
+def _returned_states(spec: ModelSpec, shapes, state_io: bool) -> range:
+    """Which directions' final carries the graph returns (k counts GRU directions in layer order)."""
+    directions = sum(len(shape.state_dims) for shape in shapes)
+    if state_io:
+        return range(directions)
+    if spec.output_count > len(_main_names(spec)):  # Keras return_state: the last layer's carries
+        return range(directions - len(shapes[-1].state_dims), directions)
+    return range(0)
+
+
+def output_names(spec: ModelSpec, state_io: bool = False) -> list[str]:
+    """The graph's output names, in order (see the module docstring)."""
+    return _main_names(spec) + [state_name(k) for k in _returned_states(spec, validate(spec), state_io)]
+
+
+def _refuse_unexpressible(spec: ModelSpec) -> None:
+    for layer in spec.layers:
+        if layer.kind == "masking":
+            raise UnsupportedModelError(
+                f"layer '{layer.name}' (Masking): the native ONNX export cannot reproduce Keras masking exactly "
+                "(Keras skips masked steps anywhere in a sequence; an ONNX GRU's sequence_lens only drops "
+                "trailing steps). Export this model with method='tf2onnx', or remove the Masking layer")
+
+
+def _onnx_bias(config: dict, weights: dict, prefix: str) -> np.ndarray:
+    """[Wb, Rb] (6H,); zeros when the direction has no bias (a shared node needs both rows)."""
+    units = config["units"]
+    bias = weights.get(prefix + "bias")
+    if bias is None:
+        return np.zeros(6 * units, np.float32)
+    if config["reset_after"]:
+        return np.concatenate([bias[0], bias[1]])
+    return np.concatenate([bias, np.zeros(3 * units, np.float32)])
+
+
+def _activation_attributes(configs: list[dict]) -> dict:
+    """activations [f, g] per direction; onnxruntime hands alpha/beta only to functions that take them."""
+    names, alphas, betas = [], [], []
+    for config in configs:
+        for keras_name in (config["recurrent_activation"], config["activation"]):
+            onnx_name, alpha, beta = GRU_ACTIVATIONS[keras_name]
+            names.append(onnx_name)
+            if alpha is not None:
+                alphas.append(alpha)
+                betas.append(beta)
+    attributes = {"activations": names}
+    if alphas:
+        attributes.update(activation_alpha=alphas, activation_beta=betas)
+    return attributes
+
+
+def _gru_node(g: _Graph, name: str, weights: dict, directions: list[tuple[str, dict]], x: str, initial: list[str],
+              need_sequence: bool, need_final: bool) -> list[tuple[str | None, str | None]]:
+    """One ONNX GRU over x (T, B, I) for one or two directions; per direction (sequence (T, B, H), final (B, H)).
+
+    ``directions`` are (weight-name prefix, GRU config) pairs; ``initial`` the initial_state_<k> inputs, if any.
+    """
+    configs = [config for _, config in directions]
+    w = np.stack([weights[prefix + "kernel"].T for prefix, _ in directions])            # (D, 3H, I)
+    r = np.stack([weights[prefix + "recurrent_kernel"].T for prefix, _ in directions])  # (D, 3H, H)
+    inputs = [x, g.constant(f"{name}.W", w), g.constant(f"{name}.R", r), ""]
+    if any(config["use_bias"] for config in configs):
+        b = np.stack([_onnx_bias(config, weights, prefix) for prefix, config in directions])  # (D, 6H)
+        inputs[3] = g.constant(f"{name}.B", b)
+    if initial:
+        # Each initial_state_<k> is (B, H); the node wants initial_h (D, B, H).
+        stacked = [g.add("Unsqueeze", [state, g.ints(0)], f"{state}.3d") for state in initial]
+        inputs += ["", stacked[0] if len(stacked) == 1 else g.add("Concat", stacked, f"{name}.initial_h", axis=0)]
+    if len(directions) == 2:
+        direction = "bidirectional"
+    else:
+        direction = "reverse" if configs[0]["go_backwards"] else "forward"
+    y, y_h = g.add("GRU", inputs, [f"{name}.Y" if need_sequence else None, f"{name}.Y_h" if need_final else None],
+                   node=name, hidden_size=configs[0]["units"], direction=direction,
+                   linear_before_reset=int(configs[0]["reset_after"]), **_activation_attributes(configs))
+    # Y is (T, D, B, H) and Y_h (D, B, H): take direction d out of the D axis.
+    if len(directions) == 1:
+        return [(g.add("Squeeze", [y, g.ints(1)], f"{name}.sequence") if y else None,
+                 g.add("Squeeze", [y_h, g.ints(0)], f"{name}.final") if y_h else None)]
+    return [(g.add("Gather", [y, g.index(d)], f"{name}.sequence", axis=1) if y else None,
+             g.add("Gather", [y_h, g.index(d)], f"{name}.final", axis=0) if y_h else None)
+            for d in range(len(directions))]
+
+
+def _reverse_time(g: _Graph, sequence: str) -> str:
+    """x[::-1] along time (axis 0 of a time-major tensor), for any length."""
+    return g.add("Slice", [sequence, g.ints(-1), g.ints(np.iinfo(np.int64).min), g.ints(0), g.ints(-1)],
+                 "reversed")
+
+
+def _recurrent(g: _Graph, layer: Layer, x: str, initial: list[str], need_final: bool):
+    """A GRU or Bidirectional layer over x (T, B, I); per direction (output, final carry or None).
+
+    The output is the sequence (T, B, H) as Keras returns it, or the final carry (B, H).
+    """
+    if layer.kind == "gru":
+        directions = [("", layer.config)]
+    else:
+        directions = [("forward.", layer.config["forward"]), ("backward.", layer.config["backward"])]
+    configs = [config for _, config in directions]
+    need_sequence = configs[0]["return_sequences"]
+    need_final = need_final or not need_sequence
+    # A bidirectional ONNX node shares hidden_size and linear_before_reset across its directions.
+    shared = len(directions) == 1 or (configs[0]["units"] == configs[1]["units"]
+                                      and configs[0]["reset_after"] == configs[1]["reset_after"])
+    if shared:
+        groups = [(layer.name, directions)]
+    else:  # two nodes, forward and reverse, over the same input
+        groups = [(f"{layer.name}.{prefix[:-1]}", [(prefix, config)]) for prefix, config in directions]
+    results = []
+    for name, group in groups:
+        group_initial = initial[len(results):len(results) + len(group)]
+        results += _gru_node(g, name, layer.weights, group, x, group_initial, need_sequence, need_final)
+    outputs = []
+    for (sequence, final), config in zip(results, configs):
+        if sequence is not None and layer.kind == "gru" and config["go_backwards"]:
+            sequence = _reverse_time(g, sequence)  # Keras returns processing order
+        outputs.append((sequence if need_sequence else final, final))
+    return outputs
+
+
+def _merge(g: _Graph, mode: str, forward: str, backward: str, hint: str) -> str:
+    if mode == "concat":
+        return g.add("Concat", [forward, backward], hint, axis=-1)
+    merged = g.add(MERGE_OPS[mode], [forward, backward], hint)
+    if mode == "ave":
+        # (a + b) * 0.5 equals Keras's (a + b) / 2 exactly in float32.
+        merged = g.add("Mul", [merged, g.constant("half", np.array(0.5, np.float32))], hint)
+    return merged
+
+
+def _dense(g: _Graph, layer: Layer, x: str) -> str:
+    """x (..., I) @ kernel (I, U) + bias (U,), then the activation; per time step on sequences."""
+    y = g.add("MatMul", [x, g.constant(f"{layer.name}.kernel", layer.weights["kernel"])], f"{layer.name}.matmul",
+              node=layer.name)
+    if layer.config["use_bias"]:
+        y = g.add("Add", [y, g.constant(f"{layer.name}.bias", layer.weights["bias"])], f"{layer.name}.add")
+    activation = layer.config["activation"]
+    if activation not in DENSE_ACTIVATIONS:
+        return y
+    over_features = {"axis": -1} if activation == "softmax" else {}  # Keras softmax: the last axis
+    return g.add(DENSE_ACTIVATIONS[activation], [y], f"{layer.name}.{activation}", **over_features)
+
+
+def _check_opset(opset) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset {opset!r} is not supported; choose an int from {MIN_OPSET} to {newest} "
+                         f"(default {DEFAULT_OPSET})")
+
+
+def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = False):
+    """The ONNX ModelProto for a spec (see the module docstring for its inputs and outputs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    _check_opset(opset)
+    shapes = validate(spec)
+    _refuse_unexpressible(spec)
+    directions = sum(len(shape.state_dims) for shape in shapes)
+    g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(directions)])
+    inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "time", spec.input_features])]
+    x = g.add("Transpose", [INPUT], "time_major", perm=[1, 0, 2])  # (T, B, F): ONNX GRU's layout
+    finals = []  # (B, units) per GRU direction, None where the graph does not need it
+    for index, (layer, shape) in enumerate(zip(spec.layers, shapes)):
+        if layer.kind == "dense":
+            x = _dense(g, layer, x)
+            continue
+        initial = []
+        for units in shape.state_dims:
+            if state_io:
+                initial.append(initial_state_name(len(finals) + len(initial)))
+                inputs.append(helper.make_tensor_value_info(initial[-1], TensorProto.FLOAT, ["batch", units]))
+        is_last = index == len(spec.layers) - 1
+        outputs = _recurrent(g, layer, x, initial, need_final=state_io or (is_last and spec.output_count > 1))
+        finals += [final for _, final in outputs]
+        if layer.kind == "gru":
+            x = outputs[0][0]
+        elif layer.config["merge_mode"] is not None:
+            x = _merge(g, layer.config["merge_mode"], outputs[0][0], outputs[1][0], f"{layer.name}.merged")
+        else:
+            x = [output for output, _ in outputs]  # merge_mode=None is always the last layer
+    last = shapes[-1]
+    main = x if isinstance(x, list) else [x]
+    widths = list(last.state_dims) if isinstance(x, list) else [last.output_dim]
+    graph_outputs = []
+    for name, tensor, width in zip(_main_names(spec), main, widths):
+        if last.output_is_sequence:
+            tensor = g.add("Transpose", [tensor], f"{name}.batch_major", perm=[1, 0, 2])  # (B, T, width)
+        g.name_output(tensor, name)
+        graph_outputs.append(helper.make_tensor_value_info(
+            name, TensorProto.FLOAT, ["batch", "time", width] if last.output_is_sequence else ["batch", width]))
+    state_units = [units for shape in shapes for units in shape.state_dims]
+    for k in _returned_states(spec, shapes, state_io):
+        g.name_output(finals[k], state_name(k))
+        graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch", state_units[k]]))
+    graph = helper.make_graph(g.nodes, "gru_engine", inputs, graph_outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="gru-engine")
+    # The oldest IR version that carries this opset, so older runtimes can load the file.
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+METHODS = ("native", "tf2onnx")
+
+
+def resolve_spec(model_or_path) -> ModelSpec:
+    """A ModelSpec from a spec, a bundle file (no TensorFlow needed), a Keras model or .keras/.h5 file."""
+    if isinstance(model_or_path, ModelSpec):
+        return model_or_path
+    if isinstance(model_or_path, (str, Path)) and str(model_or_path).endswith(".safetensors"):
+        from gru_engine import bundle
+        return bundle.read(model_or_path)
+    from .keras_reader import read_keras
+    return read_keras(model_or_path)
+
+
+def export_onnx(model_or_path, out_path, method: str = "native", opset: int = DEFAULT_OPSET,
+                state_io: bool = False) -> Path:
+    """Write an ONNX graph for a Keras model / .keras / .h5 / bundle file / ModelSpec; returns out_path.
+
+    method="native" (default) builds ONNX GRU nodes from the weights, and works from a bundle
+    without TensorFlow; method="tf2onnx" runs the standard converter on a Keras model (the
+    reference path). The file is written atomically and passes onnx.checker (full_check).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown; use one of {list(METHODS)}")
+    if method == "tf2onnx":
+        from .tf2onnx_export import convert_tf2onnx
+        model = convert_tf2onnx(model_or_path, opset=opset, state_io=state_io)
+    else:
+        model = build_onnx(resolve_spec(model_or_path), opset=opset, state_io=state_io)
+    return atomic_write_bytes(out_path, model.SerializeToString())
