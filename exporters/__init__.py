@@ -1,14 +1,16 @@
 """Readers and writers that need TensorFlow or ONNX; installed as ``gru_engine.exporters``.
 
-    from gru_engine.exporters import export_bundle
+TensorFlow, onnx and onnxruntime are imported inside the functions that use them, so importing
+this package costs nothing extra.
+
+    from gru_engine.exporters import export_bundle, export_onnx, import_onnx
     export_bundle("model.keras", "model.gru.safetensors")
+    export_onnx("model.gru.safetensors", "model.onnx")           # from a bundle: no TensorFlow needed
+    import_onnx("pytorch_gru.onnx", "pytorch_gru.gru.safetensors")
 """
 
 from .keras_reader import export_bundle, read_keras
+from .onnx_reader import import_onnx, read_onnx
+from .onnx_writer import export_onnx
 
-__all__ = ["export_bundle", "read_keras"]
-
-from .onnx_reader import import_onnx, read_onnx  # noqa: E402  (ONNX: onnx/onnxruntime imported when called)
-from .onnx_writer import export_onnx  # noqa: E402
-
-__all__ += ["export_onnx", "import_onnx", "read_onnx"]
+__all__ = ["export_bundle", "read_keras", "export_onnx", "import_onnx", "read_onnx"]
