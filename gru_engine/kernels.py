@@ -217,19 +217,30 @@ def project(x, samples, rows, input_dim, kernel, bias, out):
     kernel: (I, N)
     bias:   (N,)
     out:    (S, >=rows, >=N) C-contiguous
+    Rows have no dependency on each other, so four (sample, time) rows share each kernel load,
+    even for a single sample.
     """
     n_out = kernel.shape[1]
-    for t in range(rows):
-        for s in range(samples):
+    for s in range(samples):
+        for t in range(rows):
             acc = out[s, t]  # (>=N,)
             for j in range(n_out):
                 acc[j] = bias[j]
-        if samples == BLOCK:
-            accumulate_matvec4(x[0, t][:input_dim], x[1, t][:input_dim], x[2, t][:input_dim], x[3, t][:input_dim],
-                               kernel, out[0, t][:n_out], out[1, t][:n_out], out[2, t][:n_out], out[3, t][:n_out])
-        else:
-            for s in range(samples):
-                accumulate_matvec(x[s, t][:input_dim], kernel, out[s, t][:n_out])
+    total = samples * rows
+    first = 0
+    while first + 4 <= total:
+        s0, t0 = divmod(first, rows)
+        s1, t1 = divmod(first + 1, rows)
+        s2, t2 = divmod(first + 2, rows)
+        s3, t3 = divmod(first + 3, rows)
+        accumulate_matvec4(x[s0, t0][:input_dim], x[s1, t1][:input_dim], x[s2, t2][:input_dim],
+                           x[s3, t3][:input_dim], kernel, out[s0, t0][:n_out], out[s1, t1][:n_out],
+                           out[s2, t2][:n_out], out[s3, t3][:n_out])
+        first += 4
+    while first < total:
+        s0, t0 = divmod(first, rows)
+        accumulate_matvec(x[s0, t0][:input_dim], kernel, out[s0, t0][:n_out])
+        first += 1
 
 
 @njit(**KERNEL_FLAGS)
