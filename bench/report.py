@@ -1,0 +1,209 @@
+"""Benchmark results as a table, a targets verdict, JSON and a PNG chart.
+
+``ratio`` everywhere is a peer's median time per call divided by gru-engine's (``engine``, or
+``engine-stream`` for per-step workloads): above 1, gru-engine is faster. For throughput the same
+number is gru-engine's items per second over the peer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from gru_engine.fileio import atomic_write
+
+from .workloads import AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, threads_label
+
+COLD_START_LIMIT_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioTarget:
+    """gru-engine must be at least ``minimum`` times faster than ``peer`` on workload ``config``."""
+
+    number: int
+    config: str
+    peer: str
+    minimum: float
+    what: str
+
+
+RATIO_TARGETS = (
+    RatioTarget(1, AIRLINE_B1, "ort-native", 2.0, "airline batch 1, 1 thread: ort-native / engine"),
+    RatioTarget(1, AIRLINE_B1, "ort-tf2onnx", 30.0, "airline batch 1, 1 thread: ort-tf2onnx / engine"),
+    RatioTarget(1, AIRLINE_B1, "tf-xla", 30.0, "airline batch 1, 1 thread: tf-xla / engine"),
+    RatioTarget(2, AIRLINE_THROUGHPUT, "ort-native", 1.5,
+                "airline batch 1024, all cores: engine / ort-native throughput"),
+    RatioTarget(3, GFLOP_CASE, "ort-native", 1.5, "H=256 T=1000 batch 1, 1 thread: ort-native / engine"),
+)
+
+
+def format_seconds(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_rate(per_second: float, unit: str) -> str:
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if per_second >= scale:
+            return f"{per_second / scale:.3g}{suffix} {unit}/s"
+    return f"{per_second:.3g} {unit}/s"
+
+
+def _config(results: dict, name: str) -> dict | None:
+    return next((config for config in results["configs"] if config["name"] == name), None)
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "MISS"
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """The issue's four targets, judged from this run's measurements (n/a when not measured)."""
+    verdicts = []
+    for target in RATIO_TARGETS:
+        entry = {"number": target.number, "what": target.what, "target": f">= {target.minimum:g}x",
+                 "measured": None, "verdict": "n/a"}
+        config = _config(results, target.config)
+        peer = config["implementations"].get(target.peer) if config else None
+        if config is None:
+            entry["note"] = f"{target.config} not measured in this run"
+        elif peer is None or peer.get("ratio") is None:
+            entry["note"] = f"{target.peer}: " + (peer or {}).get("note", "no measurement")
+        else:
+            entry.update(measured=peer["ratio"], verdict=_verdict(peer["ratio"] >= target.minimum))
+        verdicts.append(entry)
+    cold = results.get("cold_start")
+    entry = {"number": 4, "what": "cold start: fresh `gru-engine predict` - `python -c 'import numba'`",
+             "target": f"<= {COLD_START_LIMIT_S:g} s", "measured": None, "verdict": "n/a"}
+    if not cold:
+        entry["note"] = "cold start not measured in this run"
+    elif cold.get("difference_s") is None:
+        entry["note"] = cold.get("note", "no measurement")
+    else:
+        entry.update(measured=cold["difference_s"], verdict=_verdict(cold["difference_s"] <= COLD_START_LIMIT_S))
+    verdicts.append(entry)
+    return verdicts
+
+
+def _gflop_line(results: dict) -> str | None:
+    """Target 3's companion figure: the engine's GFLOP/s next to numpy sgemm's, same thread count."""
+    config = _config(results, GFLOP_CASE)
+    engine = config and config["implementations"].get("engine")
+    sgemm = config and results.get("sgemm", {}).get(str(config["threads"]))
+    if not engine or engine.get("gflops") is None or not sgemm:
+        return None
+    share = engine["gflops"] / sgemm["gflops"]
+    return (f"  3 H=256 T=1000 engine {engine['gflops']:.3g} GFLOP/s vs numpy sgemm {sgemm['size']}x{sgemm['size']} "
+            f"{sgemm['gflops']:.3g} GFLOP/s ({share:.0%} of sgemm), {threads_label(config['threads'])}")
+
+
+def _implementation_row(name: str, entry: dict, unit: str) -> str:
+    if entry["status"] != "ok":
+        return f"  {name:<18} {entry['status']}: {entry.get('note', '')}"
+    spread = f"{format_seconds(entry['p10_s'])} .. {format_seconds(entry['p90_s'])}"
+    gflops = f"{entry['gflops']:.3g}" if entry.get("gflops") is not None else "-"
+    ratio = f"{entry['ratio']:.2f}x" if entry.get("ratio") is not None else "-"
+    flag = "" if entry.get("agrees") in (True, None) else \
+        f"  (output differs from gru-engine by {entry['max_abs_diff']:.3g})"
+    return (f"  {name:<18} {format_seconds(entry['median_s']):>9}  {spread:<22} "
+            f"{format_rate(entry['throughput_per_s'], unit):>16} {gflops:>8} {ratio:>9}{flag}")
+
+
+def format_table(results: dict) -> str:
+    """The whole report as text: one block per workload, sgemm, cold start, then the targets."""
+    machine = results["machine"]
+    lines = [f"gru-engine bench ({'quick' if results.get('quick') else 'full'} run) on {machine['cpu']}, "
+             f"{machine['cores']} cores; "
+             + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+             "median time per call [p10 .. p90]; ratio = peer time / gru-engine time (> 1: gru-engine faster)"]
+    header = (f"  {'implementation':<18} {'median':>9}  {'p10 .. p90':<22} {'throughput':>16} "
+              f"{'GFLOP/s':>8} {'ratio':>9}")
+    for config in results["configs"]:
+        lines += ["", f"{config['name']}: {config['title']} (vs {config['baseline']})", header]
+        unit = "step" if config["per_step"] else "seq"
+        lines += [_implementation_row(name, entry, unit) for name, entry in config["implementations"].items()]
+    if results.get("sgemm"):
+        lines += ["", "numpy sgemm (float32 matmul): " + "; ".join(
+            f"{threads_label(threads)} {entry['gflops']:.3g} GFLOP/s [p10..p90 {entry['gflops_p10']:.3g}.."
+            f"{entry['gflops_p90']:.3g}]" for threads, entry in results["sgemm"].items())]
+    cold = results.get("cold_start")
+    if cold:
+        lines.append("")
+        if cold.get("difference_s") is None:
+            lines.append(f"cold start: {cold.get('note', 'not measured')}")
+        else:
+            lines.append(f"cold start (median of {cold['runs']}): `gru-engine predict` on the airline bundle "
+                         f"{format_seconds(cold['predict_s'])}, `python -c 'import numba'` "
+                         f"{format_seconds(cold['import_numba_s'])}: difference {cold['difference_s']:+.3f} s")
+    targets = results.get("targets") or evaluate_targets(results)
+    if all(target["measured"] is None for target in targets):
+        lines += ["", "targets: none measured in this run (they need the built-in workloads: gru-engine bench)"]
+        return "\n".join(lines)
+    lines += ["", "targets (measured in this run)"]
+    for target in targets:
+        measured = target["measured"]
+        shown = "-" if measured is None else (f"{measured:.3g} s" if target["number"] == 4 else f"{measured:.3g}x")
+        note = f"  ({target['note']})" if target.get("note") else ""
+        lines.append(f"  {target['number']} {target['what']:<66} {shown:>9}  target {target['target']:<8} "
+                     f"{target['verdict']}{note}")
+        if target["number"] == 3:
+            gflop = _gflop_line(results)
+            if gflop:
+                lines.append(gflop)
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path):
+    def write(temp):
+        with open(temp, "w") as handle:
+            json.dump(results, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+    return atomic_write(path, write)
+
+
+def write_chart(results: dict, path):
+    """Bars of median latency (p10..p90 whiskers), per implementation, per workload, log scale."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in the caller's process
+
+    configs = results["configs"]
+    names = list(dict.fromkeys(name for config in configs for name, entry in config["implementations"].items()
+                               if entry["status"] == "ok"))
+    palette = matplotlib.colormaps["tab10"]
+    colors = {name: palette(index % 10) for index, name in enumerate(names)}
+    figure = Figure(figsize=(min(18.0, max(8.0, 0.9 * len(configs) + 3)), 6.5))
+    axes = figure.add_subplot()
+    labelled = set()
+    for position, config in enumerate(configs):
+        # Each workload's bars sit side by side, whichever implementations it has.
+        present = [(name, entry) for name, entry in config["implementations"].items() if entry["status"] == "ok"]
+        width = 0.8 / max(len(present), 3)
+        for index, (name, entry) in enumerate(present):
+            median = entry["median_s"]
+            axes.bar(position + (index - (len(present) - 1) / 2) * width, median, width, color=colors[name],
+                     yerr=[[median - entry["p10_s"]], [entry["p90_s"] - median]], capsize=2,
+                     label=None if name in labelled else name)
+            labelled.add(name)
+    axes.set_yscale("log")
+    axes.set_ylabel("median time per call (s), log scale")
+    axes.set_xticks(range(len(configs)))
+    axes.set_xticklabels([f"{c['name']}\n{threads_label(c['threads'])}" for c in configs], rotation=30,
+                         ha="right", fontsize=8)
+    machine = results["machine"]
+    axes.set_title(f"gru-engine bench: {machine['cpu']}, {machine['cores']} cores (lower is faster)", fontsize=10)
+    axes.legend(fontsize=8, ncol=2)
+    axes.grid(axis="y", which="both", alpha=0.3)
+    figure.tight_layout()
+
+    def write(temp):
+        figure.savefig(temp, format="png", dpi=110)
+    return atomic_write(path, write)
+
+
+def finite(value) -> float | None:
+    """A float for JSON, or None for NaN/inf (JSON has neither)."""
+    return float(value) if value is not None and math.isfinite(value) else None

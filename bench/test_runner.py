@@ -1,0 +1,102 @@
+"""The comparison runner end to end (one tiny workload), and the pieces its report is computed from."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gru_engine.bench import report, runner, timing
+from gru_engine.bench.workloads import AIRLINE_B1, GFLOP_CASE, Recipe, Workload, user_workloads
+from gru_engine.errors import InputError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_writes_table_json_and_chart(tmp_path, capsys):
+    status = runner.main(["--quick", "--configs", f"{AIRLINE_B1},cold-start", "--impls", "engine,ort-native,tf-xla",
+                          "--out", str(tmp_path)])
+    assert status == 0
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").read_bytes().startswith(PNG_MAGIC)
+
+    assert results["machine"]["cores"] >= 1 and results["machine"]["versions"]["numpy"] == np.__version__
+    assert [worker["pinned"]["numba"] for worker in results["workers"]] == [1]
+    [config] = results["configs"]
+    assert config["name"] == AIRLINE_B1 and config["threads"] == 1
+    engine = config["implementations"]["engine"]
+    assert engine["status"] == "ok" and engine["ratio"] == 1.0 and engine["agrees"]
+    assert engine["p10_s"] <= engine["median_s"] <= engine["p90_s"]
+    assert engine["throughput_per_s"] == pytest.approx(1 / engine["median_s"])
+    for name, entry in config["implementations"].items():
+        assert name in ("engine", "ort-native", "tf-xla")
+        if entry["status"] == "ok":
+            assert entry["ratio"] == pytest.approx(entry["median_s"] / engine["median_s"])
+            assert f"{entry['ratio']:.2f}x" in table
+        else:
+            assert entry["note"] and entry["note"] in table
+
+    cold = results["cold_start"]
+    assert cold["difference_s"] == pytest.approx(cold["predict_s"] - cold["import_numba_s"])
+    assert {target["number"] for target in results["targets"]} == {1, 2, 3, 4}
+    assert "targets (measured in this run)" in table and "ratio = peer time / gru-engine time" in table
+
+
+def _results(ratios: dict[tuple[str, str], float], cold_difference=None) -> dict:
+    configs = {}
+    for (config, peer), ratio in ratios.items():
+        configs.setdefault(config, {"name": config, "implementations": {}})
+        configs[config]["implementations"][peer] = {"status": "ok", "ratio": ratio}
+    return {"configs": list(configs.values()),
+            "cold_start": None if cold_difference is None else {"difference_s": cold_difference}}
+
+
+def test_targets_are_judged_from_the_measurements():
+    verdicts = report.evaluate_targets(_results({(AIRLINE_B1, "ort-native"): 2.5, (AIRLINE_B1, "tf-xla"): 12.0,
+                                                 (GFLOP_CASE, "ort-native"): 1.5}, cold_difference=0.7))
+    by_what = {(v["number"], v["what"].split(": ")[-1]): v for v in verdicts}
+    assert by_what[1, "ort-native / engine"]["verdict"] == "PASS"
+    assert by_what[1, "tf-xla / engine"]["verdict"] == "MISS" and by_what[1, "tf-xla / engine"]["measured"] == 12.0
+    assert by_what[1, "ort-tf2onnx / engine"]["verdict"] == "n/a"
+    assert [v["verdict"] for v in verdicts if v["number"] == 2] == ["n/a"]
+    assert [v["verdict"] for v in verdicts if v["number"] == 3] == ["PASS"]  # the bound is inclusive
+    assert [v["verdict"] for v in verdicts if v["number"] == 4] == ["MISS"]
+
+
+def test_round_robin_times_every_call_and_reports_a_broken_one():
+    def broken():
+        raise RuntimeError("session lost")
+
+    budget = timing.Budget(sample_s=0.0005, slice_s=0.002, seconds=0.02, min_rounds=3, max_rounds=50, warm_up_s=0)
+    samples, failures = timing.round_robin({"sum": lambda: sum(range(100)), "broken": broken}, budget)
+    assert failures == {"broken": "RuntimeError: session lost"}
+    assert len(samples["sum"]) >= 3 and all(0 < s < 0.01 for s in samples["sum"])
+    stats = timing.summarize(samples["sum"])
+    assert stats["p10_s"] <= stats["median_s"] <= stats["p90_s"]
+
+
+def test_gru_flops_count_each_layer(tmp_path):
+    pytest.importorskip("keras")
+    from gru_engine.exporters import read_keras
+    spec = read_keras(Recipe("two", 3, (8, 4)).build())
+    assert runner.gru_flops_per_step(spec) == 2 * 3 * 8 * (3 + 8) + 2 * 3 * 4 * (8 + 4)
+
+
+def test_user_model_needs_a_window_length(tmp_path):
+    pytest.importorskip("keras")
+    path = tmp_path / "free_time.keras"
+    Recipe("free", 2, (4,)).build().save(path)
+    with pytest.raises(InputError, match="--steps"):
+        user_workloads(path)
+    window, step = user_workloads(path, steps=12)
+    assert (window.steps, window.batch, window.recipe.features, step.per_step) == (12, 1, 2, True)
+    assert Workload.from_dict(window.to_dict()) == window
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="matches none of"):
+        runner.main(["--configs", "airline-b7"])
+    with pytest.raises(ValueError, match="matches none of"):
+        runner.main(["--impls", "cuda"])

@@ -1,0 +1,162 @@
+"""Benchmark workloads: a model recipe, an input shape, a thread count, timed per window or per step.
+
+Workloads are plain data (``to_dict`` / ``from_dict``) so the runner can hand them to a worker
+process. Built-in models have Keras's own initial weights, drawn from a fixed seed, so every run
+measures the same model:
+
+- ``airline``: GRU(50, return_sequences=True) -> GRU(50) -> Dense(1), one feature, T=10 (the
+  airline-passengers forecaster).
+- ``gru<H>``:  GRU(H) -> Dense(1), one feature: the sweeps over hidden size and sequence length.
+
+Threads: one for latency (batch 1 and 32, per-step streaming), every core for batch-1024 throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .machine import all_cores
+
+AIRLINE_UNITS = (50, 50)
+AIRLINE_STEPS = 10
+HIDDEN_SIZES = (16, 32, 64, 128, 256)
+# T of the hidden-size sweep: long enough that the recurrence, not the per-call overhead, dominates.
+HIDDEN_SWEEP_STEPS = 100
+SEQUENCE_LENGTHS = (10, 100, 1000)
+# H of the sequence-length sweep: the airline model's width.
+SEQUENCE_SWEEP_UNITS = 50
+# The H=256, T=1000, batch 1 target case, where GFLOP/s are compared with numpy's sgemm.
+GFLOP_UNITS, GFLOP_STEPS = 256, 1000
+THROUGHPUT_BATCH = 1024
+# Names of the workloads the issue's targets are measured on.
+AIRLINE_B1 = "airline-b1"
+AIRLINE_THROUGHPUT = f"airline-b{THROUGHPUT_BATCH}"
+GFLOP_CASE = f"h{GFLOP_UNITS}-t{GFLOP_STEPS}"
+AIRLINE_STEP = "airline-step"
+
+
+def threads_label(threads) -> str:
+    return f"{threads} thread{'s' if int(threads) > 1 else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How to get a Keras model: built from stacked GRU widths, or loaded from a user's file."""
+
+    key: str                      # workloads with the same key share one model (and its exports)
+    features: int = 1
+    units: tuple[int, ...] = ()   # GRU widths; every GRU but the last returns sequences; then Dense(1)
+    seed: int = 0
+    keras_path: str | None = None
+
+    def build(self):
+        if self.keras_path:
+            from gru_engine.exporters.keras_reader import load_keras
+            return load_keras(self.keras_path)
+        import keras
+        keras.utils.set_random_seed(self.seed)
+        layers = [keras.Input((None, self.features))]
+        layers += [keras.layers.GRU(width, return_sequences=index < len(self.units) - 1)
+                   for index, width in enumerate(self.units)]
+        layers.append(keras.layers.Dense(1))
+        return keras.Sequential(layers, name=self.key)
+
+    def describe(self) -> str:
+        if self.keras_path:
+            return Path(self.keras_path).name
+        layers = "->".join([f"GRU({width})" for width in self.units] + ["Dense(1)"])
+        return f"{layers}, {self.features} feature{'s' if self.features > 1 else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    recipe: Recipe
+    batch: int
+    steps: int        # T of a window; per-step workloads time one step of a stream
+    threads: int
+    per_step: bool = False
+
+    @property
+    def title(self) -> str:
+        shape = "one step per call" if self.per_step else f"T={self.steps} per call"
+        return f"{self.recipe.describe()}; batch {self.batch}, {shape}, {threads_label(self.threads)}"
+
+    @property
+    def items_per_call(self) -> int:
+        """Sequences per call (windows), or sample-steps per call (streaming)."""
+        return self.batch
+
+    def input(self, seed: int = 1) -> np.ndarray:
+        """A standard normal (batch, steps, features) float32 input; streams read its first step."""
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((self.batch, self.steps, self.recipe.features)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Workload":
+        recipe = dict(data["recipe"], units=tuple(data["recipe"]["units"]))
+        return cls(**dict(data, recipe=Recipe(**recipe)))
+
+
+def airline_recipe() -> Recipe:
+    return Recipe("airline", 1, AIRLINE_UNITS)
+
+
+def _single(units: int) -> Recipe:
+    return Recipe(f"gru{units}", 1, (units,))
+
+
+def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Workload]:
+    """The standard comparison; ``quick`` keeps one workload per target plus streaming."""
+    cores = cores or all_cores()
+    airline = airline_recipe()
+    gflop_case = Workload(GFLOP_CASE, _single(GFLOP_UNITS), 1, GFLOP_STEPS, 1)
+    airline_b1 = Workload(AIRLINE_B1, airline, 1, AIRLINE_STEPS, 1)
+    throughput = Workload(AIRLINE_THROUGHPUT, airline, THROUGHPUT_BATCH, AIRLINE_STEPS, cores)
+    stream = Workload(AIRLINE_STEP, airline, 1, AIRLINE_STEPS, 1, per_step=True)
+    if quick:
+        return [airline_b1, throughput, gflop_case, stream]
+    workloads = [airline_b1, Workload("airline-b32", airline, 32, AIRLINE_STEPS, 1), throughput]
+    workloads += [Workload(f"h{units}-t{HIDDEN_SWEEP_STEPS}", _single(units), 1, HIDDEN_SWEEP_STEPS, 1)
+                  for units in HIDDEN_SIZES]
+    workloads += [Workload(f"h{SEQUENCE_SWEEP_UNITS}-t{steps}", _single(SEQUENCE_SWEEP_UNITS), 1, steps, 1)
+                  for steps in SEQUENCE_LENGTHS]
+    workloads += [gflop_case, stream,
+                  Workload(f"h{GFLOP_UNITS}-step", _single(GFLOP_UNITS), 1, 1, 1, per_step=True)]
+    return workloads
+
+
+def user_workloads(model_path, steps: int | None = None) -> list[Workload]:
+    """Batch-1 workloads for a user's .keras/.h5 model: per window, and per step when it can stream.
+
+    T comes from the model's input shape, else from ``steps``.
+    """
+    from gru_engine.errors import InputError
+    from gru_engine.exporters.keras_reader import load_keras, read_keras
+
+    from .registry import streamable
+
+    path = Path(model_path)
+    model = load_keras(path)
+    shape = model.inputs[0].shape  # (batch, time, features)
+    if len(shape) != 3 or shape[-1] is None:
+        raise InputError(f"{path}: input shape {shape}; a benchmarkable model takes (batch, time, features)")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    steps = steps or shape[1]
+    if not steps:
+        raise InputError(f"{path}: the model's time dimension is not fixed; say how long a window is: --steps N")
+    if shape[1] and steps != shape[1]:
+        raise InputError(f"{path}: the model takes exactly T={shape[1]} time steps; drop --steps {steps}")
+    recipe = Recipe("user-" + path.name.split(".")[0], int(shape[-1]), keras_path=str(path.resolve()))
+    batch = shape[0] or 1
+    workloads = [Workload(f"{recipe.key}-b{batch}", recipe, batch, steps, 1)]
+    if streamable(read_keras(model)):
+        workloads.append(Workload(f"{recipe.key}-step", recipe, batch, steps, 1, per_step=True))
+    return workloads
