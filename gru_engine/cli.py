@@ -97,9 +97,6 @@ def _inspect(args) -> None:
     spec = bundle.read(args.bundle)
     model = Model(spec)
     print(f"{args.bundle}: gru-engine bundle, format version {bundle.FORMAT_VERSION}")
-    source = spec.source
-    print(f"source: {source.get('framework', '?')} {source.get('version', '')}"
-          + (f" ({source['backend']} backend)" if "backend" in source else ""))
     model.summary()
     for index, layer in enumerate(spec.layers):
         options = ", ".join(f"{k}={v}" for k, v in layer.config.items() if not isinstance(v, dict))

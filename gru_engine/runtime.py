@@ -47,6 +47,9 @@ def masked_output(config, streaming: bool) -> int:
     return kernels.MASKED_CARRY if streaming else kernels.MASKED_PREVIOUS
 
 
+KERAS_CLASS_NAMES = {"masking": "Masking", "gru": "GRU", "bidirectional": "Bidirectional", "dense": "Dense"}
+
+
 class _Program:
     """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
 
@@ -292,11 +295,13 @@ class Model:
         lines = [f"{'Layer (type)':<34}{'Output Shape':<22}{'Param #':>10}", "=" * 66]
         for layer, shape in zip(self.spec.layers, self.shapes):
             dims = (None, None, shape.output_dim) if shape.output_is_sequence else (None, shape.output_dim)
-            kind = layer.kind if layer.kind != "gru" else "GRU"
-            lines.append(f"{layer.name + ' (' + kind + ')':<34}{str(dims):<22}{shape.parameters:>10,}")
+            lines.append(f"{layer.name + ' (' + KERAS_CLASS_NAMES[layer.kind] + ')':<34}{str(dims):<22}"
+                         f"{shape.parameters:>10,}")
+        source = self.spec.source
         lines += ["=" * 66, f"Total params: {self.spec.parameter_count:,}",
                   f"Input: (batch, time, {self.spec.input_features}) float32",
-                  f"Source: {self.spec.source.get('framework', '?')} {self.spec.source.get('version', '')}"]
+                  f"Source: {source.get('framework', '?')} {source.get('version', '')}"
+                  + (f" ({source['backend']} backend)" if "backend" in source else "")]
         print_fn("\n".join(lines))
 
 
