@@ -35,12 +35,16 @@ BLOCK = 4
 # over them have no scalar remainder (measured: 50x150 matvec 284 ns, padded to 160: 232 ns).
 LANES = 16
 
-ACTIVATION_CODES = {"linear": 0, "tanh": 1, "sigmoid": 2, "hard_sigmoid": 3, "relu": 4, "softmax": 5}
+LINEAR, TANH, SIGMOID, HARD_SIGMOID, RELU, SOFTMAX = range(6)
+ACTIVATION_CODES = {"linear": LINEAR, "tanh": TANH, "sigmoid": SIGMOID, "hard_sigmoid": HARD_SIGMOID,
+                    "relu": RELU, "softmax": SOFTMAX}
 # What a GRU emits at a masked step. Keras: zeros with zero_output_for_mask, else its previous
 # output in this call (zeros before the first unmasked step, whatever the initial state). A stream
 # emits the carry instead, so each step equals predict() on the whole prefix.
 MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY = 0, 1, 2
-MERGE_CODES = {"concat": 0, "sum": 1, "mul": 2, "ave": 3, None: 4}  # None: written as concat
+MERGE_CONCAT, MERGE_SUM, MERGE_MUL, MERGE_AVE, MERGE_NONE = range(5)
+MERGE_CODES = {"concat": MERGE_CONCAT, "sum": MERGE_SUM, "mul": MERGE_MUL,
+               "ave": MERGE_AVE, None: MERGE_NONE}  # None: written as concat, split on return
 
 # Plan row layout. Every row: kind, input_dim, output_dim, then kind-specific columns.
 PLAN_WIDTH = 32
@@ -98,30 +102,30 @@ def activate(buf, code):
     Loops index from 0 with no offsets: an offset index would carry Numba's negative-index
     wraparound check into the loop and stop LLVM from vectorising it.
     """
-    start, stop = 0, buf.shape[0]
-    if code == 1:
-        for j in range(start, stop):
+    n = buf.shape[0]
+    if code == TANH:
+        for j in range(n):
             buf[j] = fast_tanh(buf[j])
-    elif code == 2:
+    elif code == SIGMOID:
         # sigmoid(x) = (tanh(x/2) + 1) / 2, exactly; shares the vectorised tanh.
-        for j in range(start, stop):
+        for j in range(n):
             buf[j] = HALF * fast_tanh(HALF * buf[j]) + HALF
-    elif code == 3:
+    elif code == HARD_SIGMOID:
         # Keras 3 hard_sigmoid: clip(x / 6 + 0.5, 0, 1).
-        for j in range(start, stop):
+        for j in range(n):
             buf[j] = min(max(buf[j] * SIXTH + HALF, ZERO), ONE)
-    elif code == 4:
-        for j in range(start, stop):
+    elif code == RELU:
+        for j in range(n):
             buf[j] = max(buf[j], ZERO)
-    elif code == 5:
-        peak = buf[start]
-        for j in range(start, stop):
+    elif code == SOFTMAX:
+        peak = buf[0]
+        for j in range(n):
             peak = max(peak, buf[j])
         total = ZERO
-        for j in range(start, stop):
+        for j in range(n):
             buf[j] = math.exp(buf[j] - peak)
             total += buf[j]
-        for j in range(start, stop):
+        for j in range(n):
             buf[j] = buf[j] / total
 
 
@@ -363,6 +367,31 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
 
 
 @njit(**KERNEL_FLAGS)
+def merge_directions(merge, samples, rows, forward_units, backward_units, forward, backward):
+    """Combine a Bidirectional layer's outputs into ``forward`` (Keras merge_mode; None as concat).
+
+    forward:  (S, >=rows, >=D) forward outputs, overwritten by the merged ones
+    backward: (S, >=rows, >=H) backward outputs, in time order
+    """
+    for s in range(samples):
+        for t in range(rows):
+            merged = forward[s, t]   # (>=D,)
+            other = backward[s, t]   # (>=H,)
+            if merge == MERGE_CONCAT or merge == MERGE_NONE:
+                for j in range(backward_units):
+                    merged[forward_units + j] = other[j]
+            elif merge == MERGE_SUM:
+                for j in range(forward_units):
+                    merged[j] += other[j]
+            elif merge == MERGE_MUL:
+                for j in range(forward_units):
+                    merged[j] *= other[j]
+            else:
+                for j in range(forward_units):
+                    merged[j] = HALF * (merged[j] + other[j])
+
+
+@njit(**KERNEL_FLAGS)
 def run_block(plan, weights, x, carry, work, max_dim, max_three, out):
     """Run the whole chain on a block of up to BLOCK samples in lockstep.
 
@@ -427,45 +456,22 @@ def run_block(plan, weights, x, carry, work, max_dim, max_three, out):
             for s in range(samples):
                 for t in range(rows):
                     activate(following[s, t][:output_dim], row[COL_DENSE_ACTIVATION])
-        elif kind == KIND_GRU:
+        else:
             units, sequences = gru_block(row, COL_FORWARD, weights, input_dim, current, samples, rows, mask,
                                          masked, carry, hidden, xw, gates, candidate, following, False)
+            bidirectional = kind == KIND_BIDIRECTIONAL
+            if bidirectional:
+                backward_units, _ = gru_block(row, COL_BACKWARD, weights, input_dim, current, samples, rows,
+                                              mask, masked, carry, hidden, xw, gates, candidate, backward, True)
             if not sequences:
+                # Keep the last output: forward at t=T-1 (a Bidirectional's backward one is at t=0).
                 for s in range(samples):
                     for j in range(units):
                         following[s, 0, j] = following[s, rows - 1, j]
                 rows = 1
                 masked = False
-        else:
-            merge = row[COL_MERGE]
-            forward_units, sequences = gru_block(row, COL_FORWARD, weights, input_dim, current, samples, rows,
-                                                 mask, masked, carry, hidden, xw, gates, candidate, following,
-                                                 False)
-            backward_units, _ = gru_block(row, COL_BACKWARD, weights, input_dim, current, samples, rows, mask,
-                                          masked, carry, hidden, xw, gates, candidate, backward, True)
-            if not sequences:
-                # The last outputs are the final carries: forward at t=T-1, backward at t=0.
-                for s in range(samples):
-                    for j in range(forward_units):
-                        following[s, 0, j] = following[s, rows - 1, j]
-                rows = 1
-                masked = False
-            for s in range(samples):
-                for t in range(rows):
-                    merged = following[s, t]   # (>=D,)
-                    other = backward[s, t]     # (>=H,)
-                    if merge == 0 or merge == 4:
-                        for j in range(backward_units):
-                            merged[forward_units + j] = other[j]
-                    elif merge == 1:
-                        for j in range(forward_units):
-                            merged[j] += other[j]
-                    elif merge == 2:
-                        for j in range(forward_units):
-                            merged[j] *= other[j]
-                    else:
-                        for j in range(forward_units):
-                            merged[j] = HALF * (merged[j] + other[j])
+            if bidirectional:
+                merge_directions(row[COL_MERGE], samples, rows, units, backward_units, following, backward)
         current, following = following, current
     width = plan[plan.shape[0] - 1, COL_OUT]
     for s in range(samples):
