@@ -433,7 +433,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gru-engine demo",
         description="Train the airline-passengers GRU tutorial (and a level-following variant), export, verify, "
-                    "judge against baselines, benchmark; every figure and file goes to an output folder.")
+                    "judge against baselines, benchmark; every figure and file goes to an output folder.",
+        epilog="example: gru-engine demo --epochs 20 --out airline-demo --no-bench")
     parser.add_argument("--epochs", type=_at_least(1), default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     parser.add_argument("--seed", type=_at_least(0), default=DEFAULT_SEED, help=f"default {DEFAULT_SEED}")
