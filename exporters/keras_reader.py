@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from gru_engine import bundle
-from gru_engine.errors import UnsupportedModelError
+from gru_engine.errors import BundleError, UnsupportedModelError
 from gru_engine.spec import DENSE_ACTIVATIONS, GRU_ACTIVATIONS, MERGE_MODES, Layer, ModelSpec, validate
 
 SUPPORTED = ("InputLayer, Masking, GRU, Bidirectional(GRU), Dense (per time step on sequences), Dropout, "
@@ -33,14 +34,22 @@ def _refuse(layer, message: str):
                                 f"gru-engine supports: {SUPPORTED}")
 
 
-def _activation_name(layer, value, allowed) -> str:
+def _activation_name(layer, function, allowed) -> str:
+    """The name of a built-in activation, by identity: a custom function is refused whatever its name."""
     import keras
 
-    name = value if isinstance(value, str) else keras.activations.serialize(value)
-    name = name if isinstance(name, str) else None
-    if name not in allowed:
-        _refuse(layer, f"activation {value!r} is not supported; use one of {list(allowed)}")
-    return name
+    for name in allowed:
+        if keras.activations.get(name) is function:
+            return name
+    _refuse(layer, f"activation {getattr(function, '__name__', function)!r} is not supported; "
+                   f"use one of {list(allowed)}")
+
+
+def _check_dtype(layer) -> None:
+    # The engine computes in float32; a float16 or float64 layer would not match within the parity tolerance.
+    if layer.compute_dtype != "float32" or layer.variable_dtype not in ("float32", None):
+        _refuse(layer, f"dtype policy {layer.dtype_policy.name!r}; gru-engine computes in float32, "
+                       "so build the layer with dtype='float32'")
 
 
 def _gru(layer) -> tuple[dict, dict]:
@@ -48,11 +57,12 @@ def _gru(layer) -> tuple[dict, dict]:
 
     if type(layer) is not keras.layers.GRU:
         _refuse(layer, "only GRU layers are supported inside Bidirectional")
+    _check_dtype(layer)
     config = layer.get_config()
     gru_config = {
         "units": int(config["units"]),
-        "activation": _activation_name(layer, config["activation"], GRU_ACTIVATIONS),
-        "recurrent_activation": _activation_name(layer, config["recurrent_activation"], GRU_ACTIVATIONS),
+        "activation": _activation_name(layer, layer.cell.activation, GRU_ACTIVATIONS),
+        "recurrent_activation": _activation_name(layer, layer.cell.recurrent_activation, GRU_ACTIVATIONS),
         "use_bias": bool(config["use_bias"]),
         "reset_after": bool(config["reset_after"]),
         "return_sequences": bool(config["return_sequences"]),
@@ -72,11 +82,11 @@ def _layer(layer) -> Layer | None:
     kind = type(layer)
     if kind in (keras.layers.InputLayer, keras.layers.Dropout):
         return None
+    _check_dtype(layer)
     if kind is keras.layers.Masking:
         return Layer("masking", layer.name, {"mask_value": float(layer.mask_value)})
     if kind is keras.layers.Dense:
-        config = {"units": int(layer.units), "activation": _activation_name(layer, layer.get_config()["activation"],
-                                                                             DENSE_ACTIVATIONS),
+        config = {"units": int(layer.units), "activation": _activation_name(layer, layer.activation, DENSE_ACTIVATIONS),
                   "use_bias": bool(layer.use_bias)}
         names = ["kernel"] + (["bias"] if config["use_bias"] else [])
         return Layer("dense", layer.name, config,
@@ -135,7 +145,8 @@ def _self_check_input(model, spec: ModelSpec) -> np.ndarray:
     return x
 
 
-def _reset_states(model) -> None:
+def reset_states(model) -> None:
+    """Zero the carries of every stateful GRU (also inside Bidirectional)."""
     for layer in model.layers:
         for inner in (layer, getattr(layer, "forward_layer", None), getattr(layer, "backward_layer", None)):
             if inner is not None and getattr(inner, "stateful", False):
@@ -144,9 +155,9 @@ def _reset_states(model) -> None:
 
 def keras_outputs(model, x: np.ndarray) -> list[np.ndarray]:
     """The Keras model's outputs for x, as a list of float32 arrays; stateful layers start from zero."""
-    _reset_states(model)
+    reset_states(model)
     outputs = model(x, training=False)
-    _reset_states(model)
+    reset_states(model)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     return [np.asarray(output, np.float32) for output in outputs]
 
@@ -164,13 +175,37 @@ def read_keras(model_or_path) -> ModelSpec:
     layers = [layer for layer in (_layer(keras_layer) for keras_layer in model.layers) if layer is not None]
     spec = ModelSpec(int(shape[-1]), layers,
                      {"framework": "keras", "version": keras.__version__, "backend": keras.backend.backend()})
-    validate(spec)
+    _validate_as_keras(spec)
     spec.self_check_input = _self_check_input(model, spec)
     spec.self_check_outputs = keras_outputs(model, spec.self_check_input)
-    validate(spec)
+    _validate_as_keras(spec)
     return spec
 
 
+def _validate_as_keras(spec: ModelSpec) -> None:
+    """validate(), with its complaints about a chain Keras built reported as unsupported Keras layers."""
+    try:
+        validate(spec)
+    except BundleError as exc:
+        message = str(exc)
+        index = re.match(r"layer (\d+): ", message)
+        if index:
+            layer = spec.layers[int(index.group(1))]
+            message = f"layer '{layer.name}' ({layer.kind}): {message[index.end():]}"
+        raise UnsupportedModelError(f"{message}. gru-engine supports: {SUPPORTED}") from None
+
+
 def export_bundle(model_or_path, out_path) -> Path:
-    """Write a Keras model (object or .keras/.h5 file) as a self-checking bundle."""
-    return bundle.save(read_keras(model_or_path), out_path)
+    """Write a Keras model (object or .keras/.h5 file) as a self-checking bundle.
+
+    The engine replays the self-check before anything is written, so a model it cannot reproduce
+    is refused here rather than producing a bundle that can never load.
+    """
+    from gru_engine.runtime import Model
+
+    spec = read_keras(model_or_path)
+    try:
+        bundle.self_check(Model(spec), "the exported model")
+    except BundleError as exc:
+        raise UnsupportedModelError(f"{exc}. This is a gru-engine limitation or bug; please report it") from None
+    return bundle.save(spec, out_path)

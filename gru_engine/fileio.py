@@ -52,14 +52,13 @@ def read_array(path) -> np.ndarray:
     if path.stat().st_size > MAX_INPUT_BYTES:
         raise InputError(f"{path}: larger than {MAX_INPUT_BYTES >> 20} MiB; split it")
     if path.suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{path}: not a plain numeric .npy file ({exc}); object arrays are refused") from None
-        except (OSError, EOFError) as exc:
-            raise InputError(f"{path}: cannot read .npy: {exc}") from None
-        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
-            raise InputError(f"{path}: holds {getattr(array, 'dtype', type(array).__name__)}; a numeric array is needed")
+        try:  # mmap checks the header's shape against the file size, so a lying header allocates nothing
+            array = np.array(np.load(path, allow_pickle=False, mmap_mode="r"))
+        except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError, OSError
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(f"{path}: not a plain numeric .npy file ({reason}); object arrays are refused") from None
+        if array.dtype.kind not in "fiub":
+            raise InputError(f"{path}: holds {array.dtype}; a numeric array is needed")
         return array
     if path.suffix == ".csv":
         with open(path, newline="") as handle:

@@ -48,6 +48,18 @@ def masked_output(config, streaming: bool) -> int:
     return kernels.MASKED_CARRY if streaming else kernels.MASKED_PREVIOUS
 
 
+# Numba's fallback 'workqueue' threading layer aborts the process when two threads launch parallel
+# kernels at once; 'omp' and 'tbb' do not. Parallel launches are serialised unless the layer is safe.
+_PARALLEL_LAUNCH = threading.Lock()
+
+
+def parallel_launch_is_thread_safe() -> bool:
+    try:
+        return numba.threading_layer() in ("omp", "tbb")
+    except ValueError:  # no parallel kernel has run yet, so no layer is chosen
+        return False
+
+
 KERAS_CLASS_NAMES = {"masking": "Masking", "gru": "GRU", "bidirectional": "Bidirectional", "dense": "Dense"}
 
 
@@ -154,15 +166,24 @@ class _Program:
         return np.empty((batch, rows * self.output_dim), np.float32)
 
     def run(self, x, carry, work, out) -> None:
-        runner = kernels.run_batch_parallel if work.shape[0] > 1 else kernels.run_batch
-        bad = runner(self.plan, self.weights, x, carry, work, self.max_dim, self.max_three, out)
+        args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_three, out)
+        if work.shape[0] == 1:
+            bad = kernels.run_batch(*args)
+        elif parallel_launch_is_thread_safe():
+            bad = kernels.run_batch_parallel(*args)
+        else:
+            with _PARALLEL_LAUNCH:
+                bad = kernels.run_batch_parallel(*args)
         if bad:
             raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
                              "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 
 
-def as_input(x, features: int, what: str = "x") -> np.ndarray:
-    """Check and coerce an input to a C-contiguous float32 (batch, time, features) array."""
+def as_input(x, features: int, check_size=None, what: str = "x") -> np.ndarray:
+    """Check and coerce an input to a C-contiguous float32 (batch, time, features) array.
+
+    ``check_size(batch, time)`` runs before the cast, so a huge input is refused before it is copied.
+    """
     if type(x) is np.ndarray and x.dtype is FLOAT32 and x.ndim == 3 and x.flags.c_contiguous:
         batch, steps, width = x.shape
         if width == features and batch and steps:
@@ -181,6 +202,8 @@ def as_input(x, features: int, what: str = "x") -> np.ndarray:
         raise InputError(f"{what} has {x.shape[2]} features per time step; this model takes {features}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"{what} has shape {x.shape}; batch and time must both be at least 1")
+    if check_size is not None:
+        check_size(x.shape[0], x.shape[1])
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -231,6 +254,9 @@ class Model:
             offset += units
         return carry
 
+    def _check_call_size(self, batch: int, steps: int) -> None:
+        self._check_size(self._program, batch, steps)
+
     def _check_size(self, program: _Program, batch: int, steps: int) -> None:
         if program.call_floats(batch, steps) > MAX_CALL_FLOATS:
             raise InputError(f"an input of batch {batch} and {steps} time steps needs more than "
@@ -238,7 +264,7 @@ class Model:
 
     def predict(self, x, initial_state=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
-        x = as_input(x, self.spec.input_features)
+        x = as_input(x, self.spec.input_features, self._check_call_size)
         if not self.spec.transforms:
             return self._run(x, initial_state)
         x, context = transforms.apply_input(self.spec.transforms, x)
@@ -246,7 +272,7 @@ class Model:
 
     def predict_raw(self, x, initial_state=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
-        return self._run(as_input(x, self.spec.input_features), initial_state)
+        return self._run(as_input(x, self.spec.input_features, self._check_call_size), initial_state)
 
     def _run(self, x, initial_state):
         batch, steps = x.shape[0], x.shape[1]
@@ -394,10 +420,10 @@ class Stream:
 
     def run(self, x):
         """Feed a chunk x (batch, time, features); return every step's output (batch, time, D)."""
-        x = as_input(x, self.model.spec.input_features)
+        x = as_input(x, self.model.spec.input_features,
+                     lambda batch, steps: self.model._check_size(self._program, batch, steps))
         if x.shape[0] != self.batch:
             raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")
-        self.model._check_size(self._program, x.shape[0], x.shape[1])
         x, context = transforms.apply_input(self.model.spec.transforms, x)
         work = self._program.workspace(self.batch, x.shape[1], self._parallel)
         out = self._program.output(self.batch, x.shape[1])

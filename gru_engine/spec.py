@@ -312,6 +312,6 @@ PARITY_RTOL = 1e-4
 
 
 def max_excess(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Largest |actual - expected| beyond the parity tolerance (<= 0 means within it)."""
-    return float(np.max(np.abs(actual - expected) - (PARITY_ATOL + PARITY_RTOL * np.abs(expected)),
-                        initial=-np.inf))
+    """Largest |actual - expected| beyond the parity tolerance (<= 0 means within it; NaN is inf)."""
+    excess = np.abs(actual - expected) - (PARITY_ATOL + PARITY_RTOL * np.abs(expected))
+    return float(np.max(np.nan_to_num(excess, nan=np.inf), initial=-np.inf))

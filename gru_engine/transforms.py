@@ -42,7 +42,7 @@ def validate(steps, input_features: int, output_dim: int) -> None:
         raise BundleError(f"transforms must be a list of at most {MAX_STEPS} steps")
     for index, step in enumerate(steps):
         kind = step.get("kind") if isinstance(step, dict) else None
-        if kind not in STEP_KEYS:
+        if not isinstance(kind, str) or kind not in STEP_KEYS:
             raise BundleError(f"transform {index}: kind {kind!r} is unknown; supported: {sorted(STEP_KEYS)}")
         if set(step) != STEP_KEYS[kind]:
             raise BundleError(f"transform {index} ({kind}) must have exactly the fields {sorted(STEP_KEYS[kind])}")

@@ -1,0 +1,260 @@
+"""A slow, obviously-correct NumPy model of what Keras computes, for any ``ModelSpec``.
+
+It shares nothing with the engine but the spec: float64 throughout, a plain Python loop over time,
+each gate written out as in the Keras GRU cell (gates z, r, h; ``kernel`` columns z | r | h):
+
+    x_z = x_t @ W_z + bi_z          x_r = x_t @ W_r + bi_r          x_h = x_t @ W_h + bi_h
+    z   = recurrent_activation(x_z + h @ U_z + br_z)
+    r   = recurrent_activation(x_r + h @ U_r + br_r)
+    reset_after=True:   hh = activation(x_h + r * (h @ U_h + br_h))
+    reset_after=False:  hh = activation(x_h + (r * h) @ U_h)
+    h'  = z * h + (1 - z) * hh
+
+``bias`` is (2, 3H) = [bi; br] when reset_after, else (3H,) = bi with br = 0.
+
+Masking follows Keras's ``backend.rnn``: a masked step keeps the carry, and its output is zero when
+``zero_output_for_mask`` else the previous step's output (zero before the first step). The mask
+travels unchanged (never reversed) through layers that return sequences and stops at the first
+layer that does not.
+
+Also here: ``random_spec`` (a spec with random weights and a self-check from this reference, for
+tests that need no TensorFlow) and ``rounding_sensitivity`` (whether float32 parity is defined).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, trace_shapes, weight_shapes
+
+
+def _sigmoid(x):
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -709 gives the right limit, 0
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def _softmax(x):
+    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+ACTIVATIONS = {
+    "linear": lambda x: x,
+    "tanh": np.tanh,
+    "sigmoid": _sigmoid,
+    # Keras 3: relu6(x + 3) / 6 (Keras 2 used 0.2 * x + 0.5).
+    "hard_sigmoid": lambda x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "softmax": _softmax,
+}
+
+
+def gru_direction(config, weights, x, mask, h0):
+    """One GRU over x (B, T, I); returns (outputs (B, T, H) in processing order, last output, carry).
+
+    mask: (B, T) bool or None; h0: (B, H) initial carry.
+    """
+    units = config["units"]
+    activation = ACTIVATIONS[config["activation"]]
+    recurrent_activation = ACTIVATIONS[config["recurrent_activation"]]
+    kernel = weights["kernel"].astype(np.float64)                      # (I, 3H)
+    recurrent_kernel = weights["recurrent_kernel"].astype(np.float64)  # (H, 3H)
+    if not config["use_bias"]:
+        input_bias = recurrent_bias = np.zeros(3 * units)
+    elif config["reset_after"]:
+        input_bias, recurrent_bias = weights["bias"].astype(np.float64)  # (3H,), (3H,)
+    else:
+        input_bias, recurrent_bias = weights["bias"].astype(np.float64), np.zeros(3 * units)
+    z_, r_, h_ = slice(0, units), slice(units, 2 * units), slice(2 * units, 3 * units)
+
+    h = np.array(h0, np.float64)        # (B, H)
+    previous_output = np.zeros_like(h)  # (B, H)
+    outputs = []
+    steps = range(x.shape[1] - 1, -1, -1) if config["go_backwards"] else range(x.shape[1])
+    for t in steps:
+        x_t = x[:, t]  # (B, I)
+        x_z = x_t @ kernel[:, z_] + input_bias[z_]
+        x_r = x_t @ kernel[:, r_] + input_bias[r_]
+        x_h = x_t @ kernel[:, h_] + input_bias[h_]
+        z = recurrent_activation(x_z + h @ recurrent_kernel[:, z_] + recurrent_bias[z_])
+        r = recurrent_activation(x_r + h @ recurrent_kernel[:, r_] + recurrent_bias[r_])
+        if config["reset_after"]:
+            hh = activation(x_h + r * (h @ recurrent_kernel[:, h_] + recurrent_bias[h_]))
+        else:
+            hh = activation(x_h + (r * h) @ recurrent_kernel[:, h_])
+        new_h = z * h + (1.0 - z) * hh  # (B, H)
+        if mask is None:
+            output, h = new_h, new_h
+        else:
+            keep = mask[:, t][:, None]  # (B, 1)
+            skipped = np.zeros_like(h) if config["zero_output_for_mask"] else previous_output
+            output = np.where(keep, new_h, skipped)
+            h = np.where(keep, new_h, h)
+        outputs.append(output)
+        previous_output = output
+    return np.stack(outputs, axis=1), outputs[-1], h
+
+
+def _merge(mode, forward, backward):
+    if mode == "concat":
+        return np.concatenate([forward, backward], axis=-1)
+    if mode == "sum":
+        return forward + backward
+    if mode == "mul":
+        return forward * backward
+    if mode == "ave":
+        return (forward + backward) / 2.0
+    raise ValueError(f"unknown merge mode {mode!r}")
+
+
+def _apply_transforms(steps, x):
+    """The documented input steps; returns x and what each step needs to invert the output."""
+    context = []
+    for step in steps:
+        if step["kind"] == "affine":
+            x = x * np.asarray(step["scale"]) + np.asarray(step["offset"])
+            context.append(None)
+        elif step["kind"] == "log":
+            x = np.log(x)
+            context.append(None)
+        else:
+            mean = x.mean(axis=1)  # (B, F)
+            x = x - mean[:, None, :]
+            context.append(mean)
+    return x, context
+
+
+def _invert_transforms(steps, y, context):
+    for step, saved in reversed(list(zip(steps, context))):
+        if step["kind"] == "affine":
+            if step["output_scale"] is not None:
+                y = (y - np.asarray(step["output_offset"])) / np.asarray(step["output_scale"])
+        elif step["invert_output"] and step["kind"] == "log":
+            y = np.exp(y)
+        elif step["invert_output"]:
+            mean = saved[:, step["output_features"]]  # (B, D)
+            y = y + (mean[:, None, :] if y.ndim == 3 else mean)
+    return y
+
+
+def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = True):
+    """Run ``spec`` on x (B, T, F); returns (Keras's outputs list, final carry of every GRU direction).
+
+    initial_state: None or one (B, units) array per GRU direction in layer order (forward before
+    backward), as ``Model.predict`` takes it. The final carries come in the same order.
+    """
+    values = np.asarray(x, np.float64)  # (B, T, F)
+    context = []
+    if transforms:
+        values, context = _apply_transforms(spec.transforms, values)
+    batch = values.shape[0]
+    pending = list(initial_state) if initial_state is not None else None
+    carries = []
+
+    def start(units):
+        return np.zeros((batch, units)) if pending is None else np.asarray(pending.pop(0), np.float64)
+
+    mask = None
+    outputs = None
+    for layer in spec.layers:
+        config = layer.config
+        if layer.kind == "masking":
+            # Keras compares in the input's dtype, float32.
+            mask = np.any(values.astype(np.float32) != np.float32(config["mask_value"]), axis=-1)  # (B, T)
+            values = values * mask[..., None]
+        elif layer.kind == "dense":
+            values = values @ layer.weights["kernel"].astype(np.float64)
+            if config["use_bias"]:
+                values = values + layer.weights["bias"].astype(np.float64)
+            values = ACTIVATIONS[config["activation"]](values)
+        elif layer.kind == "gru":
+            sequence, last, carry = gru_direction(config, layer.weights, values, mask, start(config["units"]))
+            carries.append(carry)
+            values = sequence if config["return_sequences"] else last
+            outputs = [values, carry] if config["return_state"] else [values]
+            mask = mask if config["return_sequences"] else None
+        else:
+            forward_config, backward_config = config["forward"], config["backward"]
+            directions = []
+            for name, direction in (("forward", forward_config), ("backward", backward_config)):
+                weights = {key[len(name) + 1:]: value for key, value in layer.weights.items()
+                           if key.startswith(name + ".")}
+                directions.append(gru_direction(direction, weights, values, mask, start(direction["units"])))
+            (forward_sequence, forward_last, forward_carry), (backward_sequence, backward_last, backward_carry) \
+                = directions
+            carries += [forward_carry, backward_carry]
+            if forward_config["return_sequences"]:
+                # The backward layer ran over reversed time; put its outputs back in time order.
+                forward_out, backward_out = forward_sequence, backward_sequence[:, ::-1]
+            else:
+                forward_out, backward_out = forward_last, backward_last
+                mask = None
+            states = [forward_carry, backward_carry] if forward_config["return_state"] else []
+            if config["merge_mode"] is None:
+                outputs = [forward_out, backward_out] + states
+                values = None  # the last layer, by validation
+            else:
+                values = _merge(config["merge_mode"], forward_out, backward_out)
+                outputs = [values] + states
+        if layer.kind in ("masking", "dense"):
+            outputs = [values]
+    if transforms and spec.transforms:
+        outputs[0] = _invert_transforms(spec.transforms, outputs[0], context)
+    return outputs, carries
+
+
+def reference_predict(spec: ModelSpec, x, initial_state=None, transforms: bool = True) -> list[np.ndarray]:
+    """What Keras's model(x) returns for the model ``spec`` describes, as a list of float64 arrays."""
+    return reference_run(spec, x, initial_state, transforms)[0]
+
+
+def rounding_sensitivity(spec: ModelSpec, x, seed: int = 0) -> float:
+    """How far float32 rounding alone can move the outputs, in units of the parity tolerance.
+
+    Every weight is nudged by a random relative 2**-24 (half a float32 ulp) and the float64 reference
+    re-run (the input is left alone: nudging it could flip which steps a Masking layer masks);
+    returns max |moved - exact| / (PARITY_ATOL + PARITY_RTOL |exact|). Well above
+    0.1, the model amplifies rounding so much on x (long sequences through an expanding recurrence)
+    that two correct float32 implementations cannot be expected to agree within the tolerance.
+    """
+    rng = np.random.default_rng(seed)
+
+    def nudge(array):
+        array = np.asarray(array, np.float64)
+        return array * (1.0 + rng.choice([-1.0, 1.0], array.shape) * 2.0 ** -24)
+
+    nudged_layers = [dataclasses.replace(layer, weights={name: nudge(w) for name, w in layer.weights.items()})
+                     for layer in spec.layers]
+    nudged = dataclasses.replace(spec, layers=nudged_layers)
+    exact = reference_predict(spec, x, transforms=False)
+    moved = reference_predict(nudged, x, transforms=False)
+    return max(float(np.max(np.abs(m - e) / (PARITY_ATOL + PARITY_RTOL * np.abs(e)))) for m, e in zip(moved, exact))
+
+
+def gru_config(units: int, **options) -> dict:
+    """A complete spec GRU configuration: Keras's defaults, then ``options``."""
+    config = {"units": units, "activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True,
+              "reset_after": True, "return_sequences": False, "return_state": False, "go_backwards": False,
+              "zero_output_for_mask": False, "stateful": False}
+    config.update(options)
+    return config
+
+
+def random_spec(layers: list[Layer], input_features: int, seed: int = 0, check_shape=(2, 5),
+                transforms=()) -> ModelSpec:
+    """A spec of ``layers`` (weights ignored) with random float32 weights and a self-check from this
+    reference, so bundle and runtime tests need no TensorFlow."""
+    rng = np.random.default_rng(seed)
+    spec = ModelSpec(input_features, [Layer(layer.kind, layer.name, layer.config) for layer in layers],
+                     {"framework": "reference", "version": "1"}, list(transforms))
+    for layer, shape in zip(spec.layers, trace_shapes(spec)):
+        layer.weights = {name: rng.normal(0.0, 0.4, dims).astype(np.float32)
+                         for name, dims in weight_shapes(layer, shape.input_dim).items()}
+    x = rng.standard_normal((*check_shape, input_features)).astype(np.float32)  # (B, T, F)
+    if any(step["kind"] == "log" for step in spec.transforms):
+        x = np.abs(x) + np.float32(0.5)
+    spec.self_check_input = x
+    spec.self_check_outputs = [output.astype(np.float32) for output in reference_predict(spec, x, transforms=False)]
+    return spec
