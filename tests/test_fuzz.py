@@ -239,6 +239,15 @@ class Tally:
         if len(self.unexpected) < 20:
             self.unexpected.append(f"{description[:300]}\n{traceback.format_exc()[-1500:]}")
 
+    def refused(self, description: str, error: Exception, must_name: str | None = None) -> None:
+        """A clean refusal is one line (naming ``must_name`` when given); anything else is unexpected."""
+        message = str(error).strip()
+        if "\n" in message or (must_name is not None and must_name not in message):
+            self.unexpected_error(f"{description}: refusal is not one line naming {must_name or 'the problem'}: "
+                                  f"{error}")
+        else:
+            self.counts["refused"] += 1
+
     def report(self) -> str:
         return json.dumps({**self.counts, "unexpected": self.unexpected})
 
@@ -292,10 +301,7 @@ def fuzz_bundles(examples: int, workdir: str, progress: str) -> str:
         try:
             model = gru_engine.load(path)
         except BundleError as error:
-            if "\n" in str(error).strip() or str(path) not in str(error):
-                tally.unexpected_error(f"{description}: message not one line naming the file: {error}")
-            else:
-                tally.counts["refused"] += 1
+            tally.refused(description, error, must_name=str(path))
             return
         except Exception:
             tally.unexpected_error(description)
@@ -436,10 +442,7 @@ def fuzz_inputs(examples: int, workdir: str, progress: str) -> str:
                 stream = model.stream(batch=array.shape[0] if array.ndim > 1 and array.shape[0] else 1)
                 result = stream.step(array) if target == "step" else stream.run(array)
         except InputError as error:
-            if "\n" in str(error).strip():
-                tally.unexpected_error(f"{description}: message is not one line: {error}")
-            else:
-                tally.counts["refused"] += 1
+            tally.refused(description, error)
             return
         except Exception:
             tally.unexpected_error(description)
