@@ -351,6 +351,7 @@ class Stream:
             raise InputError("this bundle's transforms look at whole windows (per-window centering); "
                              "use predict on complete windows instead of a stream")
         self.model = model
+        self._transforms = model.spec.transforms
         self.batch = int(batch)
         self._program = _Program(model.spec, model.shapes, streaming=True)
         features = model.spec.input_features
@@ -403,16 +404,17 @@ class Stream:
         if views is None or x_t.dtype.kind not in ACCEPTED_KINDS:
             raise InputError(f"x_t must be a numeric array of shape {sorted(self._shapes, key=len)}, "
                              f"got {x_t.dtype} {x_t.shape}")
-        if self.model.spec.transforms:
-            x_t, _ = transforms.apply_input(self.model.spec.transforms, x_t.reshape(self._x.shape))
+        steps = self._transforms
+        if steps:
+            x_t, _ = transforms.apply_input(steps, x_t.reshape(self._x.shape))
             x_t = x_t.reshape(views[0].shape)
         x_view, result = views
         with self._lock:
             x_view[...] = x_t
             self._program.run(self._x, self._carry, self._work, self._out)
             self.steps += 1
-            if self.model.spec.transforms:
-                result = transforms.invert_output(self.model.spec.transforms, result, None)
+            if steps:
+                result = transforms.invert_output(steps, result, None)
             if out is None:
                 return result.copy()
             out[...] = result
