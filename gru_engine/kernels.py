@@ -392,7 +392,7 @@ def merge_directions(merge, samples, rows, forward_units, backward_units, forwar
 
 
 @njit(**KERNEL_FLAGS)
-def run_block(plan, weights, x, carry, work, max_dim, max_three, out):
+def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     """Run the whole chain on a block of up to BLOCK samples in lockstep.
 
     plan:    (L, PLAN_WIDTH) int64
@@ -412,14 +412,14 @@ def run_block(plan, weights, x, carry, work, max_dim, max_three, out):
     following = work[size:2 * size].reshape(block)               # (S, T, Dmax)
     backward = work[2 * size:3 * size].reshape(block)             # (S, T, Dmax)
     offset = 3 * size
-    xw = work[offset:offset + samples * steps * max_three].reshape((samples, steps, max_three))  # (S, T, Pmax)
-    offset += samples * steps * max_three
-    gates = work[offset:offset + samples * max_three].reshape((samples, max_three))      # (S, Pmax)
-    offset += samples * max_three
-    candidate = work[offset:offset + samples * max_three].reshape((samples, max_three))  # (S, Pmax)
-    offset += samples * max_three
-    hidden = work[offset:offset + samples * max_three].reshape((samples, max_three))     # (S, Pmax)
-    offset += samples * max_three
+    xw = work[offset:offset + samples * steps * max_gate_width].reshape((samples, steps, max_gate_width))  # (S, T, Pmax)
+    offset += samples * steps * max_gate_width
+    gates = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
+    offset += samples * max_gate_width
+    candidate = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))  # (S, Pmax)
+    offset += samples * max_gate_width
+    hidden = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))     # (S, Pmax)
+    offset += samples * max_gate_width
     mask = work[offset:offset + samples * steps].reshape((samples, steps))               # (S, T)
 
     for s in range(samples):
@@ -494,7 +494,7 @@ def count_nonfinite(x):
 
 
 @njit(**KERNEL_FLAGS)
-def run_batch(plan, weights, x, carry, work, max_dim, max_three, out):
+def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     """run_block over the batch, BLOCK samples after BLOCK samples.
 
     x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
@@ -504,13 +504,13 @@ def run_batch(plan, weights, x, carry, work, max_dim, max_three, out):
     if bad == 0:
         for start in range(0, x.shape[0], BLOCK):
             stop = min(start + BLOCK, x.shape[0])
-            run_block(plan, weights, x[start:stop], carry[start:stop], work[0], max_dim, max_three,
+            run_block(plan, weights, x[start:stop], carry[start:stop], work[0], max_dim, max_gate_width,
                       out[start:stop])
     return bad
 
 
 @njit(**PARALLEL_KERNEL_FLAGS)
-def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_three, out):
+def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     """run_batch with blocks spread over Numba's threads: samples are independent sequences.
 
     work: (ceil(B / BLOCK), K), one scratch per block.
@@ -520,11 +520,11 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_three, out):
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             stop = min(start + BLOCK, x.shape[0])
-            run_block(plan, weights, x[start:stop], carry[start:stop], work[block], max_dim, max_three,
+            run_block(plan, weights, x[start:stop], carry[start:stop], work[block], max_dim, max_gate_width,
                       out[start:stop])
     return bad
 
 
-def workspace_size(samples, steps, max_dim, max_three):
+def workspace_size(samples, steps, max_dim, max_gate_width):
     """Floats of scratch run_block needs for a block of ``samples`` samples."""
-    return samples * (3 * steps * max_dim + steps * max_three + 3 * max_three + steps)
+    return samples * (3 * steps * max_dim + steps * max_gate_width + 3 * max_gate_width + steps)

@@ -79,7 +79,7 @@ class _Program:
             return start
 
         carry_dims = []
-        max_dim, max_three = spec.input_features, 3
+        max_dim, max_gate_width = spec.input_features, 3
 
         def gru_block(config, weights, prefix) -> list[int]:
             units = config["units"]
@@ -126,7 +126,7 @@ class _Program:
             elif layer.kind == "gru":
                 row[kernels.COL_KIND] = kernels.KIND_GRU
                 row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
-                max_three = max(max_three, kernels.padded(3 * layer.config["units"]))
+                max_gate_width = max(max_gate_width, kernels.padded(3 * layer.config["units"]))
             else:
                 row[kernels.COL_KIND] = kernels.KIND_BIDIRECTIONAL
                 row[kernels.COL_MERGE] = kernels.MERGE_CODES[layer.config["merge_mode"]]
@@ -134,14 +134,14 @@ class _Program:
                     layer.config["forward"], layer.weights, "forward.")
                 row[kernels.COL_BACKWARD:kernels.COL_BACKWARD + kernels.BLOCK_WIDTH] = gru_block(
                     layer.config["backward"], layer.weights, "backward.")
-                max_three = max(max_three, kernels.padded(3 * max(shape.state_dims)))
+                max_gate_width = max(max_gate_width, kernels.padded(3 * max(shape.state_dims)))
             rows.append(row)
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         self.weights = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)  # (W,)
         self.carry_dims = carry_dims
         self.carry_size = sum(carry_dims)
         self.max_dim = max_dim
-        self.max_three = max_three
+        self.max_gate_width = max_gate_width
         last = shapes[-1]
         self.output_dim = last.output_dim
         self.output_is_sequence = last.output_is_sequence or streaming
@@ -151,13 +151,13 @@ class _Program:
 
     def call_floats(self, batch: int, steps: int) -> int:
         blocks = -(-batch // kernels.BLOCK)
-        scratch = blocks * kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_three)
+        scratch = blocks * kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
         return scratch + batch * (self.carry_size + steps * self.output_dim)
 
     def workspace(self, batch: int, steps: int, parallel: bool) -> np.ndarray:
         """Scratch (blocks, K): one block's worth, or one per block when blocks run in parallel."""
         blocks = -(-batch // kernels.BLOCK) if parallel else 1
-        size = kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_three)
+        size = kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
         return np.empty((blocks, size), np.float32)
 
     def output(self, batch: int, steps: int) -> np.ndarray:
@@ -166,7 +166,7 @@ class _Program:
         return np.empty((batch, rows * self.output_dim), np.float32)
 
     def run(self, x, carry, work, out) -> None:
-        args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_three, out)
+        args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, out)
         if work.shape[0] == 1:
             bad = kernels.run_batch(*args)
         elif parallel_launch_is_thread_safe():
