@@ -149,16 +149,17 @@ class _Program:
     def parallel(self, batch: int) -> bool:
         return batch >= PARALLEL_MIN_BATCH and numba.get_num_threads() > 1
 
+    def workspace_shape(self, batch: int, steps: int, parallel: bool) -> tuple[int, int]:
+        """(blocks, K): one block's scratch, or one per block when blocks run in parallel."""
+        blocks = -(-batch // kernels.BLOCK) if parallel else 1
+        return blocks, kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
+
     def call_floats(self, batch: int, steps: int) -> int:
-        blocks = -(-batch // kernels.BLOCK)
-        scratch = blocks * kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
-        return scratch + batch * (self.carry_size + steps * self.output_dim)
+        blocks, size = self.workspace_shape(batch, steps, parallel=True)
+        return blocks * size + batch * (self.carry_size + steps * self.output_dim)
 
     def workspace(self, batch: int, steps: int, parallel: bool) -> np.ndarray:
-        """Scratch (blocks, K): one block's worth, or one per block when blocks run in parallel."""
-        blocks = -(-batch // kernels.BLOCK) if parallel else 1
-        size = kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
-        return np.empty((blocks, size), np.float32)
+        return np.empty(self.workspace_shape(batch, steps, parallel), np.float32)
 
     def output(self, batch: int, steps: int) -> np.ndarray:
         """(B, rows * D), rows = steps when the last layer returns sequences, else 1."""
