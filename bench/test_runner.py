@@ -72,7 +72,7 @@ def test_round_robin_times_every_call_and_reports_a_broken_one():
     budget = timing.Budget(sample_s=0.0005, slice_s=0.002, seconds=0.02, min_rounds=3, max_rounds=50, warm_up_s=0)
     samples, failures = timing.round_robin({"sum": lambda: sum(range(100)), "broken": broken}, budget)
     assert failures == {"broken": "RuntimeError: session lost"}
-    assert len(samples["sum"]) >= 3 and all(0 < s < 0.01 for s in samples["sum"])
+    assert len(samples["sum"]) >= 3 and all(s > 0 for s in samples["sum"])
     stats = timing.summarize(samples["sum"])
     assert stats["p10_s"] <= stats["median_s"] <= stats["p90_s"]
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import transforms
 from .errors import BundleError
 from .fileio import atomic_write_bytes
 from .spec import FORMAT_NAME, FORMAT_VERSION, Layer, ModelSpec, max_excess, validate
@@ -163,8 +162,7 @@ def from_buffer(buffer, path="<bundle>") -> ModelSpec:
     spec = ModelSpec(manifest["input_features"], layers, manifest["source"], manifest["transforms"],
                      check_input, check_outputs)
     try:
-        shapes = validate(spec)
-        transforms.validate(spec.transforms, spec.input_features, shapes[-1].output_dim)
+        validate(spec)
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from None
     return spec

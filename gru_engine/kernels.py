@@ -97,7 +97,7 @@ def fast_tanh(v):
 
 @njit(**KERNEL_FLAGS)
 def activate(buf, code):
-    """Apply activation ``code`` to buf in place; branch once, then a plain loop.
+    """Apply activation ``code`` to buf (N,) in place; branch once, then a plain loop.
 
     Loops index from 0 with no offsets: an offset index would carry Numba's negative-index
     wraparound check into the loop and stop LLVM from vectorising it.
@@ -498,8 +498,11 @@ def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     """run_block over the batch, BLOCK samples after BLOCK samples.
 
     x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
-    Returns how many samples are not finite; then nothing is run, so no carry changes half-way.
+    Returns how many samples are not finite, or -1 if x's width is not the plan's input width;
+    then nothing is run, so no carry changes half-way.
     """
+    if x.shape[2] != plan[0, COL_IN]:
+        return -1
     bad = count_nonfinite(x)
     if bad == 0:
         for start in range(0, x.shape[0], BLOCK):
@@ -515,6 +518,8 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, o
 
     work: (ceil(B / BLOCK), K), one scratch per block.
     """
+    if x.shape[2] != plan[0, COL_IN]:
+        return -1
     bad = count_nonfinite(x)
     if bad == 0:
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):

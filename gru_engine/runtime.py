@@ -175,12 +175,25 @@ class _Program:
         else:
             with _PARALLEL_LAUNCH:
                 bad = kernels.run_batch_parallel(*args)
+        if bad < 0:
+            raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
+                             f"{self.plan[0, kernels.COL_IN]}")
         if bad:
             raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
                              "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 
 
-def as_input(x, features: int, check_size=None, what: str = "x") -> np.ndarray:
+def as_array(value, what: str) -> np.ndarray:
+    """``value`` as a numpy array, or an InputError saying why it cannot be one (ragged lists...)."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{what} cannot be read as a numeric array: {exc}") from None
+
+
+def as_input(x, features: int, check_size=None) -> np.ndarray:
     """Check and coerce an input to a C-contiguous float32 (batch, time, features) array.
 
     ``check_size(batch, time)`` runs before the cast, so a huge input is refused before it is copied.
@@ -189,20 +202,16 @@ def as_input(x, features: int, check_size=None, what: str = "x") -> np.ndarray:
         batch, steps, width = x.shape
         if width == features and batch and steps:
             return x  # the common case, checked in about 150 ns
-    if not isinstance(x, np.ndarray):
-        try:
-            x = np.asarray(x)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{what} cannot be read as a numeric array: {exc}") from None
+    x = as_array(x, "x")
     if x.dtype.kind not in ACCEPTED_KINDS:
-        raise InputError(f"{what} has dtype {x.dtype}; pass a numeric array (it is cast to float32)")
+        raise InputError(f"x has dtype {x.dtype}; pass a numeric array (it is cast to float32)")
     if x.ndim != 3:
         hint = " (add a batch axis: x[None])" if x.ndim == 2 else ""
-        raise InputError(f"{what} must have shape (batch, time, {features}), got shape {x.shape}{hint}")
+        raise InputError(f"x must have shape (batch, time, {features}), got shape {x.shape}{hint}")
     if x.shape[2] != features:
-        raise InputError(f"{what} has {x.shape[2]} features per time step; this model takes {features}")
+        raise InputError(f"x has {x.shape[2]} features per time step; this model takes {features}")
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise InputError(f"{what} has shape {x.shape}; batch and time must both be at least 1")
+        raise InputError(f"x has shape {x.shape}; batch and time must both be at least 1")
     if check_size is not None:
         check_size(x.shape[0], x.shape[1])
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -214,8 +223,9 @@ class Model:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.shapes = validate(spec)
-        transforms.validate(spec.transforms, spec.input_features, self.shapes[-1].output_dim)
         self._program = _Program(spec, self.shapes, streaming=False)
+        # Inputs are checked against what the plan was built for, not a spec field that could change.
+        self._features = spec.input_features
         self._single_output = spec.output_count == 1
         # Per-thread scratch, reused while the input shape stays the same: calls from several
         # threads never share a buffer, and a tight loop of predict() allocates only its output.
@@ -223,7 +233,7 @@ class Model:
 
     @property
     def input_features(self) -> int:
-        return self.spec.input_features
+        return self._features
 
     @property
     def state_shapes(self) -> list[int]:
@@ -245,7 +255,7 @@ class Model:
                              f"{dims}), got {len(states)}")
         offset = 0
         for index, (state, units) in enumerate(zip(states, dims)):
-            state = np.asarray(state)
+            state = as_array(state, f"initial_state[{index}]")
             if state.dtype.kind not in ACCEPTED_KINDS or state.shape != (batch, units):
                 raise InputError(f"initial_state[{index}] must be a numeric array of shape ({batch}, {units}), "
                                  f"got {state.dtype} {state.shape}")
@@ -265,7 +275,7 @@ class Model:
 
     def predict(self, x, initial_state=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
-        x = as_input(x, self.spec.input_features, self._check_call_size)
+        x = as_input(x, self._features, self._check_call_size)
         if not self.spec.transforms:
             return self._run(x, initial_state)
         x, context = transforms.apply_input(self.spec.transforms, x)
@@ -273,7 +283,7 @@ class Model:
 
     def predict_raw(self, x, initial_state=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
-        return self._run(as_input(x, self.spec.input_features, self._check_call_size), initial_state)
+        return self._run(as_input(x, self._features, self._check_call_size), initial_state)
 
     def _run(self, x, initial_state):
         batch, steps = x.shape[0], x.shape[1]
@@ -355,7 +365,7 @@ class Stream:
         self._transforms = model.spec.transforms
         self.batch = int(batch)
         self._program = _Program(model.spec, model.shapes, streaming=True)
-        features = model.spec.input_features
+        features = model.input_features
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
         self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._parallel = self._program.parallel(self.batch)
@@ -376,7 +386,7 @@ class Stream:
 
     @property
     def state(self) -> list[np.ndarray]:
-        """Copies of the carries, one (batch, units) array per GRU layer, in layer order."""
+        """Copies of the carries, one (batch, units) array per GRU direction, in layer order."""
         with self._lock:
             return self._split_carry()
 
@@ -400,11 +410,14 @@ class Stream:
         only its last step, what ``predict`` returns for the sequence fed so far. Pass ``out`` to
         write the result into your own array instead of a new one.
         """
-        x_t = np.asarray(x_t)
+        x_t = as_array(x_t, "x_t")
         views = self._shapes.get(x_t.shape)
         if views is None or x_t.dtype.kind not in ACCEPTED_KINDS:
             raise InputError(f"x_t must be a numeric array of shape {sorted(self._shapes, key=len)}, "
                              f"got {x_t.dtype} {x_t.shape}")
+        if out is not None and (type(out) is not np.ndarray or out.shape != views[1].shape
+                                or out.dtype.kind != "f" or not out.flags.writeable):
+            raise InputError(f"out must be a writable float array of shape {views[1].shape}")
         steps = self._transforms
         if steps:
             x_t, _ = transforms.apply_input(steps, x_t.reshape(self._x.shape))
@@ -423,7 +436,7 @@ class Stream:
 
     def run(self, x):
         """Feed a chunk x (batch, time, features); return every step's output (batch, time, D)."""
-        x = as_input(x, self.model.spec.input_features,
+        x = as_input(x, self.model.input_features,
                      lambda batch, steps: self.model._check_size(self._program, batch, steps))
         if x.shape[0] != self.batch:
             raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")

@@ -20,12 +20,12 @@ names, and float32 weights in Keras's layout:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from . import transforms
+from .errors import BundleError, is_float32_number
 
 FORMAT_NAME = "gru-engine-bundle"
 FORMAT_VERSION = 1
@@ -174,8 +174,8 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
         if not isinstance(config, dict) or set(config) != {"mask_value"}:
             _fail(index, "masking config must be exactly {'mask_value': number}")
         value = config["mask_value"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(index, f"masking 'mask_value' must be a finite number, got {value!r}")
+        if not is_float32_number(value):
+            _fail(index, f"masking 'mask_value' must be a number finite in float32, got {value!r:.80}")
         if not is_sequence:
             _fail(index, "masking needs a sequence input; it cannot follow a GRU with return_sequences=False")
         return LayerShape(input_dim, input_dim, True, True, (), 0)
@@ -270,6 +270,9 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
             if not np.isfinite(array).all():
                 _fail(index, f"tensor '{name}' contains NaN or infinite values")
     _validate_self_check(spec, shapes)
+    # Transforms undo themselves on the main output: for merge_mode=None, one direction's width.
+    main_output_width = output_shapes(spec, shapes, 1, 1)[0][-1]
+    transforms.validate(spec.transforms, spec.input_features, main_output_width)
     return shapes
 
 

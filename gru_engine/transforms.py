@@ -14,11 +14,10 @@ on scaled values takes and returns the user's own units.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
-from .errors import BundleError, InputError
+from .errors import BundleError, InputError, is_float32_number
 
 MAX_STEPS = 16
 STEP_KEYS = {
@@ -29,9 +28,8 @@ STEP_KEYS = {
 
 
 def _numbers(step_index, name, values, length, nonzero=False):
-    if not isinstance(values, list) or len(values) != length or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise BundleError(f"transform {step_index}: '{name}' must be a list of {length} finite numbers")
+    if not isinstance(values, list) or len(values) != length or not all(is_float32_number(v) for v in values):
+        raise BundleError(f"transform {step_index}: '{name}' must be a list of {length} numbers finite in float32")
     if nonzero and any(v == 0 for v in values):
         raise BundleError(f"transform {step_index}: '{name}' must not contain 0 (it is divided by)")
 

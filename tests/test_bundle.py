@@ -174,6 +174,38 @@ def test_transform_kind_that_is_not_a_string(tmp_path, kind):
     refused(tmp_path, pack(header, manifest, payload), match="transform 0")
 
 
+@pytest.mark.parametrize("number", [10**400, -10**400, 1e300, 3.5e38])
+def test_numbers_beyond_float32_are_refused(tmp_path, number):
+    """JSON integers of any size parse in Python; float32 is the engine's range."""
+    spec = small_spec()
+    spec.layers.insert(0, Layer("masking", "masking", {"mask_value": 0.0}))
+    spec.transforms = [{"kind": "affine", "scale": [1.0] * 3, "offset": [0.0] * 3,
+                        "output_scale": None, "output_offset": None}]
+    header, manifest, payload = unpack(bundle.to_bytes(random_spec(spec.layers, 3, transforms=spec.transforms)))
+    masked = json.loads(json.dumps(manifest))
+    masked["layers"][0]["config"]["mask_value"] = number
+    refused(tmp_path, pack(header, masked, payload), match="mask_value")
+    scaled = json.loads(json.dumps(manifest))
+    scaled["transforms"][0]["offset"][1] = number
+    refused(tmp_path, pack(header, scaled, payload), match="offset")
+
+
+def test_output_transform_on_a_two_output_bidirectional_is_checked_against_one_direction(tmp_path):
+    """merge_mode=None returns each direction apart: a transform undone on the output must fit one."""
+    bidirectional = {"merge_mode": None, "forward": gru_config(2, return_sequences=True),
+                     "backward": gru_config(2, return_sequences=True, go_backwards=True)}
+    layers = [Layer("bidirectional", "bidirectional", bidirectional)]
+    affine = {"kind": "affine", "scale": [1.0], "offset": [0.0], "output_scale": [2.0, 2.0, 2.0, 2.0],
+              "output_offset": [0.0] * 4}
+    with pytest.raises(BundleError, match="output_scale"):
+        gru_engine.Model(random_spec(layers, 1, transforms=[affine]))
+    fitting = dict(affine, output_scale=[2.0, 2.0], output_offset=[1.0, 1.0])
+    model = gru_engine.Model(random_spec(layers, 1, transforms=[fitting]))
+    forward, backward = model.predict(np.ones((1, 3, 1), np.float32))
+    raw_forward, raw_backward = model.predict_raw(np.ones((1, 3, 1), np.float32))
+    np.testing.assert_allclose(forward, (raw_forward - 1.0) / 2.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("units", [10**9, 2**62, 0, -5])
 def test_absurd_unit_counts_are_refused_before_any_allocation(tmp_path, valid_bytes, units):
     header, manifest, payload = unpack(valid_bytes)

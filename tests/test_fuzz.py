@@ -99,7 +99,8 @@ def seed_specs():
 
 
 # Values a JSON edit may put anywhere: wrong types, edge numbers, absurd sizes, deep nesting.
-JSON_VALUES = [0, -1, 1, 2, 3, 7, 2**31, 2**63, 10**9, 10**30, -10**12, 0.5, -0.0, 1e308, math.nan, math.inf,
+JSON_VALUES = [0, -1, 1, 2, 3, 7, 2**31, 2**63, 10**9, 10**30, 10**400, -10**12, 0.5, -0.0, 1e300, 1e308, math.nan,
+               math.inf,
                True, False, None, "", "F32", "F64", "I64", "tanh", "softmax", "gru", "dense", "masking",
                "bidirectional", "concat", "float64", "gru-engine-bundle", "x" * 500, [], {}, [0], [1, 1],
                [0, 0], [10**12], [2**62, 2**62], [-1, 4], [[[[[]]]]], {"units": 1}]

@@ -141,6 +141,13 @@ def test_bad_steps_are_refused_and_leave_the_carry_untouched():
             stream.step(bad)
     with pytest.raises(gru_engine.InputError):
         stream.run(np.ones((3, 2, FEATURES)))
+    read_only = np.empty((2, 4), np.float32)
+    read_only.flags.writeable = False
+    for bad_out in (np.empty((2, 5), np.float32), np.empty((2, 4), np.int64), [[0.0] * 4] * 2, read_only):
+        with pytest.raises(gru_engine.InputError, match="out must be"):
+            stream.step(np.ones((2, FEATURES)), out=bad_out)
+    with pytest.raises(gru_engine.InputError, match="cannot be read"):
+        stream.step([[1.0, 2.0, 3.0], [1.0]])
     with pytest.raises(gru_engine.InputError):
         stream.state = [np.ones((2, 8))]
     with pytest.raises(gru_engine.InputError):

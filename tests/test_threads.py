@@ -1,5 +1,5 @@
 """Threads: one Model shared by many threads gives the serial answers; one Stream shared by two threads
-is serialised (runtime.Stream's docstring says so).
+is serialised by its lock.
 
 Concurrent predict runs in a subprocess per Numba threading layer: a layer that cannot take concurrent
 parallel launches aborts the whole process, which must be a test failure, not a dead test run.
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gru_engine import Model, Stream
+from gru_engine import Model
 from gru_engine.spec import Layer
 from reference import gru_config, random_spec
 
@@ -92,10 +92,6 @@ def fast_thread_switching():
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(interval)
-
-
-def test_stream_docstring_says_it_is_serialised():
-    assert "lock" in Stream.__doc__ and "thread" in Stream.__doc__
 
 
 @pytest.mark.parametrize("batch", [2, 16])
