@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -76,8 +75,8 @@ class Subject:
 
 def streamable(spec) -> bool:
     """Whether a model can run one step at a time: nothing reads the sequence backwards."""
-    return not any(layer.kind == "bidirectional" or (layer.kind == "gru" and layer.config["go_backwards"])
-                   for layer in spec.layers)
+    from gru_engine.spec import backward_layers
+    return not backward_layers(spec)
 
 
 def as_list(outputs) -> list[np.ndarray]:
@@ -202,7 +201,3 @@ IMPLEMENTATIONS = {
     ]
 }
 
-
-def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up chatter out of reports and test logs."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

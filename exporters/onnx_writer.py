@@ -372,6 +372,7 @@ def export_onnx(model_or_path, out_path, method: str = "native", opset: int = DE
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is unknown; use one of {list(METHODS)}")
+    _check_opset(opset)
     if method == "tf2onnx":
         from .tf2onnx_export import convert_tf2onnx
         model = convert_tf2onnx(model_or_path, opset=opset, state_io=state_io)

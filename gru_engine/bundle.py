@@ -27,7 +27,6 @@ from .errors import BundleError
 from .fileio import atomic_write_bytes
 from .spec import FORMAT_NAME, FORMAT_VERSION, Layer, ModelSpec, max_excess, validate
 
-SUFFIX = ".gru.safetensors"
 METADATA_KEY = "gru_engine"
 MAX_HEADER_BYTES = 16 << 20
 MANIFEST_KEYS = {"format", "format_version", "dtype", "input_features", "source", "layers", "transforms",

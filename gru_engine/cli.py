@@ -28,13 +28,14 @@ def _export(args) -> None:
     from .exporters import keras_reader
 
     model = keras_reader.load_keras(args.model)
-    if args.bundle:
-        path = keras_reader.export_bundle(model, args.bundle)
-        print(f"wrote {path}")
+    # ONNX first: it refuses more (Masking, for the native graph), and then nothing is written.
     if args.onnx:
         from .exporters import export_onnx
         path = export_onnx(model, args.onnx, method=args.onnx_method, opset=args.opset)
         print(f"wrote {path} ({args.onnx_method})")
+    if args.bundle:
+        path = keras_reader.export_bundle(model, args.bundle)
+        print(f"wrote {path}")
 
 
 def _import(args) -> None:
@@ -49,7 +50,11 @@ def _load(args):
 
 
 def _predict(args) -> None:
-    from .fileio import read_array, save_array
+    from .fileio import check_output_path, read_array, save_array
+    if args.stream and args.output:
+        raise CommandError("--stream prints one line per input row; it writes no --output file")
+    if args.output:
+        check_output_path(args.output)  # before the model runs, not after
     model = _load(args)
     if args.stream:
         _predict_stream(model, args.input)
@@ -70,20 +75,15 @@ def _predict(args) -> None:
 
 def _predict_stream(model, source) -> None:
     """One output line per input row, written as soon as the row arrives."""
-    from .fileio import parse_csv_row
+    from .fileio import is_header, parse_csv_row
 
     stream = model.stream()
     handle = sys.stdin if source in (None, "-") else open(source, newline="")
     try:
         for number, row in enumerate(csv.reader(handle), start=1):
-            if not row:
+            if not row or (number == 1 and is_header(row)):
                 continue
-            try:
-                values = parse_csv_row(row, f"row {number}")
-            except ValueError:
-                if number == 1:
-                    continue  # a header
-                raise
+            values = parse_csv_row(row, f"row {number}")
             y = stream.step(np.asarray(values, np.float32))
             print(",".join(f"{v:.7g}" for v in np.ravel(y)), flush=True)
     finally:

@@ -73,14 +73,20 @@ def parse_csv_row(row: list[str], where: str) -> list[float]:
         raise InputError(f"{where}: {row!r} is not a row of numbers") from None
 
 
+def is_header(row: list[str]) -> bool:
+    """A first CSV row that is not all numbers is a header (column names)."""
+    try:
+        [float(cell) for cell in row]
+    except ValueError:
+        return True
+    return False
+
+
 def parse_csv_rows(rows: list[list[str]], where: str) -> np.ndarray:
     """CSV rows -> (time, features) float64; a first row that is not numeric is a header."""
     rows = [row for row in rows if row]
-    if rows:
-        try:
-            [float(cell) for cell in rows[0]]
-        except ValueError:
-            rows = rows[1:]
+    if rows and is_header(rows[0]):
+        rows = rows[1:]
     if not rows:
         raise InputError(f"{where}: no data rows")
     values = [parse_csv_row(row, f"{where} line {index + 1}") for index, row in enumerate(rows)]
@@ -89,9 +95,19 @@ def parse_csv_rows(rows: list[list[str]], where: str) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+OUTPUT_SUFFIXES = (".npy", ".csv")
+
+
+def check_output_path(path) -> Path:
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise InputError(f"{path}: unknown output type; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    return path
+
+
 def save_array(path, array: np.ndarray) -> Path:
     """Write .npy or .csv atomically."""
-    path = Path(path)
+    path = check_output_path(path)
     if path.suffix == ".csv":
         flat = array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array[:, None]
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import kernels, transforms
 from .errors import InputError
-from .spec import ModelSpec, output_shapes, validate
+from .spec import ModelSpec, backward_layers, output_shapes, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -354,10 +354,10 @@ class Stream:
     def __init__(self, model: Model, batch: int):
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 1 <= batch <= 1 << 20:
             raise InputError(f"stream batch must be an int between 1 and {1 << 20}, got {batch!r}")
-        for layer in model.spec.layers:
-            if layer.kind == "bidirectional" or (layer.kind == "gru" and layer.config["go_backwards"]):
-                raise InputError(f"layer '{layer.name}' reads the sequence backwards, so its output at "
-                                 "time t depends on later inputs; such a model cannot stream")
+        backward = backward_layers(model.spec)
+        if backward:
+            raise InputError(f"layer '{backward[0]}' reads the sequence backwards, so its output at "
+                             "time t depends on later inputs; such a model cannot stream")
         if not transforms.streamable(model.spec.transforms):
             raise InputError("this bundle's transforms look at whole windows (per-window centering); "
                              "use predict on complete windows instead of a stream")

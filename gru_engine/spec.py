@@ -107,6 +107,12 @@ class ModelSpec:
         return sum(shape.parameters for shape in self.shapes())
 
 
+def backward_layers(spec: ModelSpec) -> list[str]:
+    """Names of the layers whose output at time t depends on later inputs (so they cannot stream)."""
+    return [layer.name for layer in spec.layers
+            if layer.kind == "bidirectional" or (layer.kind == "gru" and layer.config["go_backwards"])]
+
+
 def gru_weight_shapes(config: dict[str, Any], input_dim: int) -> dict[str, tuple[int, ...]]:
     units = config["units"]
     shapes = {"kernel": (input_dim, 3 * units), "recurrent_kernel": (units, 3 * units)}
