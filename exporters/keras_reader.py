@@ -9,7 +9,8 @@ import numpy as np
 
 from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import DENSE_ACTIVATIONS, GRU_ACTIVATIONS, MERGE_MODES, Layer, ModelSpec, validate
+from gru_engine.spec import (DENSE_ACTIVATIONS, GRU_ACTIVATIONS, MERGE_MODES, Layer, ModelSpec, sample_input,
+                             validate)
 
 SUPPORTED = ("InputLayer, Masking, GRU, Bidirectional(GRU), Dense (per time step on sequences), Dropout, "
              "in a Sequential model or a functional single chain")
@@ -133,16 +134,9 @@ def _check_chain(model) -> None:
 
 
 def _self_check_input(model, spec: ModelSpec) -> np.ndarray:
-    """A small deterministic input; masked models get padded steps so masking is checked too."""
+    """A small deterministic input of the model's shape (fixed batch or time where Keras fixes them)."""
     shape = model.inputs[0].shape
-    batch = shape[0] or SELF_CHECK_BATCH
-    steps = shape[1] or SELF_CHECK_STEPS
-    x = np.random.default_rng(0).standard_normal((batch, steps, spec.input_features)).astype(np.float32)
-    for layer in spec.layers:
-        if layer.kind == "masking" and steps > 2:
-            x[0, steps // 2, :] = layer.config["mask_value"]
-            x[-1, -1, :] = layer.config["mask_value"]
-    return x
+    return sample_input(spec, shape[0] or SELF_CHECK_BATCH, shape[1] or SELF_CHECK_STEPS, np.random.default_rng(0))
 
 
 def reset_states(model) -> None:

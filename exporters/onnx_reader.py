@@ -54,7 +54,7 @@ import numpy as np
 
 from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import Layer, ModelSpec, validate
+from gru_engine.spec import Layer, ModelSpec, gru_configs, sample_input, validate
 
 from .keras_reader import SELF_CHECK_BATCH, SELF_CHECK_STEPS
 from .onnx_writer import GRU_ACTIVATIONS
@@ -806,14 +806,8 @@ def _text(value):
     return value
 
 
-def _gru_configs(layer: Layer) -> list[dict]:
-    if layer.kind == "gru":
-        return [layer.config]
-    return [layer.config["forward"], layer.config["backward"]] if layer.kind == "bidirectional" else []
-
-
 def _is_sequence(chain: _Chain) -> bool:
-    recurrent = [config for layer in chain.layers for config in _gru_configs(layer)]
+    recurrent = [config for layer in chain.layers for config in gru_configs(layer)]
     return not recurrent or recurrent[-1]["return_sequences"]
 
 
@@ -906,11 +900,10 @@ def read_onnx(onnx_path) -> ModelSpec:
     validate(spec)
     dims = reader.main_input.type.tensor_type.shape.dim
     batch = dims[0].dim_value or SELF_CHECK_BATCH
-    gates = [config["recurrent_activation"] for layer in spec.layers for config in _gru_configs(layer)]
+    gates = [config["recurrent_activation"] for layer in spec.layers for config in gru_configs(layer)]
     steps = dims[1].dim_value or (SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES)
                                   else EXPANDING_SELF_CHECK_STEPS)
-    spec.self_check_input = np.random.default_rng(0).standard_normal((batch, steps, spec.input_features)) \
-        .astype(np.float32)
+    spec.self_check_input = sample_input(spec, batch, steps, np.random.default_rng(0))
     spec.self_check_outputs = _onnxruntime_outputs(model, spec.self_check_input, path)
     validate(spec)
     return spec

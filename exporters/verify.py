@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gru_engine.errors import InputError
-from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, max_excess
+from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, max_excess, sample_input
 
 # (batch, time) of each random draw, unless the model fixes them: a single sample and a small batch.
 DRAWS = ((1, 7), (4, 16))
@@ -90,15 +90,7 @@ def random_inputs(keras_model, spec) -> list[np.ndarray]:
     """Standard-normal inputs of the model's shape; a masked model gets padded steps, so masking counts."""
     fixed_batch, fixed_steps = keras_model.inputs[0].shape[0], keras_model.inputs[0].shape[1]
     rng = np.random.default_rng(0)
-    inputs = []
-    for batch, steps in DRAWS:
-        batch, steps = fixed_batch or batch, fixed_steps or steps
-        x = rng.standard_normal((batch, steps, spec.input_features)).astype(np.float32)  # (B, T, F)
-        for layer in spec.layers:
-            if layer.kind == "masking" and steps > 1:
-                x[: (batch + 1) // 2, steps // 2:, :] = layer.config["mask_value"]  # trailing padding
-        inputs.append(x)
-    return inputs
+    return [sample_input(spec, fixed_batch or batch, fixed_steps or steps, rng) for batch, steps in DRAWS]
 
 
 def _engine(spec, bundle_path):

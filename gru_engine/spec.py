@@ -107,6 +107,26 @@ class ModelSpec:
         return sum(shape.parameters for shape in self.shapes())
 
 
+def sample_input(spec: ModelSpec, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """Standard-normal (batch, time, features) float32 for checks; with Masking, sample 0 gets a padded
+    step in the middle and the last sample a padded second half, so masking is exercised too."""
+    x = rng.standard_normal((batch, steps, spec.input_features)).astype(np.float32)  # (B, T, F)
+    for layer in spec.layers:
+        if layer.kind == "masking" and steps > 2:
+            x[0, steps // 2, :] = layer.config["mask_value"]
+            x[-1, steps // 2:, :] = layer.config["mask_value"]
+    return x
+
+
+def gru_configs(layer: Layer) -> list[dict[str, Any]]:
+    """The GRU configurations of a layer: one for a GRU, forward then backward for a Bidirectional."""
+    if layer.kind == "gru":
+        return [layer.config]
+    if layer.kind == "bidirectional":
+        return [layer.config["forward"], layer.config["backward"]]
+    return []
+
+
 def backward_layers(spec: ModelSpec) -> list[str]:
     """Names of the layers whose output at time t depends on later inputs (so they cannot stream)."""
     return [layer.name for layer in spec.layers
@@ -239,9 +259,7 @@ def trace_shapes(spec: ModelSpec) -> list[LayerShape]:
         last = index == len(spec.layers) - 1
         if layer.kind == "bidirectional" and layer.config["merge_mode"] is None and not last:
             _fail(index, "bidirectional merge_mode=None returns two tensors, so it must be the last layer")
-        returns_state = layer.kind in ("gru", "bidirectional") and (
-            layer.config.get("return_state") or layer.config.get("forward", {}).get("return_state"))
-        if returns_state and not last:
+        if any(config["return_state"] for config in gru_configs(layer)) and not last:
             _fail(index, "return_state=True is only supported on the last layer of the chain")
         shapes.append(shape)
         dim, is_sequence = shape.output_dim, shape.output_is_sequence
