@@ -206,33 +206,30 @@ def test_output_transform_on_a_two_output_bidirectional_is_checked_against_one_d
     np.testing.assert_allclose(forward, (raw_forward - 1.0) / 2.0, rtol=1e-6)
 
 
+def peak_memory_of_refusal(path, *, match: str) -> int:
+    """Bytes allocated at the peak while load(path) raises a BundleError matching ``match``."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=match):
+            gru_engine.load(path)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("units", [10**9, 2**62, 0, -5])
 def test_absurd_unit_counts_are_refused_before_any_allocation(tmp_path, valid_bytes, units):
     header, manifest, payload = unpack(valid_bytes)
     manifest["layers"][0]["config"]["units"] = units
-    path = write(tmp_path, pack(header, manifest, payload))
-    tracemalloc.start()
-    try:
-        with pytest.raises(BundleError, match="'units' is"):
-            gru_engine.load(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = peak_memory_of_refusal(write(tmp_path, pack(header, manifest, payload)), match="'units' is")
     assert peak < 10 << 20, f"refusing the bundle took {peak >> 20} MiB"
 
 
 def test_a_tensor_claiming_terabytes_is_refused_before_any_allocation(tmp_path, valid_bytes):
     header, manifest, payload = unpack(valid_bytes)
     header["layers.0.kernel"]["shape"] = [10**12, 15]
-    path = write(tmp_path, pack(header, manifest, payload))
-    tracemalloc.start()
-    try:
-        with pytest.raises(BundleError, match="layers.0.kernel"):
-            gru_engine.load(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 10 << 20
+    peak = peak_memory_of_refusal(write(tmp_path, pack(header, manifest, payload)), match="layers.0.kernel")
+    assert peak < 10 << 20, f"refusing the bundle took {peak >> 20} MiB"
 
 
 # --- tensors ---
