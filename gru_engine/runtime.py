@@ -154,11 +154,16 @@ class _Program:
         blocks = -(-batch // kernels.BLOCK) if parallel else 1
         return blocks, kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
 
-    def call_floats(self, batch: int, steps: int) -> int:
+    def check_size(self, batch: int, steps: int) -> None:
+        """Refuse a call whose scratch, carries and output would exceed MAX_CALL_FLOATS."""
         blocks, size = self.workspace_shape(batch, steps, parallel=True)
-        return blocks * size + batch * (self.carry_size + steps * self.output_dim)
+        if blocks * size + batch * (self.carry_size + steps * self.output_dim) > MAX_CALL_FLOATS:
+            raise InputError(f"an input of batch {batch} and {steps} time steps needs more than "
+                             f"{MAX_CALL_FLOATS * 4 >> 30} GiB of scratch; split it into smaller batches")
 
     def workspace(self, batch: int, steps: int, parallel: bool) -> np.ndarray:
+        """Scratch for one call; every allocation path goes through the size check here."""
+        self.check_size(batch, steps)
         return np.empty(self.workspace_shape(batch, steps, parallel), np.float32)
 
     def output(self, batch: int, steps: int) -> np.ndarray:
@@ -265,17 +270,9 @@ class Model:
             offset += units
         return carry
 
-    def _check_call_size(self, batch: int, steps: int) -> None:
-        self._check_size(self._program, batch, steps)
-
-    def _check_size(self, program: _Program, batch: int, steps: int) -> None:
-        if program.call_floats(batch, steps) > MAX_CALL_FLOATS:
-            raise InputError(f"an input of batch {batch} and {steps} time steps needs more than "
-                             f"{MAX_CALL_FLOATS * 4 >> 30} GiB of scratch; split it into smaller batches")
-
     def predict(self, x, initial_state=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
-        x = as_input(x, self._features, self._check_call_size)
+        x = as_input(x, self._features, self._program.check_size)
         if not self.spec.transforms:
             return self._run(x, initial_state)
         x, context = transforms.apply_input(self.spec.transforms, x)
@@ -283,7 +280,7 @@ class Model:
 
     def predict_raw(self, x, initial_state=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
-        return self._run(as_input(x, self._features, self._check_call_size), initial_state)
+        return self._run(as_input(x, self._features, self._program.check_size), initial_state)
 
     def _run(self, x, initial_state):
         batch, steps = x.shape[0], x.shape[1]
@@ -291,7 +288,6 @@ class Model:
         scratch = self._scratch
         key = (batch, steps, program.parallel(batch))
         if getattr(scratch, "key", None) != key:
-            self._check_size(program, batch, steps)
             scratch.work = program.workspace(batch, steps, key[2])
             scratch.carry = np.empty((batch, program.carry_size), np.float32)
             scratch.key = key
@@ -436,11 +432,10 @@ class Stream:
 
     def run(self, x):
         """Feed a chunk x (batch, time, features); return every step's output (batch, time, D)."""
-        x = as_input(x, self.model.input_features,
-                     lambda batch, steps: self.model._check_size(self._program, batch, steps))
+        x = as_input(x, self.model.input_features, self._program.check_size)
         if x.shape[0] != self.batch:
             raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")
-        x, context = transforms.apply_input(self.model.spec.transforms, x)
+        x, context = transforms.apply_input(self._transforms, x)
         work = self._program.workspace(self.batch, x.shape[1], self._parallel)
         out = self._program.output(self.batch, x.shape[1])
         with self._lock:

@@ -164,6 +164,18 @@ def test_models_that_read_backwards_cannot_stream(case):
         model.stream()
 
 
+def test_a_chunk_too_long_for_scratch_is_refused_before_allocating():
+    """A plain float32 chunk (the no-copy path) is still checked before its scratch is allocated."""
+    _, model = engine_model("airline")
+    stream = model.stream()
+    long_chunk = np.zeros((1, 2**23, 1), np.float32)  # 32 MiB of input, ~10 GiB of scratch
+    with pytest.raises(gru_engine.InputError, match="split it"):
+        stream.run(long_chunk)
+    with pytest.raises(gru_engine.InputError, match="split it"):
+        model.predict(long_chunk)
+    assert stream.steps == 0
+
+
 def test_stream_batch_must_be_positive_int():
     _, model = engine_model("airline")
     for batch in (0, -1, 2.5, True, "3"):
