@@ -258,8 +258,9 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     recurrent_kernel: (H * P,)       reset_after: (H, P) columns z | r | h | zero padding;
                                      else (H, 2H) columns z | r, then (H, H) columns h (split so each
                                      product runs over whole contiguous rows), then unused padding
-    input_bias:       (P,)           zero padded
-    recurrent_bias:   (P,)           zero padded; all zeros when reset_after is False
+    input_bias:       (P,)           zero padded; the z and r columns hold input plus recurrent bias
+    recurrent_bias:   (P,)           zero padded; only its h columns are read (all zeros when
+                                     reset_after is False)
     masked_output:    MASKED_ZERO, MASKED_PREVIOUS or MASKED_CARRY: the output at a skipped step
     mask:             (S, >=steps)   1.0 keep, 0.0 skip; read only when ``masked``
     h:                (S, >=H)       carry, read as the initial state and updated in place
@@ -273,35 +274,34 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     units = recurrent_kernel.shape[0] // row_width
     two = 2 * units
     three = 3 * units
-    if reset_after:
-        recurrent_all = recurrent_kernel.reshape((units, row_width))                   # (H, P)
-    else:
-        recurrent_zr = recurrent_kernel[:units * two].reshape((units, two))            # (H, 2H)
-        recurrent_h = recurrent_kernel[units * two:units * three].reshape((units, units))  # (H, H)
+    # Multiplied by the previous h each step: z | r | h columns, or z | r alone when reset_after is False.
+    first_width = row_width if reset_after else two
+    recurrent_first = recurrent_kernel[:units * first_width].reshape((units, first_width))  # (H, P) or (H, 2H)
+    # Multiplied by r * h; read only when reset_after is False.
+    recurrent_h = recurrent_kernel[units * two:units * three].reshape((units, units))     # (H, H)
     # The input projection has no time dependency: one pass before the recurrent loop.
     project(x, samples, steps, input_dim, kernel, input_bias, xw)
     # Bit s: sample s has had an unmasked step, so its previous output is its carry (Keras: zero before).
     emitted = (1 << samples) - 1 if masked_output == MASKED_CARRY else 0
+    recurrent_h_bias = recurrent_bias[two:row_width]  # (P - 2H,)
     for st in range(steps):
         t = steps - 1 - st if go_backwards else st
         o = t if time_ordered_output else st
-        if reset_after:
-            for s in range(samples):
-                for j in range(row_width):
-                    gates[s, j] = recurrent_bias[j]
-            accumulate_rows(samples, h, recurrent_all, gates, 0)
-        else:
-            for s in range(samples):
-                for j in range(two):
-                    gates[s, j] = xw[s, t, j]
-            accumulate_rows(samples, h, recurrent_zr, gates, 0)
+        for s in range(samples):
+            g = gates[s]          # (>=P,)
+            x_t = xw[s, t]        # (>=P,)
+            # x_z, x_r already hold both biases (summed when packed): the sum starts from them.
+            for j in range(two):
+                g[j] = x_t[j]
+            if reset_after:
+                g_h = g[two:row_width]  # (P - 2H,)
+                for j in range(row_width - two):
+                    g_h[j] = recurrent_h_bias[j]
+        accumulate_rows(samples, h, recurrent_first, gates, 0)
         for s in range(samples):
             g = gates[s]          # (>=P,)
             z_r = g[:two]         # (2H,)
             x_t = xw[s, t]        # (>=P,)
-            if reset_after:
-                for j in range(two):
-                    z_r[j] += x_t[j]
             activate(z_r, recurrent_activation)
             if reset_after:
                 for j in range(units):
@@ -494,10 +494,11 @@ def count_nonfinite(x):
 
 
 @njit(**KERNEL_FLAGS)
-def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, out):
+def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_block over the batch, BLOCK samples after BLOCK samples.
 
     x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
+    zero_carry: start from zero state (the carry is then scratch), instead of carry's contents.
     Returns how many samples are not finite, or -1 if x's width is not the plan's input width;
     then nothing is run, so no carry changes half-way.
     """
@@ -505,6 +506,8 @@ def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, out):
         return -1
     bad = count_nonfinite(x)
     if bad == 0:
+        if zero_carry:
+            carry[:] = ZERO
         for start in range(0, x.shape[0], BLOCK):
             stop = min(start + BLOCK, x.shape[0])
             run_block(plan, weights, x[start:stop], carry[start:stop], work[0], max_dim, max_gate_width,
@@ -513,7 +516,7 @@ def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, out):
 
 
 @njit(**PARALLEL_KERNEL_FLAGS)
-def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, out):
+def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_batch with blocks spread over Numba's threads: samples are independent sequences.
 
     work: (ceil(B / BLOCK), K), one scratch per block.
@@ -522,6 +525,8 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, o
         return -1
     bad = count_nonfinite(x)
     if bad == 0:
+        if zero_carry:
+            carry[:] = ZERO
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             stop = min(start + BLOCK, x.shape[0])

@@ -87,7 +87,11 @@ class _Program:
             if bias is None:
                 input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
             elif config["reset_after"]:
-                input_bias, recurrent_bias = bias[0], bias[1]
+                # Both biases of z and r are added to the same sum: fold them into one, which the
+                # kernel's recurrent sum starts from.
+                two = 2 * units
+                input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
+                recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
             else:
                 input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
             width = int(kernels.padded(3 * units))
@@ -171,21 +175,27 @@ class _Program:
         rows = steps if self.output_is_sequence else 1
         return np.empty((batch, rows * self.output_dim), np.float32)
 
-    def run(self, x, carry, work, out) -> None:
-        args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, out)
+    def run(self, x, carry, work, out, zero_carry=False) -> None:
+        """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``."""
         if work.shape[0] == 1:
-            bad = kernels.run_batch(*args)
-        elif parallel_launch_is_thread_safe():
-            bad = kernels.run_batch_parallel(*args)
+            bad = kernels.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
+                                    zero_carry, out)
         else:
-            with _PARALLEL_LAUNCH:
+            args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, zero_carry, out)
+            if parallel_launch_is_thread_safe():
                 bad = kernels.run_batch_parallel(*args)
+            else:
+                with _PARALLEL_LAUNCH:
+                    bad = kernels.run_batch_parallel(*args)
+        if bad:
+            self._refuse(bad, x)
+
+    def _refuse(self, bad: int, x) -> None:
         if bad < 0:
             raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
                              f"{self.plan[0, kernels.COL_IN]}")
-        if bad:
-            raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
-                             "replace or drop them (for padding, use a Masking layer and a finite pad value)")
+        raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
+                         "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 
 
 def as_array(value, what: str) -> np.ndarray:
@@ -232,6 +242,8 @@ class Model:
         # Inputs are checked against what the plan was built for, not a spec field that could change.
         self._features = spec.input_features
         self._single_output = spec.output_count == 1
+        # The kernel's (B, D) output is already what predict returns: no reshape, no list.
+        self._plain_output = self._single_output and not self._program.output_is_sequence
         # Per-thread scratch, reused while the input shape stays the same: calls from several
         # threads never share a buffer, and a tight loop of predict() allocates only its output.
         self._scratch = threading.local()
@@ -286,18 +298,25 @@ class Model:
         batch, steps = x.shape[0], x.shape[1]
         program = self._program
         scratch = self._scratch
-        key = (batch, steps, program.parallel(batch))
+        # Skips asking Numba for its thread count (~0.6 us) where the answer cannot matter.
+        parallel = batch >= PARALLEL_MIN_BATCH and program.parallel(batch)
+        key = (batch, steps, parallel)
         if getattr(scratch, "key", None) != key:
-            scratch.work = program.workspace(batch, steps, key[2])
+            scratch.work = program.workspace(batch, steps, parallel)
             scratch.carry = np.empty((batch, program.carry_size), np.float32)
+            scratch.output_shape = program.output(batch, steps).shape
             scratch.key = key
-        carry = self._initial_carry(initial_state, batch, scratch.carry)
-        out = program.output(batch, steps)
-        program.run(x, carry, scratch.work, out)
+        carry = scratch.carry
+        if initial_state is not None:
+            self._initial_carry(initial_state, batch, carry)
+        out = np.empty(scratch.output_shape, FLOAT32)
+        program.run(x, carry, scratch.work, out, zero_carry=initial_state is None)
+        if self._plain_output:
+            return out
         return self._outputs(out, carry, batch, steps)
 
     def _outputs(self, out, carry, batch, steps):
-        main = out.reshape((batch, steps, -1) if self._program.output_is_sequence else (batch, -1))
+        main = out.reshape((batch, steps, -1)) if self._program.output_is_sequence else out
         if self._single_output:
             return main
         shapes = output_shapes(self.spec, self.shapes, batch, steps)
