@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._flags import KERNEL_FLAGS, PARALLEL_KERNEL_FLAGS
+from ._flags import KERNEL_FLAGS, PARALLEL_KERNEL_FLAGS, prefer_wide_vectors
 
 # Layer kinds in column 0 of a plan row.
 KIND_MASKING = 0
@@ -102,6 +102,7 @@ def activate(buf, code):
     Loops index from 0 with no offsets: an offset index would carry Numba's negative-index
     wraparound check into the loop and stop LLVM from vectorising it.
     """
+    prefer_wide_vectors()
     n = buf.shape[0]
     if code == TANH:
         for j in range(n):
@@ -139,6 +140,7 @@ def accumulate_matvec(v, matrix, acc):
     Eight rows at once keep each acc element in a register across them: an eighth of the loads
     and stores of a plain axpy loop, whose acc traffic dominates at batch 1.
     """
+    prefer_wide_vectors()
     rows = v.shape[0]
     width = matrix.shape[1]
     i = 0
@@ -168,6 +170,7 @@ def accumulate_matvec4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3):
     Each matrix load feeds four samples: at batch size >= 4 this halves the loads per FMA
     (measured 50x160: 944 -> 674 ns for four samples; 256x768: 31 -> 14 us).
     """
+    prefer_wide_vectors()
     rows = matrix.shape[0]
     width = matrix.shape[1]
     i = 0
@@ -203,6 +206,7 @@ def accumulate_rows(samples, v, matrix, acc, start):
     matrix: (R, N)
     acc:    (S, >=start + N) C-contiguous
     """
+    prefer_wide_vectors()
     rows = matrix.shape[0]
     stop = start + matrix.shape[1]
     if samples == BLOCK:
@@ -224,6 +228,7 @@ def project(x, samples, rows, input_dim, kernel, bias, out):
     Rows have no dependency on each other, so four (sample, time) rows share each kernel load,
     even for a single sample.
     """
+    prefer_wide_vectors()
     n_out = kernel.shape[1]
     for s in range(samples):
         for t in range(rows):
@@ -270,6 +275,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     out:              (S, >=steps, >=H) output after each step: in processing order (Keras
                                      go_backwards), or in time order when ``time_ordered_output``
     """
+    prefer_wide_vectors()
     row_width = kernel.shape[1]    # P
     units = recurrent_kernel.shape[0] // row_width
     two = 2 * units
@@ -341,6 +347,7 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
 
     carry: (S, C) every direction's carry; hidden: (S, >=H) C-contiguous copy used while running.
     """
+    prefer_wide_vectors()
     units = row[col + G_UNITS]
     width = padded(3 * units)
     k = row[col + G_KERNEL]
@@ -373,6 +380,7 @@ def merge_directions(merge, samples, rows, forward_units, backward_units, forwar
     forward:  (S, >=rows, >=D) forward outputs, overwritten by the merged ones
     backward: (S, >=rows, >=H) backward outputs, in time order
     """
+    prefer_wide_vectors()
     for s in range(samples):
         for t in range(rows):
             merged = forward[s, t]   # (>=D,)
@@ -402,6 +410,7 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     work:    (K,)            scratch, see ``workspace_size``
     out:     (S, rows * D)   the last layer's output, rows = T for sequences, else 1
     """
+    prefer_wide_vectors()
     samples = x.shape[0]
     steps = x.shape[1]
     features = x.shape[2]
@@ -483,6 +492,7 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
 @njit(**KERNEL_FLAGS)
 def count_nonfinite(x):
     """How many samples of x (B, T, F) hold a NaN or infinity."""
+    prefer_wide_vectors()
     bad = 0
     for b in range(x.shape[0]):
         finite = True
@@ -502,6 +512,7 @@ def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry
     Returns how many samples are not finite, or -1 if x's width is not the plan's input width;
     then nothing is run, so no carry changes half-way.
     """
+    prefer_wide_vectors()
     if x.shape[2] != plan[0, COL_IN]:
         return -1
     bad = count_nonfinite(x)
@@ -521,6 +532,7 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, z
 
     work: (ceil(B / BLOCK), K), one scratch per block.
     """
+    prefer_wide_vectors()
     if x.shape[2] != plan[0, COL_IN]:
         return -1
     bad = count_nonfinite(x)
@@ -536,5 +548,6 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, z
 
 
 def workspace_size(samples, steps, max_dim, max_gate_width):
-    """Floats of scratch run_block needs for a block of ``samples`` samples."""
-    return samples * (3 * steps * max_dim + steps * max_gate_width + 3 * max_gate_width + steps)
+    """Floats of scratch run_block needs for a block of ``samples`` samples, in whole cache lines
+    so that each block's scratch starts on one."""
+    return padded(samples * (3 * steps * max_dim + steps * max_gate_width + 3 * max_gate_width + steps))
