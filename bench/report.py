@@ -13,7 +13,7 @@ import math
 
 from gru_engine.fileio import atomic_write
 
-from .workloads import AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, threads_label
+from .workloads import AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, threads_label
 
 COLD_START_LIMIT_S = 0.5
 
@@ -101,6 +101,23 @@ def _gflop_line(results: dict) -> str | None:
             f"{sgemm['gflops']:.3g} GFLOP/s ({share:.0%} of sgemm), {threads_label(config['threads'])}")
 
 
+def _weights_line(results: dict) -> str | None:
+    """Target 3's floor: every step reads the whole recurrent kernel, and reading it alone takes this long."""
+    config = _config(results, GFLOP_CASE)
+    read = config and results.get("weights_read", {}).get(str(config["threads"]))
+    implementations = config["implementations"] if config else {}
+    per_step = {name: implementations[name]["median_s"] / GFLOP_STEPS for name in ("engine", "ort-native")
+                if implementations.get(name, {}).get("median_s")}
+    if not read or not per_step:
+        return None
+    line = (f"  3 H=256 floor: reading its {read['bytes'] >> 10} KiB recurrent kernel once takes "
+            f"{format_seconds(read['median_s'])} ({read['gb_per_s']:.3g} GB/s); per step: "
+            + ", ".join(f"{name} {format_seconds(seconds)}" for name, seconds in per_step.items()))
+    if "ort-native" in per_step:
+        line += f"; 1.5x ort-native needs {format_seconds(per_step['ort-native'] / 1.5)}"
+    return line
+
+
 def _implementation_row(name: str, entry: dict, unit: str) -> str:
     if entry["status"] != "ok":
         return f"  {name:<18} {entry['status']}: {entry.get('note', '')}"
@@ -151,9 +168,7 @@ def format_table(results: dict) -> str:
         lines.append(f"  {target['number']} {target['what']:<66} {shown:>9}  target {target['target']:<8} "
                      f"{target['verdict']}{note}")
         if target["number"] == 3:
-            gflop = _gflop_line(results)
-            if gflop:
-                lines.append(gflop)
+            lines += [line for line in (_gflop_line(results), _weights_line(results)) if line]
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ API, for ``gru-engine demo`` and notebooks::
 ``run_benchmarks(workloads=None, *, quick=True, implementations=None, cold_start=False, progress=True)``
 returns a JSON-ready dict: ``machine``, ``configs`` (one per workload: ``implementations`` maps each
 registry name to its ``status`` and, when ``ok``, ``median_s``, ``p10_s``, ``p90_s``,
-``throughput_per_s``, ``gflops``, ``ratio``), ``sgemm``, ``cold_start``, ``targets``.
+``throughput_per_s``, ``gflops``, ``ratio``), ``sgemm``, ``weights_read`` (the H=256 recurrent kernel
+read once: the floor under its step), ``cold_start``, ``targets``.
 
 How it measures. Workloads are grouped by thread count (1 for latency, every core for batch
 throughput) and each group runs in a fresh worker process whose numba, TensorFlow and BLAS pools
@@ -41,10 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
+from gru_engine.kernels import LANES
+
 from . import machine, timing
 from .registry import IMPLEMENTATIONS, Implementation, Subject
 from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
-from .workloads import AIRLINE_STEPS, Workload, airline_recipe, builtin_workloads, user_workloads
+from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
 
 __all__ = ["run_benchmarks", "format_table", "write_chart", "write_json", "user_workloads", "builtin_workloads",
            "main"]
@@ -53,6 +56,8 @@ SCHEMA = "gru-engine-bench/1"
 COLD_START = "cold-start"
 COLD_START_RUNS = {True: 5, False: 11}  # by quick
 SGEMM_SIZE = 512
+# The H=256 case's recurrent kernel as the engine stores it: (H, 3H) float32, rows padded to 16 floats.
+GFLOP_RECURRENT_BYTES = GFLOP_UNITS * (-(-3 * GFLOP_UNITS // LANES) * LANES) * 4
 
 
 # ----- inside a worker process ---------------------------------------------------------------------
@@ -201,11 +206,13 @@ def run_worker(job: dict) -> dict:
 
     # First, while no peer's thread pool exists yet to spin on the cores it needs.
     sgemm = timing.sgemm_gflops(SGEMM_SIZE, dataclasses.replace(budget, seconds=budget.seconds / 3))
+    weights_read = timing.weights_read(GFLOP_RECURRENT_BYTES, dataclasses.replace(budget, seconds=budget.seconds / 6))
     configs = []
     for data in job["workloads"]:
         workload = Workload.from_dict(data)
         configs.append(measure_workload(workload, subject_for(workload.recipe), job["implementations"], budget, log))
-    part = {"threads": job["threads"], "pinned": pinned, "configs": configs, "sgemm": sgemm}
+    part = {"threads": job["threads"], "pinned": pinned, "configs": configs, "sgemm": sgemm,
+            "weights_read": weights_read}
     if job["cold_start"]:
         bundle_path = subject_for(airline_recipe()).bundle_path
         part["cold_start"] = measure_cold_start(bundle_path, workdir, COLD_START_RUNS[job["quick"]])
@@ -250,7 +257,7 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
     for workload in workloads:
         groups.setdefault(workload.threads, []).append(workload)
     results = {"schema": SCHEMA, "quick": quick, "machine": machine.describe(), "implementations": names,
-               "configs": [], "workers": [], "sgemm": {}, "cold_start": None}
+               "configs": [], "workers": [], "sgemm": {}, "weights_read": {}, "cold_start": None}
     parts = []
     with tempfile.TemporaryDirectory(prefix="gru-engine-bench-") as directory:
         for threads, group in sorted(groups.items()):
@@ -263,6 +270,7 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
     for part in parts:
         results["workers"].append({"threads": part["threads"], "pinned": part["pinned"]})
         results["sgemm"][str(part["threads"])] = part["sgemm"]
+        results["weights_read"][str(part["threads"])] = part["weights_read"]
         results["cold_start"] = part.get("cold_start") or results["cold_start"]
     results["targets"] = evaluate_targets(results)
     results["elapsed_s"] = time.perf_counter() - started

@@ -16,6 +16,10 @@ import time
 from typing import Callable
 
 import numpy as np
+from numba import njit
+
+from gru_engine._flags import KERNEL_FLAGS, prefer_wide_vectors
+from gru_engine.runtime import aligned_empty
 
 Call = Callable[[], object]
 
@@ -131,3 +135,35 @@ def sgemm_gflops(size: int, budget: Budget) -> dict:
     flops = 2.0 * size ** 3
     return {"size": size, "median_s": stats["median_s"], "gflops": flops / stats["median_s"] / 1e9,
             "gflops_p10": flops / stats["p90_s"] / 1e9, "gflops_p90": flops / stats["p10_s"] / 1e9}
+
+
+@njit(**KERNEL_FLAGS)
+def _read_repeatedly(buffer, times):
+    """Sum buffer (N,) ``times`` times over: a pure streaming read, compiled as the engine's kernels are."""
+    prefer_wide_vectors()
+    total = np.float32(0.0)
+    for _ in range(times):
+        for i in range(buffer.shape[0]):
+            total += buffer[i]
+    return total
+
+
+def weights_read(nbytes: int, budget: Budget) -> dict:
+    """Seconds to read ``nbytes`` of float32 weights once, from whichever cache level holds them.
+
+    A batch-1 GRU step reads its whole recurrent kernel, so this is a floor under the step time
+    when the kernel does not fit L1 (the H=256 case): no implementation can step faster than it
+    can read its weights.
+    """
+    buffer = aligned_empty((nbytes // 4,))  # (N,)
+    buffer[:] = 1.0
+    reads = 100  # per call, so the Python call's own cost is spread thin
+
+    def call():
+        _read_repeatedly(buffer, reads)
+
+    warm_up(call, budget.warm_up_s)
+    samples, _ = round_robin({"read": call}, budget)
+    stats = summarize(samples["read"])
+    return {"bytes": int(buffer.nbytes), "median_s": stats["median_s"] / reads,
+            "gb_per_s": buffer.nbytes / (stats["median_s"] / reads) / 1e9}
