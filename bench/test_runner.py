@@ -100,3 +100,15 @@ def test_unknown_names_are_refused():
         runner.main(["--configs", "airline-b7"])
     with pytest.raises(ValueError, match="matches none of"):
         runner.main(["--impls", "cuda"])
+
+
+def test_the_weights_floor_is_a_read_of_the_given_size_and_is_shown_per_step():
+    budget = timing.Budget(sample_s=0.0005, slice_s=0.002, seconds=0.02, min_rounds=3, max_rounds=50, warm_up_s=0)
+    read = timing.weights_read(64 << 10, budget)
+    assert read["bytes"] == 64 << 10 and read["gb_per_s"] == pytest.approx(read["bytes"] / read["median_s"] / 1e9)
+    results = {"configs": [{"name": GFLOP_CASE, "threads": 1, "implementations": {
+                   "engine": {"median_s": 6e-3}, "ort-native": {"median_s": 9e-3}}}],
+               "weights_read": {"1": {"bytes": 786432, "median_s": 4e-6, "gb_per_s": 196.6}}}
+    line = report._weights_line(results)
+    assert "768 KiB" in line and "4 us" in line and "engine 6 us, ort-native 9 us" in line
+    assert "1.5x ort-native needs 6 us" in line
