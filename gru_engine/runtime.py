@@ -6,6 +6,7 @@ feature count, dtype, sizes, state shapes. Finite values are checked inside the 
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numba
@@ -213,6 +214,21 @@ class _Program:
         if bad:
             self._refuse(bad, x)
 
+    def bind(self, x, carry, work, out):
+        """``run`` on these arrays as a call without arguments: a stream step makes it every time,
+        and the Python between it and the kernel is most of a step's overhead."""
+        if work.shape[0] != 1:
+            return functools.partial(self.run, x, carry, work, out)
+        kernel = functools.partial(kernels.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
+                                   self.max_gate_width, False, out)
+
+        def run():
+            bad = kernel()
+            if bad:
+                self._refuse(bad, x)
+
+        return run
+
     def _refuse(self, bad: int, x) -> None:
         if bad < 0:
             raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
@@ -414,6 +430,7 @@ class Stream:
         self._shapes = {(self.batch, features): (self._x_rows, self._out)}
         if self.batch == 1:
             self._shapes[(features,)] = (self._x_rows[0], self._out[0])     # (F,), (D,)
+        self._advance = self._program.bind(self._x, self._carry, self._work, self._out)
         self._lock = threading.Lock()
         self.steps = 0
 
@@ -456,17 +473,17 @@ class Stream:
         if out is not None and (type(out) is not np.ndarray or out.shape != views[1].shape
                                 or out.dtype.kind != "f" or not out.flags.writeable):
             raise InputError(f"out must be a writable float array of shape {views[1].shape}")
-        steps = self._transforms
-        if steps:
-            x_t, _ = transforms.apply_input(steps, x_t.reshape(self._x.shape))
+        transform = self._transforms
+        if transform:
+            x_t, _ = transforms.apply_input(transform, x_t.reshape(self._x.shape))
             x_t = x_t.reshape(views[0].shape)
         x_view, result = views
         with self._lock:
             x_view[...] = x_t
-            self._program.run(self._x, self._carry, self._work, self._out)
+            self._advance()
             self.steps += 1
-            if steps:
-                result = transforms.invert_output(steps, result, None)
+            if transform:
+                result = transforms.invert_output(transform, result, None)
             if out is None:
                 return result.copy()
             out[...] = result
