@@ -311,15 +311,19 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
             z_r = g[:two]         # (2H,)
             x_t = xw[s, t]        # (>=P,)
             activate(z_r, recurrent_activation)
+            # Slices, not offset indices (see activate): these loops vectorise only so (measured 3-6%).
+            r = g[units:two]          # (H,)
+            hh = g[two:three]         # (H,) recurrent h sum, then the candidate's pre-activation
+            x_h = x_t[two:three]      # (H,)
             if reset_after:
                 for j in range(units):
-                    g[two + j] = x_t[two + j] + g[units + j] * g[two + j]
+                    hh[j] = x_h[j] + r[j] * hh[j]
             else:
                 hs = h[s]
                 rh = candidate[s]
                 for j in range(units):
-                    rh[j] = g[units + j] * hs[j]
-                    g[two + j] = x_t[two + j]
+                    rh[j] = r[j] * hs[j]
+                    hh[j] = x_h[j]
         if not reset_after:
             accumulate_rows(samples, candidate, recurrent_h, gates, two)
         for s in range(samples):
@@ -358,8 +362,9 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
     rb = row[col + G_RECURRENT_BIAS]
     c = row[col + G_CARRY]
     for s in range(samples):
+        carried = carry[s, c:c + units]  # (H,)
         for j in range(units):
-            hidden[s, j] = carry[s, c + j]
+            hidden[s, j] = carried[j]
     gru_layer(
         x, samples, steps, input_dim,
         weights[k:k + input_dim * width].reshape((input_dim, width)),
@@ -370,8 +375,9 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
         hidden, xw, gates, candidate, out, time_ordered_output,
     )
     for s in range(samples):
+        carried = carry[s, c:c + units]  # (H,)
         for j in range(units):
-            carry[s, c + j] = hidden[s, j]
+            carried[j] = hidden[s, j]
     return units, row[col + G_RETURN_SEQUENCES] != 0
 
 
@@ -388,8 +394,9 @@ def merge_directions(merge, samples, rows, forward_units, backward_units, forwar
             merged = forward[s, t]   # (>=D,)
             other = backward[s, t]   # (>=H,)
             if merge == MERGE_CONCAT or merge == MERGE_NONE:
+                appended = merged[forward_units:forward_units + backward_units]  # (H,)
                 for j in range(backward_units):
-                    merged[forward_units + j] = other[j]
+                    appended[j] = other[j]
             elif merge == MERGE_SUM:
                 for j in range(forward_units):
                     merged[j] += other[j]
@@ -487,8 +494,9 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     width = plan[plan.shape[0] - 1, COL_OUT]
     for s in range(samples):
         for t in range(rows):
+            out_row = out[s, t * width:(t + 1) * width]  # (D,)
             for j in range(width):
-                out[s, t * width + j] = current[s, t, j]
+                out_row[j] = current[s, t, j]
 
 
 @njit(**KERNEL_FLAGS)
