@@ -31,6 +31,10 @@ KIND_DENSE = 3
 
 # Samples run in lockstep, sharing each weight load (batch mode).
 BLOCK = 4
+# Time steps whose input projection is computed together, just before the recurrence reaches them:
+# enough rows to share kernel loads four at a time, few enough to stay in L1 (measured GRU(256):
+# 3.5-6% faster than projecting the whole sequence first, whose scratch also grew with T).
+PROJECT_AHEAD = 8
 # Gate rows are padded with zero columns to a multiple of this many floats, so the vectorised loops
 # over them have no scalar remainder (measured: 50x150 matvec 284 ns, padded to 160: 232 ns).
 LANES = 16
@@ -271,7 +275,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     masked_output:    MASKED_ZERO, MASKED_PREVIOUS or MASKED_CARRY: the output at a skipped step
     mask:             (S, >=steps)   1.0 keep, 0.0 skip; read only when ``masked``
     h:                (S, >=H)       carry, read as the initial state and updated in place
-    xw:               (S, >=steps, >=P) scratch for the input projection
+    xw:               (S, >=min(steps, PROJECT_AHEAD), >=P) scratch for the input projection
     gates:            (S, >=P)       scratch: recurrent projection, then z | r | candidate
     candidate:        (S, >=H)       scratch: r * h (reset_after=False)
     out:              (S, >=steps, >=H) output after each step: in processing order (Keras
@@ -287,17 +291,21 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     recurrent_first = recurrent_kernel[:units * first_width].reshape((units, first_width))  # (H, P) or (H, 2H)
     # Multiplied by r * h; read only when reset_after is False.
     recurrent_h = recurrent_kernel[units * two:units * three].reshape((units, units))     # (H, H)
-    # The input projection has no time dependency: one pass before the recurrent loop.
-    project(x, samples, steps, input_dim, kernel, input_bias, xw)
     # Bit s: sample s has had an unmasked step, so its previous output is its carry (Keras: zero before).
     emitted = (1 << samples) - 1 if masked_output == MASKED_CARRY else 0
     recurrent_h_bias = recurrent_bias[two:row_width]  # (P - 2H,)
+    first = 0  # time index of xw's row 0
     for st in range(steps):
         t = steps - 1 - st if go_backwards else st
         o = t if time_ordered_output else st
+        if st % PROJECT_AHEAD == 0:
+            # The input projection has no time dependency: the next PROJECT_AHEAD steps at once.
+            count = min(PROJECT_AHEAD, steps - st)
+            first = t - count + 1 if go_backwards else t
+            project(x[:, first:first + count], samples, count, input_dim, kernel, input_bias, xw)
         for s in range(samples):
             g = gates[s]          # (>=P,)
-            x_t = xw[s, t]        # (>=P,)
+            x_t = xw[s, t - first]  # (>=P,)
             # x_z, x_r already hold both biases (summed when packed): the sum starts from them.
             for j in range(two):
                 g[j] = x_t[j]
@@ -309,7 +317,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
         for s in range(samples):
             g = gates[s]          # (>=P,)
             z_r = g[:two]         # (2H,)
-            x_t = xw[s, t]        # (>=P,)
+            x_t = xw[s, t - first]  # (>=P,)
             activate(z_r, recurrent_activation)
             # Slices, not offset indices (see activate): these loops vectorise only so (measured 3-6%).
             r = g[units:two]          # (H,)
@@ -430,8 +438,9 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     following = work[size:2 * size].reshape(block)               # (S, T, Dmax)
     backward = work[2 * size:3 * size].reshape(block)             # (S, T, Dmax)
     offset = 3 * size
-    xw = work[offset:offset + samples * steps * max_gate_width].reshape((samples, steps, max_gate_width))  # (S, T, Pmax)
-    offset += samples * steps * max_gate_width
+    ahead = min(steps, PROJECT_AHEAD)
+    xw = work[offset:offset + samples * ahead * max_gate_width].reshape((samples, ahead, max_gate_width))  # (S, A, Pmax)
+    offset += samples * ahead * max_gate_width
     gates = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
     offset += samples * max_gate_width
     candidate = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))  # (S, Pmax)
@@ -560,4 +569,5 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, z
 def workspace_size(samples, steps, max_dim, max_gate_width):
     """Floats of scratch run_block needs for a block of ``samples`` samples, in whole cache lines
     so that each block's scratch starts on one."""
-    return padded(samples * (3 * steps * max_dim + steps * max_gate_width + 3 * max_gate_width + steps))
+    ahead = min(steps, PROJECT_AHEAD)
+    return padded(samples * (3 * steps * max_dim + ahead * max_gate_width + 3 * max_gate_width + steps))

@@ -168,7 +168,7 @@ def test_a_chunk_too_long_for_scratch_is_refused_before_allocating():
     """A plain float32 chunk (the no-copy path) is still checked before its scratch is allocated."""
     _, model = engine_model("airline")
     stream = model.stream()
-    long_chunk = np.zeros((1, 2**23, 1), np.float32)  # 32 MiB of input, ~10 GiB of scratch
+    long_chunk = np.zeros((1, 2**24, 1), np.float32)  # 64 MiB of input, ~13 GiB of scratch
     with pytest.raises(gru_engine.InputError, match="split it"):
         stream.run(long_chunk)
     with pytest.raises(gru_engine.InputError, match="split it"):
