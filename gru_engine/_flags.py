@@ -25,7 +25,7 @@ PARALLEL_KERNEL_FLAGS = dict(KERNEL_FLAGS, parallel=True)
 
 # LLVM tunes for Intel's AVX-512 cores with 256-bit vectors, for the whole process (mixed code can
 # lose clock speed on 512-bit ones). The kernels are dense float loops, where 512-bit vectors halve
-# the instructions (measured here: airline window 9% faster, GRU(128) 17%). On a CPU without
+# the instructions (measured here: airline window 6-13% faster, GRU(128) 17-23%). On a CPU without
 # AVX-512, LLVM keeps the widest it has.
 PREFERRED_VECTOR_BITS = 512
 
