@@ -194,10 +194,13 @@ class _Program:
         self.check_size(batch, steps)
         return aligned_empty(self.workspace_shape(batch, steps, parallel))
 
-    def output(self, batch: int, steps: int) -> np.ndarray:
+    def output_shape(self, batch: int, steps: int) -> tuple[int, int]:
         """(B, rows * D), rows = steps when the last layer returns sequences, else 1."""
         rows = steps if self.output_is_sequence else 1
-        return np.empty((batch, rows * self.output_dim), np.float32)
+        return batch, rows * self.output_dim
+
+    def output(self, batch: int, steps: int) -> np.ndarray:
+        return np.empty(self.output_shape(batch, steps), np.float32)
 
     def run(self, x, carry, work, out, zero_carry=False) -> None:
         """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``."""
@@ -343,7 +346,7 @@ class Model:
         if getattr(scratch, "key", None) != key:
             scratch.work = program.workspace(batch, steps, parallel)
             scratch.carry = np.empty((batch, program.carry_size), np.float32)
-            scratch.output_shape = program.output(batch, steps).shape
+            scratch.output_shape = program.output_shape(batch, steps)
             scratch.key = key
         carry = scratch.carry
         if initial_state is not None:
