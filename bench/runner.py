@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_engine.kernels import LANES
+from gru_engine.kernels import padded
 
 from . import machine, timing
 from .registry import IMPLEMENTATIONS, Implementation, Subject
@@ -57,7 +57,7 @@ COLD_START = "cold-start"
 COLD_START_RUNS = {True: 5, False: 11}  # by quick
 SGEMM_SIZE = 512
 # The H=256 case's recurrent kernel as the engine stores it: (H, 3H) float32, rows padded to 16 floats.
-GFLOP_RECURRENT_BYTES = GFLOP_UNITS * (-(-3 * GFLOP_UNITS // LANES) * LANES) * 4
+GFLOP_RECURRENT_BYTES = GFLOP_UNITS * int(padded(3 * GFLOP_UNITS)) * 4
 
 
 # ----- inside a worker process ---------------------------------------------------------------------

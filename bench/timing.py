@@ -164,6 +164,5 @@ def weights_read(nbytes: int, budget: Budget) -> dict:
 
     warm_up(call, budget.warm_up_s)
     samples, _ = round_robin({"read": call}, budget)
-    stats = summarize(samples["read"])
-    return {"bytes": int(buffer.nbytes), "median_s": stats["median_s"] / reads,
-            "gb_per_s": buffer.nbytes / (stats["median_s"] / reads) / 1e9}
+    per_read = summarize(samples["read"])["median_s"] / reads
+    return {"bytes": int(buffer.nbytes), "median_s": per_read, "gb_per_s": buffer.nbytes / per_read / 1e9}

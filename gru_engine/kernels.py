@@ -523,21 +523,30 @@ def count_nonfinite(x):
 
 
 @njit(**KERNEL_FLAGS)
-def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
-    """run_block over the batch, BLOCK samples after BLOCK samples.
-
-    x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
-    zero_carry: start from zero state (the carry is then scratch), instead of carry's contents.
-    Returns how many samples are not finite, or -1 if x's width is not the plan's input width;
-    then nothing is run, so no carry changes half-way.
-    """
+def admit(plan, x, carry, zero_carry):
+    """What run_batch and run_batch_parallel check before running anything, so no carry changes
+    half-way: -1 if x's width is not the plan's input width, else how many samples of x are not
+    finite. When that is 0 and ``zero_carry`` is set, carry (B, C) is zeroed (it is then scratch)."""
     prefer_wide_vectors()
     if x.shape[2] != plan[0, COL_IN]:
         return -1
     bad = count_nonfinite(x)
+    if bad == 0 and zero_carry:
+        carry[:] = ZERO
+    return bad
+
+
+@njit(**KERNEL_FLAGS)
+def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
+    """run_block over the batch, BLOCK samples after BLOCK samples.
+
+    x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
+    zero_carry: start from zero state instead of carry's contents.
+    Returns ``admit``'s verdict: anything but 0 means nothing ran.
+    """
+    prefer_wide_vectors()
+    bad = admit(plan, x, carry, zero_carry)
     if bad == 0:
-        if zero_carry:
-            carry[:] = ZERO
         for start in range(0, x.shape[0], BLOCK):
             stop = min(start + BLOCK, x.shape[0])
             run_block(plan, weights, x[start:stop], carry[start:stop], work[0], max_dim, max_gate_width,
@@ -552,12 +561,8 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, z
     work: (ceil(B / BLOCK), K), one scratch per block.
     """
     prefer_wide_vectors()
-    if x.shape[2] != plan[0, COL_IN]:
-        return -1
-    bad = count_nonfinite(x)
+    bad = admit(plan, x, carry, zero_carry)
     if bad == 0:
-        if zero_carry:
-            carry[:] = ZERO
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             stop = min(start + BLOCK, x.shape[0])
