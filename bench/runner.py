@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_engine.kernels import padded
+from gru_engine.kernels.products import padded
 
 from . import machine, timing
 from .registry import IMPLEMENTATIONS, Implementation, Subject

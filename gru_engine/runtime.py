@@ -12,7 +12,8 @@ import threading
 import numba
 import numpy as np
 
-from . import kernels, transforms
+from . import transforms
+from .kernels import activations, gru, plan, products, recurrent
 from .errors import InputError
 from .spec import ModelSpec, backward_layers, output_shapes, validate
 
@@ -45,8 +46,8 @@ def recurrent_kernel_blocks(config, recurrent_kernel, width):
 
 def masked_output(config, streaming: bool) -> int:
     if config["zero_output_for_mask"]:
-        return kernels.MASKED_ZERO
-    return kernels.MASKED_CARRY if streaming else kernels.MASKED_PREVIOUS
+        return recurrent.MASKED_ZERO
+    return recurrent.MASKED_CARRY if streaming else recurrent.MASKED_PREVIOUS
 
 
 # Numba's fallback 'workqueue' threading layer aborts the process when two threads launch parallel
@@ -94,7 +95,7 @@ class _Program:
             start = offset
             flat = np.ascontiguousarray(array, dtype=np.float32).ravel()
             # Every tensor starts on a cache line (see aligned_empty).
-            padding = np.zeros(-flat.size % kernels.LANES, np.float32)
+            padding = np.zeros(-flat.size % products.LANES, np.float32)
             chunks.extend((flat, padding))
             offset += flat.size + padding.size
             return start
@@ -115,14 +116,14 @@ class _Program:
                 recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
             else:
                 input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
-            width = int(kernels.padded(3 * units))
+            width = int(products.padded(3 * units))
             input_bias, recurrent_bias = pad_columns(input_bias, width), pad_columns(recurrent_bias, width)
             carry_offset = sum(carry_dims)
             carry_dims.append(units)
             block = {
                 "units": units,
-                "activation": kernels.ACTIVATION_CODES[config["activation"]],
-                "recurrent_activation": kernels.ACTIVATION_CODES[config["recurrent_activation"]],
+                "activation": activations.ACTIVATION_CODES[config["activation"]],
+                "recurrent_activation": activations.ACTIVATION_CODES[config["recurrent_activation"]],
                 "reset_after": int(config["reset_after"]),
                 "go_backwards": int(config["go_backwards"]),
                 "return_sequences": int(config["return_sequences"] or streaming),
@@ -133,33 +134,33 @@ class _Program:
                 "recurrent_bias": put(recurrent_bias),
                 "carry": carry_offset,
             }
-            return [block[name] for name in kernels.GRU_BLOCK]
+            return [block[name] for name in gru.GRU_BLOCK]
 
         for layer, shape in zip(spec.layers, shapes):
-            row = np.zeros(kernels.PLAN_WIDTH, np.int64)
-            row[kernels.COL_IN], row[kernels.COL_OUT] = shape.input_dim, shape.output_dim
+            row = np.zeros(plan.PLAN_WIDTH, np.int64)
+            row[plan.COL_IN], row[plan.COL_OUT] = shape.input_dim, shape.output_dim
             max_dim = max(max_dim, shape.output_dim)
             if layer.kind == "masking":
-                row[kernels.COL_KIND] = kernels.KIND_MASKING
-                row[kernels.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
+                row[plan.COL_KIND] = plan.KIND_MASKING
+                row[plan.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
             elif layer.kind == "dense":
                 units = layer.config["units"]
-                row[kernels.COL_KIND] = kernels.KIND_DENSE
-                row[kernels.COL_DENSE_ACTIVATION] = kernels.ACTIVATION_CODES[layer.config["activation"]]
-                row[kernels.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
-                row[kernels.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
+                row[plan.COL_KIND] = plan.KIND_DENSE
+                row[plan.COL_DENSE_ACTIVATION] = activations.ACTIVATION_CODES[layer.config["activation"]]
+                row[plan.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
+                row[plan.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
             elif layer.kind == "gru":
-                row[kernels.COL_KIND] = kernels.KIND_GRU
-                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
-                max_gate_width = max(max_gate_width, kernels.padded(3 * layer.config["units"]))
+                row[plan.COL_KIND] = plan.KIND_GRU
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
+                max_gate_width = max(max_gate_width, products.padded(3 * layer.config["units"]))
             else:
-                row[kernels.COL_KIND] = kernels.KIND_BIDIRECTIONAL
-                row[kernels.COL_MERGE] = kernels.MERGE_CODES[layer.config["merge_mode"]]
-                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(
+                row[plan.COL_KIND] = plan.KIND_BIDIRECTIONAL
+                row[plan.COL_MERGE] = recurrent.MERGE_CODES[layer.config["merge_mode"]]
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = gru_block(
                     layer.config["forward"], layer.weights, "forward.")
-                row[kernels.COL_BACKWARD:kernels.COL_BACKWARD + kernels.BLOCK_WIDTH] = gru_block(
+                row[plan.COL_BACKWARD:plan.COL_BACKWARD + gru.BLOCK_WIDTH] = gru_block(
                     layer.config["backward"], layer.weights, "backward.")
-                max_gate_width = max(max_gate_width, kernels.padded(3 * max(shape.state_dims)))
+                max_gate_width = max(max_gate_width, products.padded(3 * max(shape.state_dims)))
             rows.append(row)
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         packed = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
@@ -168,8 +169,8 @@ class _Program:
         self.carry_dims = carry_dims
         self.carry_size = sum(carry_dims)
         # Row widths of the scratch arrays, whole cache lines so that every row starts on one.
-        self.max_dim = int(kernels.padded(max_dim))
-        self.max_gate_width = int(kernels.padded(max_gate_width))
+        self.max_dim = int(products.padded(max_dim))
+        self.max_gate_width = int(products.padded(max_gate_width))
         last = shapes[-1]
         self.output_dim = last.output_dim
         self.output_is_sequence = last.output_is_sequence or streaming
@@ -179,8 +180,8 @@ class _Program:
 
     def workspace_shape(self, batch: int, steps: int, parallel: bool) -> tuple[int, int]:
         """(blocks, K): one block's scratch, or one per block when blocks run in parallel."""
-        blocks = -(-batch // kernels.BLOCK) if parallel else 1
-        return blocks, kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
+        blocks = -(-batch // products.BLOCK) if parallel else 1
+        return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width)
 
     def check_size(self, batch: int, steps: int) -> None:
         """Refuse a call whose scratch, carries and output would exceed MAX_CALL_FLOATS."""
@@ -205,15 +206,15 @@ class _Program:
     def run(self, x, carry, work, out, zero_carry=False) -> None:
         """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``."""
         if work.shape[0] == 1:
-            bad = kernels.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
+            bad = plan.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
                                     zero_carry, out)
         else:
             args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, zero_carry, out)
             if parallel_launch_is_thread_safe():
-                bad = kernels.run_batch_parallel(*args)
+                bad = plan.run_batch_parallel(*args)
             else:
                 with _PARALLEL_LAUNCH:
-                    bad = kernels.run_batch_parallel(*args)
+                    bad = plan.run_batch_parallel(*args)
         if bad:
             self._refuse(bad, x)
 
@@ -222,7 +223,7 @@ class _Program:
         and the Python between it and the kernel is most of a step's overhead."""
         if work.shape[0] != 1:
             return functools.partial(self.run, x, carry, work, out)
-        kernel = functools.partial(kernels.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
+        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
                                    self.max_gate_width, False, out)
 
         def run():
@@ -235,7 +236,7 @@ class _Program:
     def _refuse(self, bad: int, x) -> None:
         if bad < 0:
             raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
-                             f"{self.plan[0, kernels.COL_IN]}")
+                             f"{self.plan[0, plan.COL_IN]}")
         raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
                          "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 

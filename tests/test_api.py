@@ -310,12 +310,12 @@ def test_kernels_use_512_bit_vectors_where_the_cpu_has_them():
     """The per-kernel vector-width request reaches LLVM (it goes in through llvmlite's internals)."""
     import llvmlite.binding as llvm
     import numba
-    from gru_engine import kernels
+    from gru_engine.kernels import products
     from gru_engine._flags import KERNEL_FLAGS
     if "+avx512f" not in llvm.get_host_cpu_features().flatten():
         pytest.skip("this CPU has no AVX-512: the kernels keep 256-bit vectors")
     # A fresh compile of the kernel's own source: code loaded from the on-disk cache has no assembly to show.
-    matvec = numba.njit(**dict(KERNEL_FLAGS, cache=False))(kernels.accumulate_matvec.py_func)
+    matvec = numba.njit(**dict(KERNEL_FLAGS, cache=False))(products.accumulate_matvec.py_func)
     v, matrix, acc = np.ones(8, np.float32), np.ones((8, 64), np.float32), np.zeros(64, np.float32)
     matvec(v, matrix, acc)
     assert acc[0] == 8.0
