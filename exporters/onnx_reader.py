@@ -54,7 +54,7 @@ import numpy as np
 
 from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import Layer, ModelSpec, gru_configs, sample_input, validate
+from gru_engine.spec import Layer, ModelSpec, recurrent_configs, sample_input, validate
 
 from .keras_reader import SELF_CHECK_BATCH, SELF_CHECK_STEPS
 from .onnx_writer import GRU_ACTIVATIONS
@@ -807,7 +807,7 @@ def _text(value):
 
 
 def _is_sequence(chain: _Chain) -> bool:
-    recurrent = [config for layer in chain.layers for config in gru_configs(layer)]
+    recurrent = [config for layer in chain.layers for config in recurrent_configs(layer)]
     return not recurrent or recurrent[-1]["return_sequences"]
 
 
@@ -900,7 +900,7 @@ def read_onnx(onnx_path) -> ModelSpec:
     validate(spec)
     dims = reader.main_input.type.tensor_type.shape.dim
     batch = dims[0].dim_value or SELF_CHECK_BATCH
-    gates = [config["recurrent_activation"] for layer in spec.layers for config in gru_configs(layer)]
+    gates = [config["recurrent_activation"] for layer in spec.layers for config in recurrent_configs(layer)]
     steps = dims[1].dim_value or (SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES)
                                   else EXPANDING_SELF_CHECK_STEPS)
     spec.self_check_input = sample_input(spec, batch, steps, np.random.default_rng(0))
