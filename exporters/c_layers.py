@@ -22,6 +22,121 @@ MERGE_CODES = {"concat": "MERGE_CONCAT", None: "MERGE_CONCAT", "sum": "MERGE_SUM
                "ave": "MERGE_AVE"}
 
 
+# ----- the helpers every family calls: a weight matrix, matvec, activations -----
+
+CORE_C = """
+/* A row-major weight matrix; `cols` floats (int8: bytes) per row. */
+typedef struct {
+%(matrix_fields)s
+} Matrix;
+
+%(matvec)s
+
+/* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9, the engine's approximation: polynomials in double
+   (recurrences amplify rounding), one float divide; error 1.4e-7 (float32 tanhf: about 1e-7). */
+static float tanh_approx(float v)
+{
+    double x = (double)v, x2, p, q;
+    float y;
+    x = x < -9.0 ? -9.0 : (x > 9.0 ? 9.0 : x);
+    x2 = x * x;
+    p = ((((-1.03821162e-11 * x2 + 2.78178600e-08) * x2 + 2.67446258e-05) * x2 + 3.80222599e-03) * x2
+         + 1.36261799e-01) * x2 + 9.99999908e-01;
+    q = (((1.20278291e-06 * x2 + 3.82464926e-04) * x2 + 2.70007688e-02) * x2 + 4.69594857e-01) * x2 + 1.0;
+    y = (float)(x * p) / (float)q;
+    return y < -1.0f ? -1.0f : (y > 1.0f ? 1.0f : y);
+}
+
+enum { ACT_LINEAR, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTMAX };
+
+/* Keras activations, in place on v[n]. */
+static void activate(float *v, size_t n, int activation)
+{
+    size_t j;
+    float peak, total;
+    switch (activation) {
+    case ACT_TANH:
+        for (j = 0; j < n; j++)
+            v[j] = tanh_approx(v[j]);
+        break;
+    case ACT_SIGMOID:  /* sigmoid(x) = (tanh(x / 2) + 1) / 2, exactly */
+        for (j = 0; j < n; j++)
+            v[j] = 0.5f * tanh_approx(0.5f * v[j]) + 0.5f;
+        break;
+    case ACT_HARD_SIGMOID:  /* Keras 3: clip(x / 6 + 0.5, 0, 1) (tf.keras 2 used 0.2 x + 0.5) */
+        for (j = 0; j < n; j++) {
+            const float s = v[j] * (1.0f / 6.0f) + 0.5f;
+            v[j] = s < 0.0f ? 0.0f : (s > 1.0f ? 1.0f : s);
+        }
+        break;
+    case ACT_RELU:
+        for (j = 0; j < n; j++)
+            v[j] = v[j] > 0.0f ? v[j] : 0.0f;
+        break;
+    case ACT_SOFTMAX:
+        peak = v[0];
+        for (j = 1; j < n; j++)
+            peak = v[j] > peak ? v[j] : peak;
+        total = 0.0f;
+        for (j = 0; j < n; j++) {
+            v[j] = expf(v[j] - peak);
+            total += v[j];
+        }
+        for (j = 0; j < n; j++)
+            v[j] /= total;
+        break;
+    default:  /* ACT_LINEAR */
+        break;
+    }
+}
+"""
+
+MATVEC_FLOAT = """/* acc[j] += sum_i v[i] * m[i][first + j] for j < count; four rows per pass, so each acc[j] is
+   loaded and stored a quarter as often. */
+static void matvec_acc(float *acc, const float *v, size_t rows, const Matrix *m, size_t first, size_t count)
+{
+    size_t i = 0, j;
+    for (; i + 4 <= rows; i += 4) {
+        const float v0 = v[i], v1 = v[i + 1], v2 = v[i + 2], v3 = v[i + 3];
+        const float *r0 = m->values + i * m->cols + first, *r1 = r0 + m->cols, *r2 = r1 + m->cols, *r3 = r2 + m->cols;
+        for (j = 0; j < count; j++)
+            acc[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j]);
+    }
+    for (; i < rows; i++) {
+        const float vi = v[i];
+        const float *r0 = m->values + i * m->cols + first;
+        for (j = 0; j < count; j++)
+            acc[j] += vi * r0[j];
+    }
+}"""
+
+MATVEC_INT8 = """/* acc[j] += scale[first + j] * sum_i v[i] * m[i][first + j] for j < count: the int8 products are
+   summed in float over a block of columns, then scaled once per column. */
+#define MATVEC_BLOCK 32
+static void matvec_acc(float *acc, const float *v, size_t rows, const Matrix *m, size_t first, size_t count)
+{
+    size_t start, i, j;
+    for (start = 0; start < count; start += MATVEC_BLOCK) {
+        const size_t n = count - start < MATVEC_BLOCK ? count - start : MATVEC_BLOCK;
+        float sum[MATVEC_BLOCK] = {0.0f};
+        for (i = 0; i < rows; i++) {
+            const float vi = v[i];
+            const int8_t *row = m->values + i * m->cols + first + start;
+            for (j = 0; j < n; j++)
+                sum[j] += vi * (float)row[j];
+        }
+        for (j = 0; j < n; j++)
+            acc[start + j] += sum[j] * m->scale[first + start + j];
+    }
+}"""
+
+MATRIX_FIELDS = {
+    "float32": "    const float *values;\n    size_t cols;",
+    "int8": "    const int8_t *values;\n    const float *scale;   /* (cols): float value = int8 value * scale of its column */\n"
+            "    size_t cols;",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     c_source: str                       # C types and the family's function, emitted once
