@@ -32,19 +32,21 @@ typedef struct {
 
 %(matvec)s
 
-/* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9, the engine's approximation: polynomials in double
-   (recurrences amplify rounding), one float divide; error 1.4e-7 (float32 tanhf: about 1e-7). */
-static float tanh_approx(float v)
+/* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9, the engine's approximation (error 1.4e-7; float32
+   tanhf: about 1e-7), evaluated in double because recurrences amplify rounding. The clamps are
+   written with fabs, not comparisons: under the default strict IEEE flags (-ftrapping-math) a
+   comparison keeps the loop around it from vectorising, and these clamps are exact in double. */
+static inline float tanh_approx(float v)
 {
-    double x = (double)v, x2, p, q;
-    float y;
-    x = x < -9.0 ? -9.0 : (x > 9.0 ? 9.0 : x);
-    x2 = x * x;
-    p = ((((-1.03821162e-11 * x2 + 2.78178600e-08) * x2 + 2.67446258e-05) * x2 + 3.80222599e-03) * x2
-         + 1.36261799e-01) * x2 + 9.99999908e-01;
-    q = (((1.20278291e-06 * x2 + 3.82464926e-04) * x2 + 2.70007688e-02) * x2 + 4.69594857e-01) * x2 + 1.0;
-    y = (float)(x * p) / (float)q;
-    return y < -1.0f ? -1.0f : (y > 1.0f ? 1.0f : y);
+    const double c = (double)v;
+    const double x = 0.5 * (fabs(c + 9.0) - fabs(c - 9.0));  /* clamp to [-9, 9] */
+    const double x2 = x * x;
+    const double p = ((((-1.03821162e-11 * x2 + 2.78178600e-08) * x2 + 2.67446258e-05) * x2 + 3.80222599e-03) * x2
+                      + 1.36261799e-01) * x2 + 9.99999908e-01;
+    const double q = (((1.20278291e-06 * x2 + 3.82464926e-04) * x2 + 2.70007688e-02) * x2 + 4.69594857e-01) * x2
+                     + 1.0;
+    const double y = x * p / q;
+    return (float)(0.5 * (fabs(y + 1.0) - fabs(y - 1.0)));  /* clamp to [-1, 1] */
 }
 
 enum { ACT_LINEAR, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTMAX };
@@ -65,13 +67,13 @@ static void activate(float *v, size_t n, int activation)
         break;
     case ACT_HARD_SIGMOID:  /* Keras 3: clip(x / 6 + 0.5, 0, 1) (tf.keras 2 used 0.2 x + 0.5) */
         for (j = 0; j < n; j++) {
-            const float s = v[j] * (1.0f / 6.0f) + 0.5f;
-            v[j] = s < 0.0f ? 0.0f : (s > 1.0f ? 1.0f : s);
+            const double s = (double)(v[j] * (1.0f / 6.0f) + 0.5f);
+            v[j] = (float)(0.5 * (fabs(s) - fabs(s - 1.0)) + 0.5);  /* clamp to [0, 1], exact */
         }
         break;
     case ACT_RELU:
         for (j = 0; j < n; j++)
-            v[j] = v[j] > 0.0f ? v[j] : 0.0f;
+            v[j] = 0.5f * (v[j] + fabsf(v[j]));  /* max(v, 0), exact */
         break;
     case ACT_SOFTMAX:
         peak = v[0];
