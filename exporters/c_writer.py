@@ -231,6 +231,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
     report = {"weights": weights, "weight_bytes": writer.weight_bytes,
               "state_bytes": 4 * sum(size for _, size, _ in writer.fields),
               "work_floats_steps": check_steps, "work_floats": writer.work_floats(check_steps),
+              "work_floats_per_step": writer.per_step_floats(), "work_floats_fixed": writer.scratch_floats,
               "can_stream": can_stream}
     return CCode(header, source, report)
 
