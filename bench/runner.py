@@ -45,7 +45,7 @@ import numpy as np
 from gru_engine.kernels.products import padded
 
 from . import machine, timing
-from .registry import IMPLEMENTATIONS, Implementation, Subject
+from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
 from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
 from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
 
@@ -90,9 +90,10 @@ def prepare_call(impl: Implementation, subject: Subject, workload: Workload, x: 
     """The zero-argument call that is timed: one window, or one ``step`` of a stream opened here."""
     run = impl.prepare(subject, workload.threads)
     if impl.streaming:
-        step = run.start(workload.batch)
-        x_t = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
-        return lambda: step(x_t)
+        run = run.start(workload.batch)
+        x = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
+    if hasattr(run, "looped"):  # compiled: a Looped call, timed in its own loop
+        return run.looped(x)
     return lambda: run(x)
 
 
@@ -129,12 +130,17 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
             continue
         entries[name] = dict(entry, status="ok", first_call_s=first_s)
         calls[name], outputs[name] = call, _first_output(result)
+    # A Looped call is timed as n calls made inside its compiled loop (see registry.Looped).
+    repeats = {}
+    for name, call in calls.items():
+        if isinstance(call, Looped):
+            calls[name], repeats[name] = call.timed(budget.sample_s)
     samples, failures = timing.round_robin(calls, budget)
     for name, error in failures.items():
         entries[name].update(status="failed", note=error)
     for name, values in samples.items():
         entry = entries[name]
-        entry.update(timing.summarize(values))
+        entry.update(timing.summarize([value / repeats.get(name, 1) for value in values]))
         entry["throughput_per_s"] = workload.items_per_call / entry["median_s"]
         entry["gflops"] = finite(flops / entry["median_s"] / 1e9) if flops else None
     if baseline in samples:  # ratios and agreement need gru-engine's own measurement
