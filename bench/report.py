@@ -41,7 +41,7 @@ RATIO_TARGETS = (
     RatioTarget(6, LSTM_AIRLINE_THROUGHPUT, "ort-native", 1.5,
                 "LSTM airline batch 1024, all cores: engine / ort-native throughput"),
     RatioTarget(7, LSTM_AIRLINE_STEP, "ort-native-stream", 4.0,
-                "LSTM airline stream step, 1 thread: ort-native-stream / engine-stream"),
+                "LSTM airline step, 1 thread: ort-native-stream / engine-stream"),
 )
 
 
