@@ -7,6 +7,7 @@ measures the same model:
 - ``airline``: GRU(50, return_sequences=True) -> GRU(50) -> Dense(1), one feature, T=10 (the
   airline-passengers forecaster).
 - ``gru<H>``:  GRU(H) -> Dense(1), one feature: the sweeps over hidden size and sequence length.
+- ``lstm-airline``: the airline shape with LSTM layers, LSTM(50) -> LSTM(50) -> Dense(1).
 
 Threads: one for latency (batch 1 and 32, per-step streaming), every core for batch-1024 throughput.
 """
@@ -36,6 +37,11 @@ AIRLINE_B1 = "airline-b1"
 AIRLINE_THROUGHPUT = f"airline-b{THROUGHPUT_BATCH}"
 GFLOP_CASE = f"h{GFLOP_UNITS}-t{GFLOP_STEPS}"
 AIRLINE_STEP = "airline-step"
+LSTM_AIRLINE_B1 = "lstm-airline-b1"
+LSTM_AIRLINE_THROUGHPUT = f"lstm-airline-b{THROUGHPUT_BATCH}"
+LSTM_AIRLINE_STEP = "lstm-airline-step"
+# Keras class of each recurrent kind a recipe can stack.
+RECIPE_CELLS = {"gru": "GRU", "lstm": "LSTM"}
 
 
 def threads_label(threads) -> str:
@@ -44,13 +50,14 @@ def threads_label(threads) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How to get a Keras model: built from stacked GRU widths, or loaded from a user's file."""
+    """How to get a Keras model: built from stacked GRU (or LSTM) widths, or loaded from a user's file."""
 
     key: str                      # workloads with the same key share one model (and its exports)
     features: int = 1
-    units: tuple[int, ...] = ()   # GRU widths; every GRU but the last returns sequences; then Dense(1)
+    units: tuple[int, ...] = ()   # layer widths; every layer but the last returns sequences; then Dense(1)
     seed: int = 0
     keras_path: str | None = None
+    cell: str = "gru"             # the recurrent kind stacked: gru or lstm
 
     def build(self):
         if self.keras_path:
@@ -59,15 +66,15 @@ class Recipe:
         import keras
         keras.utils.set_random_seed(self.seed)
         layers = [keras.Input((None, self.features))]
-        layers += [keras.layers.GRU(width, return_sequences=index < len(self.units) - 1)
-                   for index, width in enumerate(self.units)]
+        cell = getattr(keras.layers, RECIPE_CELLS[self.cell])
+        layers += [cell(width, return_sequences=index < len(self.units) - 1) for index, width in enumerate(self.units)]
         layers.append(keras.layers.Dense(1))
         return keras.Sequential(layers, name=self.key)
 
     def describe(self) -> str:
         if self.keras_path:
             return Path(self.keras_path).name
-        layers = "->".join([f"GRU({width})" for width in self.units] + ["Dense(1)"])
+        layers = "->".join([f"{RECIPE_CELLS[self.cell]}({width})" for width in self.units] + ["Dense(1)"])
         return f"{layers}, {self.features} feature{'s' if self.features > 1 else ''}"
 
 
@@ -108,6 +115,18 @@ def airline_recipe() -> Recipe:
     return Recipe("airline", 1, AIRLINE_UNITS)
 
 
+def lstm_airline_recipe() -> Recipe:
+    return Recipe("lstm-airline", 1, AIRLINE_UNITS, cell="lstm")
+
+
+def lstm_workloads(cores: int) -> list[Workload]:
+    """The airline shape with LSTM layers: batch 1, batch 1024 on every core, one streamed step."""
+    lstm = lstm_airline_recipe()
+    return [Workload(LSTM_AIRLINE_B1, lstm, 1, AIRLINE_STEPS, 1),
+            Workload(LSTM_AIRLINE_THROUGHPUT, lstm, THROUGHPUT_BATCH, AIRLINE_STEPS, cores),
+            Workload(LSTM_AIRLINE_STEP, lstm, 1, AIRLINE_STEPS, 1, per_step=True)]
+
+
 def _single(units: int) -> Recipe:
     return Recipe(f"gru{units}", 1, (units,))
 
@@ -121,7 +140,7 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
     throughput = Workload(AIRLINE_THROUGHPUT, airline, THROUGHPUT_BATCH, AIRLINE_STEPS, cores)
     stream = Workload(AIRLINE_STEP, airline, 1, AIRLINE_STEPS, 1, per_step=True)
     if quick:
-        return [airline_b1, throughput, gflop_case, stream]
+        return [airline_b1, throughput, gflop_case, stream] + lstm_workloads(cores)
     workloads = [airline_b1, Workload("airline-b32", airline, 32, AIRLINE_STEPS, 1), throughput]
     workloads += [Workload(f"h{units}-t{HIDDEN_SWEEP_STEPS}", _single(units), 1, HIDDEN_SWEEP_STEPS, 1)
                   for units in HIDDEN_SIZES]
@@ -129,7 +148,7 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
                   for steps in SEQUENCE_LENGTHS]
     workloads += [gflop_case, stream,
                   Workload(f"h{GFLOP_UNITS}-step", _single(GFLOP_UNITS), 1, 1, 1, per_step=True)]
-    return workloads
+    return workloads + lstm_workloads(cores)
 
 
 def user_workloads(model_path, steps: int | None = None) -> list[Workload]:
