@@ -8,6 +8,7 @@ weights (tests/reference.py), which is all the C writer reads.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import numpy as np
@@ -267,7 +268,12 @@ def test_export_c_writes_both_files_and_reports_sizes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["airline.c", "airline.h"]
     header = result.header.read_text()
     assert "bundle airline.gru.safetensors" in header and "gru-engine" in header and 'extern "C"' in header
+    source = result.source.read_text()
+    # Portable C99 with no allocation and no mutable globals: the object has no data or bss at all.
+    assert set(re.findall(r"#include <([^>]+)>", source + header)) == {"stddef.h", "stdint.h", "string.h", "math.h"}
+    assert "malloc" not in source
     report = result.report
+    assert report["object"]["data"] == report["object"]["bss"] == 0
     assert report["object"]["rodata"] >= report["weight_bytes"] > 0
     # int8: a byte per weight plus a float scale per column, about a quarter of float32.
     assert report["weight_bytes"] < 0.3 * build_c(SPECS["m_airline"], "f").report["weight_bytes"]
@@ -341,7 +347,6 @@ def readme_example() -> str:
 
 
 def test_the_readme_c_example_compiles_and_runs_an_airline_model(tmp_path):
-    import re
     from gru_engine.spec import Layer as L
     # The demo's tutorial shape: GRU(50) -> GRU(50) -> Dense(1), min-max scaling declared as transforms.
     scaling = {"kind": "affine", "scale": [1 / 500], "offset": [-0.2], "output_scale": [1 / 500], "output_offset": [-0.2]}
