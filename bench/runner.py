@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_engine.kernels import padded
+from gru_engine.kernels.products import padded
 
 from . import machine, timing
 from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
@@ -64,12 +64,14 @@ GFLOP_RECURRENT_BYTES = GFLOP_UNITS * int(padded(3 * GFLOP_UNITS)) * 4
 
 
 def gru_flops_per_step(spec) -> float:
-    """Multiply-adds x 2 of the GRU layers for one time step of one sample: 2*3*H*(I+H) per direction."""
-    from gru_engine.spec import validate
+    """Multiply-adds x 2 of the recurrent layers for one time step of one sample: 2*G*H*(I+H) per
+    direction, G gate blocks (GRU 3, LSTM 4, SimpleRNN 1)."""
+    from gru_engine.spec import RECURRENT_FAMILIES, recurrent_configs, recurrent_kind, validate
     flops = 0.0
     for layer, shape in zip(spec.layers, validate(spec)):
-        for units in shape.state_dims if layer.kind in ("gru", "bidirectional") else ():
-            flops += 2 * 3 * units * (shape.input_dim + units)
+        for config in recurrent_configs(layer):
+            units = config["units"]
+            flops += 2 * RECURRENT_FAMILIES[recurrent_kind(layer)].gates * units * (shape.input_dim + units)
     return flops
 
 

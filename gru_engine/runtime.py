@@ -12,9 +12,10 @@ import threading
 import numba
 import numpy as np
 
-from . import kernels, transforms
+from . import transforms
+from .kernels import activations, lstm, plan, products, recurrent
 from .errors import InputError
-from .spec import ModelSpec, backward_layers, output_shapes, validate
+from .spec import RECURRENT_FAMILIES, ModelSpec, backward_layers, output_shapes, recurrent_kind, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -43,10 +44,62 @@ def recurrent_kernel_blocks(config, recurrent_kernel, width):
     return pad_columns(blocks, config["units"] * width)
 
 
+def gru_tensors(config, weights, prefix, width) -> dict:
+    """A GRU direction's packed tensors (see ``kernels.gru.gru_layer``)."""
+    units = config["units"]
+    bias = weights.get(prefix + "bias")
+    if bias is None:
+        input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
+    elif config["reset_after"]:
+        # Both biases of z and r are added to the same sum: fold them into one, which the
+        # kernel's recurrent sum starts from.
+        two = 2 * units
+        input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
+        recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
+    else:
+        input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
+    return {
+        "kernel": pad_columns(weights[prefix + "kernel"], width),
+        "recurrent_kernel": recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width),
+        "input_bias": pad_columns(input_bias, width),
+        "recurrent_bias": pad_columns(recurrent_bias, width),
+        "option": int(config["reset_after"]),
+    }
+
+
+def lstm_tensors(config, weights, prefix, width) -> dict:
+    """An LSTM direction's packed tensors: gate columns reordered i | f | o | c (``kernels.lstm``)."""
+    units = config["units"]
+
+    def reorder(matrix):
+        blocks = np.split(np.asarray(matrix, np.float32), 4, axis=-1)
+        return pad_columns(np.concatenate([blocks[gate] for gate in lstm.PACKED_GATES], axis=-1), width)
+
+    bias = weights.get(prefix + "bias", np.zeros(4 * units, np.float32))
+    return {"kernel": reorder(weights[prefix + "kernel"]),
+            "recurrent_kernel": reorder(weights[prefix + "recurrent_kernel"]), "input_bias": reorder(bias)}
+
+
+def simple_rnn_tensors(config, weights, prefix, width) -> dict:
+    """A SimpleRNN direction's packed tensors (``kernels.simple_rnn``)."""
+    bias = weights.get(prefix + "bias", np.zeros(config["units"], np.float32))
+    return {"kernel": pad_columns(weights[prefix + "kernel"], width),
+            "recurrent_kernel": pad_columns(weights[prefix + "recurrent_kernel"], width),
+            "input_bias": pad_columns(bias, width)}
+
+
+# Per recurrent family: its cell code in the plan and how its tensors are packed.
+PACKERS = {
+    "gru": (recurrent.CELL_GRU, gru_tensors),
+    "lstm": (recurrent.CELL_LSTM, lstm_tensors),
+    "simple_rnn": (recurrent.CELL_SIMPLE_RNN, simple_rnn_tensors),
+}
+
+
 def masked_output(config, streaming: bool) -> int:
     if config["zero_output_for_mask"]:
-        return kernels.MASKED_ZERO
-    return kernels.MASKED_CARRY if streaming else kernels.MASKED_PREVIOUS
+        return recurrent.MASKED_ZERO
+    return recurrent.MASKED_CARRY if streaming else recurrent.MASKED_PREVIOUS
 
 
 # Numba's fallback 'workqueue' threading layer aborts the process when two threads launch parallel
@@ -61,7 +114,8 @@ def parallel_launch_is_thread_safe() -> bool:
         return False
 
 
-KERAS_CLASS_NAMES = {"masking": "Masking", "gru": "GRU", "bidirectional": "Bidirectional", "dense": "Dense"}
+KERAS_CLASS_NAMES = {"masking": "Masking", "bidirectional": "Bidirectional", "dense": "Dense",
+                     **{kind: family.keras_class for kind, family in RECURRENT_FAMILIES.items()}}
 
 
 # Cache-line size: a 512-bit load from an address that is not a multiple of it touches two lines.
@@ -83,7 +137,7 @@ def aligned_empty(shape) -> np.ndarray:
 
 
 class _Program:
-    """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
+    """A plan and packed weights; ``streaming`` makes every recurrent layer emit each step's output."""
 
     def __init__(self, spec: ModelSpec, shapes, streaming: bool):
         rows, chunks = [], []
@@ -94,7 +148,7 @@ class _Program:
             start = offset
             flat = np.ascontiguousarray(array, dtype=np.float32).ravel()
             # Every tensor starts on a cache line (see aligned_empty).
-            padding = np.zeros(-flat.size % kernels.LANES, np.float32)
+            padding = np.zeros(-flat.size % products.LANES, np.float32)
             chunks.extend((flat, padding))
             offset += flat.size + padding.size
             return start
@@ -102,64 +156,53 @@ class _Program:
         carry_dims = []
         max_dim, max_gate_width = spec.input_features, 3
 
-        def gru_block(config, weights, prefix) -> list[int]:
+        def direction_block(kind, config, weights, prefix) -> list[int]:
+            nonlocal max_gate_width
             units = config["units"]
-            bias = weights.get(prefix + "bias")
-            if bias is None:
-                input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
-            elif config["reset_after"]:
-                # Both biases of z and r are added to the same sum: fold them into one, which the
-                # kernel's recurrent sum starts from.
-                two = 2 * units
-                input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
-                recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
-            else:
-                input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
-            width = int(kernels.padded(3 * units))
-            input_bias, recurrent_bias = pad_columns(input_bias, width), pad_columns(recurrent_bias, width)
-            carry_offset = sum(carry_dims)
-            carry_dims.append(units)
+            width = int(products.padded(RECURRENT_FAMILIES[kind].gates * units))
+            max_gate_width = max(max_gate_width, width)
+            cell, pack = PACKERS[kind]
+            tensors = pack(config, weights, prefix, width)
             block = {
+                "cell": cell,
                 "units": units,
-                "activation": kernels.ACTIVATION_CODES[config["activation"]],
-                "recurrent_activation": kernels.ACTIVATION_CODES[config["recurrent_activation"]],
-                "reset_after": int(config["reset_after"]),
+                "activation": activations.ACTIVATION_CODES[config["activation"]],
+                "recurrent_activation": activations.ACTIVATION_CODES[config.get("recurrent_activation", "linear")],
                 "go_backwards": int(config["go_backwards"]),
                 "return_sequences": int(config["return_sequences"] or streaming),
                 "masked_output": masked_output(config, streaming),
-                "kernel": put(pad_columns(weights[prefix + "kernel"], width)),
-                "recurrent_kernel": put(recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width)),
-                "input_bias": put(input_bias),
-                "recurrent_bias": put(recurrent_bias),
-                "carry": carry_offset,
+                "carry": sum(carry_dims),
+                "option": tensors.pop("option", 0),
+                "recurrent_bias": 0,
             }
-            return [block[name] for name in kernels.GRU_BLOCK]
+            block.update({name: put(array) for name, array in tensors.items()})
+            carry_dims.extend([units] * RECURRENT_FAMILIES[kind].carries)
+            return [block[name] for name in recurrent.DIRECTION_BLOCK]
 
         for layer, shape in zip(spec.layers, shapes):
-            row = np.zeros(kernels.PLAN_WIDTH, np.int64)
-            row[kernels.COL_IN], row[kernels.COL_OUT] = shape.input_dim, shape.output_dim
+            row = np.zeros(plan.PLAN_WIDTH, np.int64)
+            row[plan.COL_IN], row[plan.COL_OUT] = shape.input_dim, shape.output_dim
             max_dim = max(max_dim, shape.output_dim)
             if layer.kind == "masking":
-                row[kernels.COL_KIND] = kernels.KIND_MASKING
-                row[kernels.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
+                row[plan.COL_KIND] = plan.KIND_MASKING
+                row[plan.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
             elif layer.kind == "dense":
                 units = layer.config["units"]
-                row[kernels.COL_KIND] = kernels.KIND_DENSE
-                row[kernels.COL_DENSE_ACTIVATION] = kernels.ACTIVATION_CODES[layer.config["activation"]]
-                row[kernels.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
-                row[kernels.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
-            elif layer.kind == "gru":
-                row[kernels.COL_KIND] = kernels.KIND_GRU
-                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
-                max_gate_width = max(max_gate_width, kernels.padded(3 * layer.config["units"]))
-            else:
-                row[kernels.COL_KIND] = kernels.KIND_BIDIRECTIONAL
-                row[kernels.COL_MERGE] = kernels.MERGE_CODES[layer.config["merge_mode"]]
-                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(
-                    layer.config["forward"], layer.weights, "forward.")
-                row[kernels.COL_BACKWARD:kernels.COL_BACKWARD + kernels.BLOCK_WIDTH] = gru_block(
-                    layer.config["backward"], layer.weights, "backward.")
-                max_gate_width = max(max_gate_width, kernels.padded(3 * max(shape.state_dims)))
+                row[plan.COL_KIND] = plan.KIND_DENSE
+                row[plan.COL_DENSE_ACTIVATION] = activations.ACTIVATION_CODES[layer.config["activation"]]
+                row[plan.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
+                row[plan.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
+            elif layer.kind == "bidirectional":
+                kind = recurrent_kind(layer)
+                row[plan.COL_KIND] = plan.KIND_BIDIRECTIONAL
+                row[plan.COL_MERGE] = recurrent.MERGE_CODES[layer.config["merge_mode"]]
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(
+                    kind, layer.config["forward"], layer.weights, "forward.")
+                row[plan.COL_BACKWARD:plan.COL_BACKWARD + recurrent.BLOCK_WIDTH] = direction_block(
+                    kind, layer.config["backward"], layer.weights, "backward.")
+            else:  # gru, lstm, simple_rnn: one direction block, whose cell is the row's kind
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(layer.kind, layer.config, layer.weights, "")
+                row[plan.COL_KIND] = row[plan.COL_FORWARD + recurrent.B_CELL]
             rows.append(row)
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         packed = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
@@ -168,8 +211,8 @@ class _Program:
         self.carry_dims = carry_dims
         self.carry_size = sum(carry_dims)
         # Row widths of the scratch arrays, whole cache lines so that every row starts on one.
-        self.max_dim = int(kernels.padded(max_dim))
-        self.max_gate_width = int(kernels.padded(max_gate_width))
+        self.max_dim = int(products.padded(max_dim))
+        self.max_gate_width = int(products.padded(max_gate_width))
         last = shapes[-1]
         self.output_dim = last.output_dim
         self.output_is_sequence = last.output_is_sequence or streaming
@@ -179,8 +222,8 @@ class _Program:
 
     def workspace_shape(self, batch: int, steps: int, parallel: bool) -> tuple[int, int]:
         """(blocks, K): one block's scratch, or one per block when blocks run in parallel."""
-        blocks = -(-batch // kernels.BLOCK) if parallel else 1
-        return blocks, kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
+        blocks = -(-batch // products.BLOCK) if parallel else 1
+        return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width)
 
     def check_size(self, batch: int, steps: int) -> None:
         """Refuse a call whose scratch, carries and output would exceed MAX_CALL_FLOATS."""
@@ -205,15 +248,15 @@ class _Program:
     def run(self, x, carry, work, out, zero_carry=False) -> None:
         """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``."""
         if work.shape[0] == 1:
-            bad = kernels.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
+            bad = plan.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
                                     zero_carry, out)
         else:
             args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, zero_carry, out)
             if parallel_launch_is_thread_safe():
-                bad = kernels.run_batch_parallel(*args)
+                bad = plan.run_batch_parallel(*args)
             else:
                 with _PARALLEL_LAUNCH:
-                    bad = kernels.run_batch_parallel(*args)
+                    bad = plan.run_batch_parallel(*args)
         if bad:
             self._refuse(bad, x)
 
@@ -222,7 +265,7 @@ class _Program:
         and the Python between it and the kernel is most of a step's overhead."""
         if work.shape[0] != 1:
             return functools.partial(self.run, x, carry, work, out)
-        kernel = functools.partial(kernels.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
+        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
                                    self.max_gate_width, False, out)
 
         def run():
@@ -235,7 +278,7 @@ class _Program:
     def _refuse(self, bad: int, x) -> None:
         if bad < 0:
             raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
-                             f"{self.plan[0, kernels.COL_IN]}")
+                             f"{self.plan[0, plan.COL_IN]}")
         raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
                          "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 
@@ -296,11 +339,12 @@ class Model:
 
     @property
     def state_shapes(self) -> list[int]:
-        """Units of each carry, one per GRU direction, in layer order."""
+        """Units of each carry in layer order: h per GRU or SimpleRNN direction, h then c per LSTM one."""
         return list(self._program.carry_dims)
 
     def _initial_carry(self, initial_state, batch: int, carry=None) -> np.ndarray:
-        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state`` (one array per direction)."""
+        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state``: one array per carry
+        (see ``state_shapes``), in layer order."""
         if carry is None:
             carry = np.zeros((batch, self._program.carry_size), np.float32)  # (B, C)
         else:
@@ -310,8 +354,8 @@ class Model:
         states = [initial_state] if isinstance(initial_state, np.ndarray) else list(initial_state)
         dims = self._program.carry_dims
         if len(states) != len(dims):
-            raise InputError(f"initial_state needs {len(dims)} arrays (one per GRU direction, units "
-                             f"{dims}), got {len(states)}")
+            raise InputError(f"initial_state needs {len(dims)} arrays (one per carry: h per GRU or SimpleRNN "
+                             f"direction, h then c per LSTM direction; units {dims}), got {len(states)}")
         offset = 0
         for index, (state, units) in enumerate(zip(states, dims)):
             state = as_array(state, f"initial_state[{index}]")
@@ -444,7 +488,8 @@ class Stream:
 
     @property
     def state(self) -> list[np.ndarray]:
-        """Copies of the carries, one (batch, units) array per GRU direction, in layer order."""
+        """Copies of the carries in layer order, each (batch, units): h per GRU or SimpleRNN direction,
+        h then c per LSTM direction (Keras's initial_state order). Assign such a list to restore them."""
         with self._lock:
             return self._split_carry()
 
