@@ -85,11 +85,12 @@ def transforms_c(spec: ModelSpec, main_width: int) -> tuple[list[str], int]:
             if step["invert_output"]:
                 inverse.append(f"    v = exp(v);  /* {index}: log */")
         else:
-            forward.append(f"    {guard}v -= means[{centers * features} + f];  /* {index}: center */")
+            base = f"{centers * features} + " if centers else ""  # this center step's row of means
+            forward.append(f"    {guard}v -= means[{base}f];  /* {index}: center */")
             if step["invert_output"]:
                 arrays.append(f"static const size_t transform{index}_features[{main_width}] = {{ "
                               f"{', '.join(str(v) for v in step['output_features'])} }};")
-                inverse.append(f"    v += means[{centers * features} + transform{index}_features[d]];"
+                inverse.append(f"    v += means[{base}transform{index}_features[d]];"
                                f"  /* {index}: center */")
             centers += 1
 
@@ -239,15 +240,15 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
     step_flag = ", 1" if writer.flow.streaming_read else ""
     means = "means" if centers else "NULL"
 
-    def outputs(rows_expr: str) -> list[str]:
+    def outputs(rows_expr: str | None) -> list[str]:
+        """Copy out to y, undoing the transforms; rows_expr None: one row."""
         count = f"{rows_expr} * {width}" if rows_expr else width
         if not transforms:
             return [f"    memcpy(y, out, {count} * sizeof *y);"]
-        rows_expr = rows_expr or "1"
-        return [f"    for (t = 0; t < {rows_expr}; t++)",
-                f"        for (d = 0; d < {width}; d++)",
-                f"            y[t * {width} + d] = d < {main_width} "
-                f"? (float)transform_output((double)out[t * {width} + d], d, {means}) : out[t * {width} + d];"]
+        undo = "(float)transform_output((double)out[i], i % {w}, {m})".format(w=width, m=means)
+        if main_width != writer.shapes[-1].output_dim:  # merge_mode=None: only the forward half
+            undo = f"i % {width} < {main_width} ? {undo} : out[i]"
+        return [f"    for (i = 0; i < {count}; i++)", f"        y[i] = {undo};"]
 
     lines = [
         f"void {prefix}_reset({prefix}_state *state)",
@@ -268,7 +269,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
         "    const float *out;",
     ]
     if transforms:
-        lines.append("    size_t t, f, d;")
+        lines.append("    size_t t, f, i;")
         if centers:
             lines.append(f"    double means[{centers * features}];  /* per center step, per feature */")
             center_indices = [i for i, step in enumerate(spec.transforms) if step["kind"] == "center"]
@@ -278,7 +279,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
                           "        sum = 0.0;",
                           "        for (t = 0; t < steps; t++)",
                           f"            sum += transform_input((double)x[t * {features} + f], f, {index}, means);",
-                          f"        means[{k * features} + f] = sum / (double)steps;",
+                          f"        means[{f'{k * features} + ' if k else ''}f] = sum / (double)steps;",
                           "    }"]
         lines += ["    for (t = 0; t < steps; t++)",
                   f"        for (f = 0; f < {features}; f++)",
@@ -300,7 +301,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
                   "    float work[STEP_WORK_FLOATS];",
                   "    const float *out;"]
         if transforms:
-            lines += ["    size_t t = 0, f, d;",
+            lines += ["    size_t f, i;",
                       f"    for (f = 0; f < {features}; f++)",
                       f"        work[f] = (float)transform_input((double)x[f], f, {count}, NULL);"]
         else:

@@ -49,7 +49,7 @@ def build(sources, output, flags=STRICT_C_FLAGS, extra=(), libraries=("-lm",)) -
 
 
 def object_sizes(source, flags=("-std=c99", "-O2")) -> dict | None:
-    """Bytes of text and rodata in the compiled object, or None without a compiler and ``size``."""
+    """Bytes of text, rodata, data and bss in the compiled object, or None without a compiler and ``size``."""
     size = shutil.which("size")
     if compiler() is None or size is None:
         return None
@@ -65,8 +65,14 @@ def object_sizes(source, flags=("-std=c99", "-O2")) -> dict | None:
         parts = line.split()
         if len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit():
             sections[parts[0]] = int(parts[1])
-    return {"text": sum(v for k, v in sections.items() if k.startswith(".text")),
-            "rodata": sum(v for k, v in sections.items() if k.startswith(".rodata"))}
+    # Constant tables of pointers sit in .data.rel.ro in position-independent code: read-only data.
+    kinds = {".text": "text", ".rodata": "rodata", ".data.rel.ro": "rodata", ".data": "data", ".bss": "bss"}
+    sizes = dict.fromkeys(("text", "rodata", "data", "bss"), 0)
+    for section, size in sections.items():
+        prefix = next((prefix for prefix in kinds if section.startswith(prefix)), None)
+        if prefix:
+            sizes[kinds[prefix]] += size
+    return sizes
 
 
 FLOATS = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")

@@ -3,7 +3,8 @@ that declares a layer's weights and state and emits its call in the network's bo
 
 Adding a layer kind is one ``Family`` here: its C source (types and one function, emitted once
 when a model uses the kind) and an ``emit(writer, index, layer, shape)`` that declares the layer's
-weights with ``writer.matrix`` / ``writer.vector``, its carries with ``writer.state_field``, its
+weights with ``writer.matrix`` (a ``*kernel`` tensor: int8 when asked) / ``writer.vector``
+(biases, always float32), its carries with ``writer.state_field``, its
 scratch and buffer needs, and appends its call with ``writer.call``. ``writer.flow`` tracks, at
 generation time, which buffer holds the current sequence, its width, whether it is still a
 sequence and whether a mask applies to it.

@@ -28,8 +28,8 @@ from gru_engine.fileio import atomic_write
 from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, sample_input, validate
 
 from . import c_build
-from .c_api import (api_c, header_c, header_comment, main_width_of, network_c, self_check_c,
-                    transforms_c, c_array, float_literal)
+from .c_api import (api_c, c_array, float_literal, header_c, header_comment, main_width_of, network_c,
+                    self_check_c, transforms_c)
 from .c_layers import CORE_C, FAMILIES, MATRIX_FIELDS, MATVEC_FLOAT, MATVEC_INT8
 
 WEIGHT_TYPES = ("float32", "int8")
@@ -42,6 +42,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 INT8_MARGIN = 2.0
 # The longer random sequence the int8 deviation is measured on.
 INT8_PROBE_STEPS = 200
+
 
 def check_name(name) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in C_KEYWORDS:
@@ -59,7 +60,11 @@ def quantize(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantized(spec: ModelSpec) -> ModelSpec:
-    """The spec with every kernel replaced by its int8 reconstruction: what the int8 C code computes."""
+    """The spec with every kernel replaced by its int8 reconstruction: what the int8 C code computes.
+
+    The families pass exactly the tensors named ``*kernel`` to ``_Writer.matrix`` (the one place
+    that quantizes), so this is the same set.
+    """
     layers = []
     for layer in spec.layers:
         weights = {}

@@ -8,6 +8,7 @@ weights (tests/reference.py), which is all the C writer reads.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import numpy as np
@@ -17,7 +18,7 @@ from gru_engine import Model
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.exporters import c_build, export_c
 from gru_engine.exporters.c_api import main_count
-from gru_engine.exporters.c_writer import INT8_MARGIN, build_c, dequantized
+from gru_engine.exporters.c_writer import INT8_MARGIN, CCode, build_c, dequantized
 from gru_engine.spec import Layer, max_excess
 from c_harness import build_libraries, write_sources
 from models import PARITY_MATRIX, random_input
@@ -267,7 +268,12 @@ def test_export_c_writes_both_files_and_reports_sizes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["airline.c", "airline.h"]
     header = result.header.read_text()
     assert "bundle airline.gru.safetensors" in header and "gru-engine" in header and 'extern "C"' in header
+    source = result.source.read_text()
+    # Portable C99 with no allocation and no mutable globals: the object has no data or bss at all.
+    assert set(re.findall(r"#include <([^>]+)>", source + header)) == {"stddef.h", "stdint.h", "string.h", "math.h"}
+    assert "malloc" not in source
     report = result.report
+    assert report["object"]["data"] == report["object"]["bss"] == 0
     assert report["object"]["rodata"] >= report["weight_bytes"] > 0
     # int8: a byte per weight plus a float scale per column, about a quarter of float32.
     assert report["weight_bytes"] < 0.3 * build_c(SPECS["m_airline"], "f").report["weight_bytes"]
@@ -330,3 +336,45 @@ def test_cli_export_c_prints_the_report_and_refuses_bad_names(tmp_path, capsys):
     assert cli.main(["export-c", str(path), "--out", str(tmp_path / "d"), "--name", "no-dash"]) == 1
     assert "not a usable C identifier" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def readme_example() -> str:
+    """The complete C program in the README's "Embedded: export to C" section."""
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Embedded: export to C", 1)[1]
+    return next(block.split("\n", 1)[1] for block in section.split("```c")[1:] if "int main" in block).split("```")[0]
+
+
+def test_the_readme_c_example_compiles_and_runs_an_airline_model(tmp_path):
+    from gru_engine.spec import Layer as L
+    # The demo's tutorial shape: GRU(50) -> GRU(50) -> Dense(1), min-max scaling declared as transforms.
+    scaling = {"kind": "affine", "scale": [1 / 500], "offset": [-0.2], "output_scale": [1 / 500], "output_offset": [-0.2]}
+    spec = random_spec([L("gru", "gru", gru_config(50, return_sequences=True)), L("gru", "gru_1", gru_config(50)),
+                        L("dense", "dense", {"units": 1, "activation": "linear", "use_bias": True})], 1, seed=3,
+                       check_shape=(2, 10), transforms=[scaling])
+    export_c(spec, tmp_path, name="airline", object_report=False)
+    (tmp_path / "main.c").write_text(readme_example())
+    binary = c_build.build([tmp_path / "main.c", tmp_path / "airline.c"], tmp_path / "example",
+                           extra=(f"-I{tmp_path}",))
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    months = np.float32([419, 461, 472, 535, 622, 606, 508, 461, 390, 432])[None, :, None]
+    expected = float(Model(spec).predict(months)[0, 0])
+    printed = [float(value) for value in re.findall(r"(-?\d+\.\d)", done.stdout)]
+    assert len(printed) == 2 and all(abs(value - expected) <= 0.05 + 1e-4 * abs(expected) for value in printed), \
+        (done.stdout, expected)
+
+
+def test_export_c_takes_an_onnx_graph(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from gru_engine.exporters import export_onnx
+    spec = SPECS["m_bidirectional_concat"]
+    path = export_onnx(spec, tmp_path / "model.onnx")
+    result = export_c(path, tmp_path / "c", name="from_onnx", object_report=False)
+    assert "ONNX file model.onnx" in result.header.read_text()
+    code = CCode(result.header.read_text(), result.source.read_text(), result.report)
+    models = build_libraries({"from_onnx": (code, result.source)}, tmp_path / "c", "onnx")
+    x = case_input("m_bidirectional_concat")
+    assert_close(models["from_onnx"].predict(x), Model(spec).predict(x[None])[0], "C from ONNX vs engine")
+    assert models["from_onnx"].self_check()[0] == 0
