@@ -295,8 +295,10 @@ class Sink:
         import pyarrow.parquet as pq
         width = int(np.prod(self.row_shape))
         values = pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1), pa.float32()), width)
-        table = source.read_table(start, start + len(y), self.keep) if self.keep else pa.table({})
-        table = table.append_column(OUTPUT_COLUMN, values)
+        if self.keep:
+            table = source.read_table(start, start + len(y), self.keep).append_column(OUTPUT_COLUMN, values)
+        else:
+            table = pa.table({OUTPUT_COLUMN: values})
         table = table.replace_schema_metadata({SHAPE_KEY: json.dumps(list(self.row_shape)).encode()})
         atomic_write(path, lambda temp: pq.write_table(table, temp))
 

@@ -42,7 +42,8 @@ CHUNKS_PER_WORKER = 4
 class ScoreResult:
     output: Path
     rows: int
-    seconds: float
+    seconds: float       # reading, scoring and writing, once the workers are up
+    startup_s: float     # loading the model, starting or reaching the cluster
     workers: int
     chunks: int
     computed: int  # chunks computed by this run; the others were done by an earlier, interrupted one
@@ -52,7 +53,8 @@ class ScoreResult:
         skipped = self.chunks - self.computed
         resumed = f", {skipped} of {self.chunks} chunks already done" if skipped else ""
         return (f"scored {self.rows:,} rows in {self.seconds:.2f} s: {rate:,.0f} rows/s on {self.workers} "
-                f"worker{'s' if self.workers != 1 else ''}{resumed}; wrote {self.output}")
+                f"worker{'s' if self.workers != 1 else ''} (after {self.startup_s:.1f} s of start-up){resumed}; "
+                f"wrote {self.output}")
 
 
 def staging_path(output: Path) -> Path:
@@ -214,6 +216,7 @@ def score(bundle, input, output, *, scheduler: str | None = None, workers: int |
         sink = datasets.Sink(kind, str(staging / "data"), rows, gru_dask.row_shape(model, steps), rows_per_chunk, keep)
         done = _resume(staging, _manifest(source, sha256, rows_per_chunk, sink), chunks, log)
         sink.prepare()
+        scoring = time.perf_counter()
         pending = _graph(source, path, model, sink, staging, rows_per_chunk, batch, done, len(chunks))
         if pending:
             _run(pending, client, progress)
@@ -222,7 +225,8 @@ def score(bundle, input, output, *, scheduler: str | None = None, workers: int |
         raise RuntimeError(f"{missing} chunk(s) have no record after the job; rerun the same command to finish them")
     sink.publish(output, len(chunks), overwrite)
     shutil.rmtree(staging)
-    return ScoreResult(output, rows, time.perf_counter() - started, count, len(chunks), len(pending))
+    return ScoreResult(output, rows, time.perf_counter() - scoring, scoring - started, count, len(chunks),
+                       len(pending))
 
 
 def _graph(source, path, model, sink, staging: Path, rows_per_chunk: int, batch, done: set[int], count: int):
