@@ -229,17 +229,22 @@ def score(bundle, input, output, *, scheduler: str | None = None, workers: int |
                        len(pending))
 
 
-def _graph(source, path, model, sink, staging: Path, rows_per_chunk: int, batch, done: set[int], count: int):
-    """One delayed task chain per chunk not yet done: read, predict, write, record."""
+def input_array(source, rows_per_chunk: int):
+    """The source as a dask array (batch, time, features), one block of ``rows_per_chunk`` rows per task,
+    each read on the worker that runs it."""
     import dask
     import dask.array as da
     rows, steps, features = source.shape
     chunks = (tuple(min(rows_per_chunk, rows - start) for start in range(0, rows, rows_per_chunk)), (steps,),
               (features,))
     name = "gru-engine-read-" + dask.base.tokenize(datasets.identity(Path(source.path)), chunks)
-    x = da.map_blocks(read_block, source, chunks=chunks, dtype=np.float32, name=name,
-                      meta=np.empty((0, 0, 0), np.float32))
-    y = gru_dask.predict(path or model, x, batch=batch or gru_dask.DEFAULT_BATCH)
+    return da.map_blocks(read_block, source, chunks=chunks, dtype=np.float32, name=name,
+                         meta=np.empty((0, 0, 0), np.float32))
+
+
+def _graph(source, path, model, sink, staging: Path, rows_per_chunk: int, batch, done: set[int], count: int):
+    """One delayed task chain per chunk not yet done: read, predict, write, record."""
+    y = gru_dask.predict(path or model, input_array(source, rows_per_chunk), batch=batch or gru_dask.DEFAULT_BATCH)
     written = y.map_blocks(write_block, sink, source, str(staging / "done"), chunks=((1,) * count,),
                            drop_axis=list(range(1, y.ndim)), dtype=np.int64, meta=np.empty((0,), np.int64))
     blocks = written.to_delayed().ravel()
