@@ -14,6 +14,11 @@ worker once, not once per task; they are only in the graph when needed (a Model 
 path, or a cluster where some worker cannot read the path). The first load validates the bundle
 and replays its self-check; a Model without a stored self-check gets one computed here first.
 
+The JIT cache. Numba compiles the kernels once per machine and caches them on disk (entries are
+written to a temp file and renamed, so a reader never sees half of one). ``warm`` fills the cache
+in the calling process; with a distributed client, ``predict`` also warms one worker per host
+before returning, so a host's workers never compile at the same time.
+
 Threads. Dask already runs one task per worker thread, so Numba gets, per task, the host's cores
 divided by the Dask threads on that host (at least 1): ``numba_threads_per_task``. Numba's
 workqueue threading layer aborts when two threads launch parallel kernels at once; with one Numba
@@ -270,6 +275,23 @@ def cluster_plan(client, path: str | None, sha256: str) -> tuple[tuple[tuple[str
     return plan, bool(reports) and all(sees for _, _, sees in reports.values())
 
 
+def _warm_worker(ticket: Ticket, data: bytes | None) -> None:
+    warm(worker_model(ticket, data))
+
+
+def warm_hosts(client, ticket: Ticket, data: bytes | None) -> None:
+    """Load the model and the kernels on one worker per host, before the job: the host's other workers
+    then find the kernels in Numba's cache instead of all compiling them at once. As a task, not
+    ``client.run``, so a cold compile does not stall the worker's heartbeat."""
+    from distributed.comm import get_address_host
+    first = {}
+    for address in client.nthreads():
+        first.setdefault(get_address_host(address), address)
+    futures = [client.submit(_warm_worker, ticket, data, workers=[address], pure=False)
+               for address in first.values()]
+    client.gather(futures)
+
+
 def check_array(array, features: int) -> None:
     da = require("dask.array")
     if not isinstance(array, da.Array):
@@ -309,6 +331,8 @@ def predict(model_or_path, array, *, batch: int = DEFAULT_BATCH):
         visible = visible and everywhere
     ticket = Ticket(sha, path, row_shape(model, array.shape[1]), int(batch), threads)
     payload = None if visible else dask.delayed(data, name=f"gru-engine-bundle-{sha[:16]}", pure=True)
+    if client is not None:
+        warm_hosts(client, ticket, None if visible else data)
     shape = ticket.row_shape
     chunks = (array.chunks[0],) + tuple((size,) for size in shape)
     options = dict(dtype=np.float32, chunks=chunks, meta=np.empty((0,) * (1 + len(shape)), np.float32),
