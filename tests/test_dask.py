@@ -310,3 +310,17 @@ def test_an_existing_output_is_kept_unless_overwrite(bundle_path, model, tmp_pat
     assert (output / "mine.txt").read_text() == "keep me"
     score(bundle_path, tmp_path / "x.npy", output, scheduler="synchronous", overwrite=True)
     assert np.array_equal(read_output(output), model.predict(x))
+
+
+def test_the_readme_dask_snippet_runs(bundle_path, model, tmp_path, monkeypatch):
+    import dask
+    section = (ROOT / "README.md").read_text().split("## Scoring large data sets", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    x = windows(500, seed=9)
+    zarr.create_array(str(tmp_path / "windows.zarr"), shape=x.shape, chunks=(128, STEPS, FEATURES),
+                      dtype="float32")[:] = x
+    (tmp_path / "model.gru.safetensors").write_bytes(bundle_path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    with dask.config.set(scheduler="threads"):
+        exec(compile(snippet, "README.md", "exec"), {})
+    assert np.array_equal(zarr.open_array(str(tmp_path / "scores.zarr"), mode="r")[:], model.predict(x))
