@@ -42,8 +42,8 @@ CHUNKS_PER_WORKER = 4
 class ScoreResult:
     output: Path
     rows: int
-    seconds: float       # reading, scoring and writing, once the workers are up
-    startup_s: float     # loading the model, starting or reaching the cluster
+    seconds: float       # reading, scoring and writing, once the workers are up and the graph is built
+    startup_s: float     # imports, loading the model, starting or reaching the cluster, building the graph
     workers: int
     chunks: int
     computed: int  # chunks computed by this run; the others were done by an earlier, interrupted one
@@ -198,6 +198,9 @@ def score(bundle, input, output, *, scheduler: str | None = None, workers: int |
     if output.exists() and not overwrite:
         raise InputError(f"{output} exists; pass --overwrite to replace it")
     source = datasets.open_source(input, shape, column)
+    if output.resolve().is_relative_to(Path(source.path).resolve()):
+        raise InputError(f"{output} is inside the input {input}; write the output elsewhere, so the input stays "
+                         "the same from run to run")
     if keep_columns and not (source.kind == "parquet" and kind == "parquet"):
         raise InputError("--keep-columns copies Parquet columns; it needs Parquet input and output")
     model, path, _, sha256 = gru_dask.ship(bundle)
@@ -216,8 +219,8 @@ def score(bundle, input, output, *, scheduler: str | None = None, workers: int |
         sink = datasets.Sink(kind, str(staging / "data"), rows, gru_dask.row_shape(model, steps), rows_per_chunk, keep)
         done = _resume(staging, _manifest(source, sha256, rows_per_chunk, sink), chunks, log)
         sink.prepare()
-        scoring = time.perf_counter()
         pending = _graph(source, path, model, sink, staging, rows_per_chunk, batch, done, len(chunks))
+        scoring = time.perf_counter()
         if pending:
             _run(pending, client, progress)
     missing = len(chunks) - len(finished_chunks(staging, chunks))
