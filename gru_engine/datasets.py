@@ -38,7 +38,7 @@ OUTPUT_COLUMN = "output"
 KINDS = ("npy", "zarr", "parquet")
 
 
-def _reason(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 
@@ -97,7 +97,7 @@ class NpySource:
         try:  # mmap checks the header against the file size and never unpickles
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, OSError...
-            raise InputError(f"{path}: not a readable numeric .npy file ({_reason(exc)})") from None
+            raise InputError(f"{path}: not a readable numeric .npy file ({first_line(exc)})") from None
         return cls(str(path), check_shape(array.shape, array.dtype, str(path)))
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -118,7 +118,7 @@ class ZarrSource:
         try:
             array = zarr.open_array(str(path), mode="r")
         except Exception as exc:
-            raise InputError(f"{path}: not a readable Zarr array ({_reason(exc)})") from None
+            raise InputError(f"{path}: not a readable Zarr array ({first_line(exc)})") from None
         return cls(str(path), check_shape(array.shape, array.dtype, str(path)), int(array.chunks[0]))
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -149,7 +149,7 @@ class ParquetSource:
             try:
                 metadata = pq.ParquetFile(file).metadata
             except Exception as exc:
-                raise InputError(f"{file}: not a readable Parquet file ({_reason(exc)})") from None
+                raise InputError(f"{file}: not a readable Parquet file ({first_line(exc)})") from None
             file_schema = metadata.schema.to_arrow_schema()
             if schema is None:
                 schema = file_schema

@@ -149,7 +149,7 @@ def open_scheduler(scheduler: str | None, workers: int | None, model):
         try:
             client = Client(scheduler, timeout="20s")
         except (OSError, TimeoutError, ValueError) as exc:
-            raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({datasets._reason(exc)})") from None
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({datasets.first_line(exc)})") from None
         with client:
             yield client, len(client.nthreads())
         return
