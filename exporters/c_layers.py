@@ -302,7 +302,7 @@ def _keep_last(writer, width: int) -> list[str]:
     flow = writer.flow
     flow.sequence = False
     flow.masked = False
-    return [f"if (rows > 1)  /* return_sequences=False: keep the last output */",
+    return ["if (rows > 1)  /* return_sequences=False: keep the last output */",
             f"    memmove({flow.current}, {flow.current} + (rows - 1) * {width}, {width} * sizeof(float));",
             "rows = 1;"]
 
