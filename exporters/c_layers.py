@@ -209,7 +209,7 @@ def _dense(writer, index: int, layer: Layer, shape: LayerShape) -> None:
     writer.table(f"static const DenseLayer {table} = {{ {shape.input_dim}, {config['units']}, {kernel}, {bias}, "
                  f"{ACTIVATION_CODES[config['activation']]} }};")
     flow = writer.flow
-    source, target = flow.current, flow.swap(shape.output_dim)
+    source, target = flow.current, flow.swap()
     writer.call(index, layer, f"Dense, {config['units']} units, {config['activation']}",
                 [f"dense_run(&{table}, {source}, rows, {target});"])
 

@@ -324,7 +324,7 @@ def recurrent(writer, index: int, layer: Layer, shape: LayerShape) -> None:
     table, field = _direction(writer, cell, index, layer, ident, config, "", shape.input_dim,
                               f"'{layer.name}' ({cell.keras_class})")
     flow = writer.flow
-    source, target = flow.current, flow.swap(shape.output_dim)
+    source, target = flow.current, flow.swap()
     lines = [f"{cell.run}(&{table}, {source}, rows, {writer.mask_arg()}, {masked_output(writer, config)}, "
              f"state->{field}, {target}, {config['units']}, 0, scratch);"]
     if not config["return_sequences"]:
@@ -379,7 +379,7 @@ def bidirectional(writer, index: int, layer: Layer, shape: LayerShape) -> None:
     # concat (and None, returned as concat): the forward half is written straight into the merged rows.
     stride = shape.output_dim if merge in ("concat", None) else forward["units"]
     mask = writer.mask_arg()
-    source, target = flow.current, flow.swap(shape.output_dim)
+    source, target = flow.current, flow.swap()
     lines = [f"{cell.run}(&{tables[0]}, {source}, rows, {mask}, {masked_output(writer, forward)}, "
              f"state->{fields[0]}, {target}, {stride}, 0, scratch);",
              f"{cell.run}(&{tables[1]}, {source}, rows, {mask}, {masked_output(writer, backward)}, "

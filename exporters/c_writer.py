@@ -82,13 +82,12 @@ class _Flow:
     """Where the sequence is while the network's body is generated."""
 
     current: str = "a"
-    width: int = 0
     masked: bool = False
-    streaming_read: bool = False  # some GRU's masked output depends on predict vs step
+    streaming_read: bool = False  # some layer's output at masked steps differs between predict and step
 
-    def swap(self, width: int) -> str:
+    def swap(self) -> str:
+        """The layer writes its output to the other buffer, which becomes the current one."""
         self.current = "b" if self.current == "a" else "a"
-        self.width = width
         return self.current
 
 
@@ -97,7 +96,7 @@ class _Writer:
 
     def __init__(self, spec: ModelSpec, shapes, weights: str):
         self.spec, self.shapes, self.weight_type = spec, shapes, weights
-        self.flow = _Flow(width=spec.input_features)
+        self.flow = _Flow()
         self.arrays: list[str] = []
         self.tables: list[str] = []
         self.fields: list[tuple[str, int, str, int]] = []  # (name, floats, comment, layer index)
