@@ -121,10 +121,12 @@ def main_count(spec: ModelSpec) -> int:
 
 
 def state_outputs(spec: ModelSpec, writer) -> list[tuple[str, int]]:
-    """(state field, units) of the final states predict returns after the main output(s)."""
-    count = spec.output_count - main_count(spec)
-    last_fields = writer.fields[len(writer.fields) - len(writer.shapes[-1].state_dims):]
-    return [(field, size) for field, size, _ in last_fields][:count]
+    """(state field, floats) holding the final states predict returns after the main output(s):
+    the last layer's carries (per direction: h, or h then c), when it has return_state."""
+    if spec.output_count == main_count(spec):
+        return []
+    last = len(spec.layers) - 1
+    return [(name, size) for name, size, _, index in writer.fields if index == last]
 
 
 def self_check_c(spec: ModelSpec, writer, prefix: str, tolerance: tuple[float, float]) -> list[str]:
@@ -319,7 +321,7 @@ def header_c(spec: ModelSpec, writer, prefix: str, comment: str, output_is_seque
     if main_count(spec) == 2:
         units = writer.shapes[-1].state_dims
         split = f"; merge_mode=None: columns 0..{units[0] - 1} forward, then {units[1]} backward"
-    fields = "\n".join(f"    float {name}[{size}];  /* {text} */" for name, size, text in writer.fields)
+    fields = "\n".join(f"    float {name}[{size}];  /* {text} */" for name, size, text, _ in writer.fields)
     state_note = ""
     states = state_outputs(spec, writer)
     if states:

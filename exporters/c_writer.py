@@ -82,13 +82,12 @@ class _Flow:
     """Where the sequence is while the network's body is generated."""
 
     current: str = "a"
-    width: int = 0
     masked: bool = False
-    streaming_read: bool = False  # some GRU's masked output depends on predict vs step
+    streaming_read: bool = False  # some layer's output at masked steps differs between predict and step
 
-    def swap(self, width: int) -> str:
+    def swap(self) -> str:
+        """The layer writes its output to the other buffer, which becomes the current one."""
         self.current = "b" if self.current == "a" else "a"
-        self.width = width
         return self.current
 
 
@@ -97,12 +96,13 @@ class _Writer:
 
     def __init__(self, spec: ModelSpec, shapes, weights: str):
         self.spec, self.shapes, self.weight_type = spec, shapes, weights
-        self.flow = _Flow(width=spec.input_features)
+        self.flow = _Flow()
         self.arrays: list[str] = []
         self.tables: list[str] = []
-        self.fields: list[tuple[str, int, str]] = []
+        self.fields: list[tuple[str, int, str, int]] = []  # (name, floats, comment, layer index)
+        self.layer_index = 0
         self.body: list[str] = []
-        self.families: list[str] = []
+        self.chunks: list[str] = []  # the C the layers need, each part once
         self.idents: set[str] = set()
         self.weight_bytes = 0
         self.scratch_floats = 0
@@ -146,7 +146,7 @@ class _Writer:
         self.tables.append(text)
 
     def state_field(self, name: str, size: int, comment: str) -> str:
-        self.fields.append((name, size, comment))
+        self.fields.append((name, size, comment, self.layer_index))
         return name
 
     def scratch(self, floats: int) -> None:
@@ -170,9 +170,8 @@ class _Writer:
     def generate(self) -> None:
         for index, (layer, shape) in enumerate(zip(self.spec.layers, self.shapes)):
             family = FAMILIES[layer.kind]
-            for kind in family.needs + (layer.kind,):
-                if kind not in self.families:
-                    self.families.append(kind)
+            self.layer_index = index
+            self.chunks += [chunk for chunk in family.c_sources(layer) if chunk not in self.chunks]
             family.emit(self, index, layer, shape)
 
     def per_step_floats(self) -> int:
@@ -224,7 +223,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
     network = network_c(writer, name)
     parts = [comment.replace(f"/* {name}:", f"/* {name}.c:", 1) + "\n",
              f'#include "{name}.h"', "", "#include <math.h>", "#include <stdint.h>", "#include <string.h>",
-             core.rstrip(), *[FAMILIES[kind].c_source.rstrip() for kind in writer.families], "",
+             core.rstrip(), *[chunk.rstrip() for chunk in writer.chunks], "",
              "/* ----- weights ----- */", "", "\n\n".join(writer.arrays), "", "\n\n".join(writer.tables),
              *transform_lines, "", *network, "", "/* ----- public API ----- */", "",
              *api_c(spec, writer, name, centers, main_width, output_is_sequence, can_stream), "",
@@ -234,7 +233,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
                      can_stream, stream_note)
     check_steps = spec.self_check_input.shape[1] if spec.self_check_input is not None else 1
     report = {"weights": weights, "weight_bytes": writer.weight_bytes,
-              "state_bytes": 4 * sum(size for _, size, _ in writer.fields),
+              "state_bytes": 4 * sum(field[1] for field in writer.fields),
               "work_floats_steps": check_steps, "work_floats": writer.work_floats(check_steps),
               "work_floats_per_step": writer.per_step_floats(), "work_floats_fixed": writer.scratch_floats,
               "can_stream": can_stream}

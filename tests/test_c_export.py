@@ -19,10 +19,10 @@ from gru_engine.errors import UnsupportedModelError
 from gru_engine.exporters import c_build, export_c
 from gru_engine.exporters.c_api import main_count
 from gru_engine.exporters.c_writer import INT8_MARGIN, CCode, build_c, dequantized
-from gru_engine.spec import Layer, max_excess
+from gru_engine.spec import RECURRENT_FAMILIES, Layer, max_excess
 from c_harness import build_libraries, write_sources
-from models import PARITY_MATRIX, random_input
-from reference import gru_config, random_spec
+from models import FAMILY_MATRIX, PARITY_MATRIX, random_input
+from reference import gru_config, random_spec, recurrent_config
 
 pytestmark = pytest.mark.skipif(c_build.compiler() is None, reason="no C compiler")
 
@@ -35,17 +35,19 @@ def spec_layers(description: list[dict]) -> list[Layer]:
     layers = []
     for index, entry in enumerate(description):
         kind = entry["kind"]
-        options = {k: v for k, v in entry.items() if k not in ("kind", "merge_mode")}
+        options = {k: v for k, v in entry.items() if k not in ("kind", "merge_mode", "layer")}
         name = f"{kind}_{index}"
-        if kind == "gru":
-            options.setdefault("zero_output_for_mask", options.get("return_sequences", False))
-            layers.append(Layer("gru", name, gru_config(options.pop("units"), **options)))
-        elif kind == "bidirectional":
+        if kind in RECURRENT_FAMILIES or kind == "bidirectional":
             options.setdefault("zero_output_for_mask", options.get("return_sequences", False))
             units = options.pop("units")
-            layers.append(Layer("bidirectional", name, {
-                "merge_mode": entry.get("merge_mode", "concat"), "forward": gru_config(units, **options),
-                "backward": gru_config(units, **dict(options, go_backwards=True))}))
+        if kind in RECURRENT_FAMILIES:
+            layers.append(Layer(kind, name, recurrent_config(kind, units, **options)))
+        elif kind == "bidirectional":
+            wrapped = entry.get("layer", "gru")
+            config = {"merge_mode": entry.get("merge_mode", "concat"),
+                      "forward": recurrent_config(wrapped, units, **options),
+                      "backward": recurrent_config(wrapped, units, **dict(options, go_backwards=True))}
+            layers.append(Layer("bidirectional", name, config if wrapped == "gru" else dict(config, layer=wrapped)))
         elif kind == "dense":
             layers.append(Layer("dense", name, {"units": options["units"],
                                                 "activation": options.get("activation", "linear"),
@@ -84,7 +86,7 @@ EXTRA = {
 
 def _specs() -> dict:
     specs = {}
-    for index, (case, description) in enumerate(sorted(PARITY_MATRIX.items())):
+    for index, (case, description) in enumerate(sorted({**PARITY_MATRIX, **FAMILY_MATRIX}.items())):
         name = "m_" + case.replace("-", "_").lower()
         specs[name] = random_spec(spec_layers(description), FEATURES, seed=index, check_shape=(2, 6))
     for index, (case, (layers, transforms)) in enumerate(EXTRA.items()):
@@ -175,6 +177,7 @@ def test_c_step_matches_the_engine_stream(compiled, name):
 
 # Every family, transform and output form, float32 and int8 (g++ parses big initialisers slowly).
 CPP_CASES = ["m_airline", "m_masking_bidirectional", "m_bidirectional_none", "m_dense_softmax",
+             "m_lstm_masking_bidirectional", "m_mixed_simple_rnn_dense_lstm_gru",
              "x_transforms_center", "x_transforms_affine_log", "x_masking_stream", "x_odd_layer_names"]
 
 
@@ -229,7 +232,8 @@ def test_c_runs_clean_under_address_and_undefined_behaviour_sanitizers(compiled,
 
 # ----- int8 -----
 
-INT8_CASES = ["m_airline", "m_masking_bidirectional", "x_transforms_affine_log", "m_dense_softmax"]
+INT8_CASES = ["m_airline", "m_masking_bidirectional", "x_transforms_affine_log", "m_dense_softmax",
+              "m_mixed_masking_gru_bidirectional_simple_rnn"]
 
 
 @pytest.fixture(scope="session")
@@ -290,9 +294,9 @@ def test_export_c_refuses_a_name_that_is_not_a_c_identifier(tmp_path, name):
 
 def test_export_c_refuses_a_layer_kind_it_cannot_express_naming_it(tmp_path):
     spec = SPECS["m_airline"]
-    alien = Layer("lstm", "my_lstm", {}, {})
+    alien = Layer("conv1d", "my_conv", {}, {})
     broken = type(spec)(spec.input_features, [alien] + spec.layers, spec.source)
-    with pytest.raises(UnsupportedModelError, match="layer 0 'my_lstm' is a 'lstm' layer"):
+    with pytest.raises(UnsupportedModelError, match="layer 0 'my_conv' is a 'conv1d' layer"):
         export_c(broken, tmp_path / "out", name="model")
     assert not (tmp_path / "out").exists()
 
