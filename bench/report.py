@@ -162,6 +162,9 @@ def format_table(results: dict) -> str:
             lines.append(f"cold start (median of {cold['runs']}): `gru-engine predict` on the airline bundle "
                          f"{format_seconds(cold['predict_s'])}, `python -c 'import numba'` "
                          f"{format_seconds(cold['import_numba_s'])}: difference {cold['difference_s']:+.3f} s")
+    if results.get("score"):
+        from .score import format_lines
+        lines += [""] + format_lines(results["score"])
     targets = results.get("targets") or evaluate_targets(results)
     if all(target["measured"] is None for target in targets):
         lines += ["", "targets: none measured in this run (they need the built-in workloads: gru-engine bench)"]
@@ -216,7 +219,8 @@ def write_chart(results: dict, path):
                          ha="right", fontsize=8)
     machine = results["machine"]
     axes.set_title(f"gru-engine bench: {machine['cpu']}, {machine['cores']} cores (lower is faster)", fontsize=10)
-    axes.legend(fontsize=8, ncol=2)
+    if labelled:  # a run of only the cold-start or score timings has no bars
+        axes.legend(fontsize=8, ncol=2)
     axes.grid(axis="y", which="both", alpha=0.3)
     figure.tight_layout()
 

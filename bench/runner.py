@@ -45,7 +45,8 @@ import numpy as np
 from gru_engine.kernels.products import padded
 
 from . import machine, timing
-from .registry import IMPLEMENTATIONS, Implementation, Subject
+from . import score as score_bench
+from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
 from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
 from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
 
@@ -90,9 +91,10 @@ def prepare_call(impl: Implementation, subject: Subject, workload: Workload, x: 
     """The zero-argument call that is timed: one window, or one ``step`` of a stream opened here."""
     run = impl.prepare(subject, workload.threads)
     if impl.streaming:
-        step = run.start(workload.batch)
-        x_t = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
-        return lambda: step(x_t)
+        run = run.start(workload.batch)
+        x = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
+    if hasattr(run, "looped"):  # compiled: a Looped call, timed in its own loop
+        return run.looped(x)
     return lambda: run(x)
 
 
@@ -129,12 +131,17 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
             continue
         entries[name] = dict(entry, status="ok", first_call_s=first_s)
         calls[name], outputs[name] = call, _first_output(result)
+    # A Looped call is timed as n calls made inside its compiled loop (see registry.Looped).
+    repeats = {}
+    for name, call in calls.items():
+        if isinstance(call, Looped):
+            calls[name], repeats[name] = call.timed(budget.sample_s)
     samples, failures = timing.round_robin(calls, budget)
     for name, error in failures.items():
         entries[name].update(status="failed", note=error)
     for name, values in samples.items():
         entry = entries[name]
-        entry.update(timing.summarize(values))
+        entry.update(timing.summarize([value / repeats.get(name, 1) for value in values]))
         entry["throughput_per_s"] = workload.items_per_call / entry["median_s"]
         entry["gflops"] = finite(flops / entry["median_s"] / 1e9) if flops else None
     if baseline in samples:  # ratios and agreement need gru-engine's own measurement
@@ -242,10 +249,11 @@ def _spawn_worker(job: dict, directory: Path) -> dict:
 
 
 def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, cold_start: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, score: bool = False) -> dict:
     """Measure ``workloads`` (default: the built-in set) with ``implementations`` (default: all).
 
-    See the module docstring for the returned dict. ``cold_start`` adds the fresh-process timing.
+    See the module docstring for the returned dict. ``cold_start`` adds the fresh-process timing,
+    ``score`` the Dask scoring comparison (``bench/score.py``).
     """
     started = time.perf_counter()
     workloads = builtin_workloads(quick) if workloads is None else list(workloads)
@@ -259,7 +267,7 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
     for workload in workloads:
         groups.setdefault(workload.threads, []).append(workload)
     results = {"schema": SCHEMA, "quick": quick, "machine": machine.describe(), "implementations": names,
-               "configs": [], "workers": [], "sgemm": {}, "weights_read": {}, "cold_start": None}
+               "configs": [], "workers": [], "sgemm": {}, "weights_read": {}, "cold_start": None, "score": None}
     parts = []
     with tempfile.TemporaryDirectory(prefix="gru-engine-bench-") as directory:
         for threads, group in sorted(groups.items()):
@@ -267,6 +275,8 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
                    "workloads": [workload.to_dict() for workload in group], "workdir": str(Path(directory) / "models"),
                    "cold_start": cold_start and threads == 1}
             parts.append(_spawn_worker(job, Path(directory)))
+        if score:
+            results["score"] = score_bench.run(quick, Path(directory))
     measured = {config["name"]: config for part in parts for config in part["configs"]}
     results["configs"] = [measured[workload.name] for workload in workloads]
     for part in parts:
@@ -326,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         for workload in catalogue:
             print(f"{workload.name:<16} {workload.title}")
         print(f"{COLD_START:<16} a fresh `gru-engine predict` process vs `python -c 'import numba'`")
+        print(f"{score_bench.SCORE:<16} {score_bench.ROWS:,} airline windows: Model.predict vs Dask on 1 and 2 "
+              "workers (not in the default set; needs the dask extra)")
         print("implementations: " + ", ".join(IMPLEMENTATIONS))
         return 0
-    names = [workload.name for workload in catalogue] + [COLD_START]
+    names = [workload.name for workload in catalogue] + [COLD_START, score_bench.SCORE]
     chosen = _select(args.configs, names)
     if not chosen and not args.model:
         chosen = [workload.name for workload in builtin_workloads(args.quick)] + [COLD_START]
@@ -339,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--steps goes with --model")
     implementations = _select(args.impls, list(IMPLEMENTATIONS)) or None
     results = run_benchmarks(workloads, quick=args.quick, implementations=implementations,
-                             cold_start=COLD_START in chosen)
+                             cold_start=COLD_START in chosen, score=score_bench.SCORE in chosen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_json(results, args.json or out / "bench.json")
