@@ -15,9 +15,10 @@ path, or a cluster where some worker cannot read the path). The first load valid
 and replays its self-check; a Model without a stored self-check gets one computed here first.
 
 The JIT cache. Numba compiles the kernels once per machine and caches them on disk (entries are
-written to a temp file and renamed, so a reader never sees half of one). ``warm`` fills the cache
-in the calling process; with a distributed client, ``predict`` also warms one worker per host
-before returning, so a host's workers never compile at the same time.
+written to a temp file and renamed, so a reader never sees half of one). ``warm`` fills it with
+the kernels tasks run. ``predict`` warms this process for Dask's local schedulers; with a
+distributed client it warms one worker per host before returning, so a host's workers never
+compile at the same time (``gru-engine score`` also warms before it starts a local cluster).
 
 Threads. Dask already runs one task per worker thread, so Numba gets, per task, the host's cores
 divided by the Dask threads on that host (at least 1): ``numba_threads_per_task``. Numba's
@@ -222,10 +223,11 @@ def row_shape(model: Model, steps: int) -> tuple[int, ...]:
     return tuple(output_shapes(model.spec, model.shapes, 1, steps)[0][1:])
 
 
-def warm(model: Model) -> None:
-    """Compile (or load from Numba's on-disk cache) the kernels workers run, here, before any worker
-    starts: blocks are writable float32 arrays, run serially with one Numba thread per task, in
-    parallel otherwise. Each variant is compiled once per machine and cached."""
+def warm(model: Model, thread_counts=None) -> None:
+    """Compile (or load from Numba's on-disk cache) the kernels tasks run, for blocks (writable float32
+    arrays) and each of ``thread_counts`` Numba threads per task (default: 1, the usual case, and this
+    thread's count): serial kernels for 1, parallel ones above. Each variant is compiled once per
+    machine and cached; a cold parallel compile takes far longer than a serial one."""
     import numba
     x = model.spec.self_check_input
     if x is None:
@@ -233,7 +235,7 @@ def warm(model: Model) -> None:
     x = np.array(np.tile(x, (-(-PARALLEL_MIN_BATCH // x.shape[0]), 1, 1)))  # writable, >= PARALLEL_MIN_BATCH
     threads = numba.get_num_threads()
     try:
-        for count in sorted({1, threads}):
+        for count in sorted(set(thread_counts or (1, threads))):
             numba.set_num_threads(count)
             model.predict_raw(x)
     finally:
@@ -276,7 +278,10 @@ def cluster_plan(client, path: str | None, sha256: str) -> tuple[tuple[tuple[str
 
 
 def _warm_worker(ticket: Ticket, data: bytes | None) -> None:
-    warm(worker_model(ticket, data))
+    """On a worker: load the model and compile only the kernels its tasks will run."""
+    import numba
+    model = worker_model(ticket, data)
+    warm(model, (_task_threads(ticket) or numba.get_num_threads(),))
 
 
 def warm_hosts(client, ticket: Ticket, data: bytes | None) -> None:
@@ -323,10 +328,11 @@ def predict(model_or_path, array, *, batch: int = DEFAULT_BATCH):
         raise InputError(f"batch must be a positive int, got {batch!r}")
     model, path, data, sha = ship(model_or_path)
     check_array(array, model.input_features)
-    warm(model)
     threads, visible = (), path is not None
     client = current_client()
-    if client is not None:
+    if client is None:
+        warm(model)  # Dask's local schedulers run the tasks in this process
+    else:
         threads, everywhere = cluster_plan(client, path, sha)
         visible = visible and everywhere
     ticket = Ticket(sha, path, row_shape(model, array.shape[1]), int(batch), threads)

@@ -155,7 +155,8 @@ def open_scheduler(scheduler: str | None, workers: int | None, model):
         return
     import logging
     workers = workers or gru_dask.usable_cores()
-    gru_dask.warm(model)  # before any worker starts: they load the kernels from Numba's cache, not compile
+    # Before any worker starts, so they load the kernels they run from Numba's cache instead of compiling them.
+    gru_dask.warm(model, (gru_dask.numba_threads_per_task(gru_dask.usable_cores(), workers),))
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client, workers
