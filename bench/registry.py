@@ -74,7 +74,7 @@ class Subject:
 
 
 def streamable(spec) -> bool:
-    """Whether a model can run one step at a time: nothing reads the sequence backwards."""
+    """Whether a model can run one step at a time (see ``gru_engine.spec.stream_blockers``)."""
     from gru_engine.spec import backward_layers
     return not backward_layers(spec)
 

@@ -91,6 +91,17 @@ def output_steps(spec, steps: int) -> int:
     return steps
 
 
+def min_steps(spec) -> int:
+    """The fewest input steps the chain accepts: walked back from one step out of its last layer."""
+    steps = 1
+    for layer in reversed(spec.layers):
+        shape = window(layer)
+        if shape is not None:
+            size, strides, padding = shape
+            steps = (steps - 1) * strides + (size if padding == "valid" else 1)
+    return steps
+
+
 def not_streamable(layer) -> str | None:
     """Why a front-end layer's output at time t would depend on later inputs, or None if it streams."""
     if layer.kind == "conv1d":

@@ -17,6 +17,11 @@ AIRLINE = [{"kind": "gru", "units": 50, "return_sequences": True}, {"kind": "gru
            {"kind": "dense", "units": 1}]
 
 
+FRONTEND_CLASSES = {"conv1d": "Conv1D", "max_pooling1d": "MaxPooling1D", "average_pooling1d": "AveragePooling1D",
+                    "global_average_pooling1d": "GlobalAveragePooling1D",
+                    "global_max_pooling1d": "GlobalMaxPooling1D", "batch_normalization": "BatchNormalization"}
+
+
 def _gru(keras, spec: dict, **overrides):
     options = {key: value for key, value in spec.items() if key not in ("kind", "merge_mode")}
     options.update(overrides)
@@ -43,6 +48,8 @@ def build_model(layers: list[dict], features: int, seed: int = 0, steps: int | N
             built.append(keras.layers.Masking(**options))
         elif kind == "dropout":
             built.append(keras.layers.Dropout(**options))
+        elif kind in FRONTEND_CLASSES:
+            built.append(getattr(keras.layers, FRONTEND_CLASSES[kind])(**options))
         else:
             raise ValueError(f"unknown layer kind {kind}")
     inputs = keras.Input((steps, features), batch_size=batch)
@@ -56,6 +63,9 @@ def build_model(layers: list[dict], features: int, seed: int = 0, steps: int | N
         model = keras.Sequential([inputs] + built)
     rng = np.random.default_rng(seed)
     model.set_weights([rng.normal(0.0, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):  # a variance is positive
+            layer.moving_variance.assign(np.abs(layer.moving_variance.numpy()) + np.float32(0.5))
     return model
 
 

@@ -306,7 +306,8 @@ def _layers():
 
 UNSUPPORTED = {
     "lstm": (lambda: _sequential(_layers().LSTM(4, name="my_lstm")), "my_lstm"),
-    "conv1d": (lambda: _sequential(_layers().Conv1D(4, 2, name="my_conv"), _layers().GRU(2)), "my_conv"),
+    "conv1d-transpose": (lambda: _sequential(_layers().Conv1DTranspose(4, 2, name="my_conv"), _layers().GRU(2)),
+                         "my_conv"),
     "bidirectional-lstm": (lambda: _sequential(_layers().Bidirectional(_layers().LSTM(3), name="bi")),
                            "forward_lstm"),
     "branches": (_functional_branches, "right"),
