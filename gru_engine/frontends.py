@@ -103,15 +103,16 @@ def min_steps(spec) -> int:
 
 
 def not_streamable(layer) -> str | None:
-    """Why a front-end layer's output at time t would depend on later inputs, or None if it streams."""
+    """Why a front-end layer cannot run one step at a time (a phrase after its name), or None."""
     if layer.kind == "conv1d":
         if layer.config["padding"] != "causal":
-            return f"padding '{layer.config['padding']}' looks at later steps (only 'causal' streams)"
+            return (f"has padding '{layer.config['padding']}', so its output at time t depends on later inputs "
+                    "(only padding 'causal' streams)")
         if layer.config["strides"] != 1:
-            return f"strides {layer.config['strides']} emit fewer steps than they read (only strides 1 stream)"
+            return f"has strides {layer.config['strides']}, so it emits fewer steps than it reads (only strides 1 streams)"
         return None
     if layer.kind in POOLING_KINDS + GLOBAL_POOLING_KINDS:
-        return "pooling combines several time steps into one output"
+        return "pools several time steps into one output"
     return None
 
 

@@ -471,7 +471,7 @@ class Stream:
         blockers = stream_blockers(model.spec)
         if blockers:
             name, why = blockers[0]
-            raise InputError(f"layer '{name}' cannot stream: {why}; use predict on whole sequences")
+            raise InputError(f"layer '{name}' {why}; such a model cannot stream (use predict on whole sequences)")
         if not transforms.streamable(model.spec.transforms):
             raise InputError("this bundle's transforms look at whole windows (per-window centering); "
                              "use predict on complete windows instead of a stream")

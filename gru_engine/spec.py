@@ -132,11 +132,11 @@ def gru_configs(layer: Layer) -> list[dict[str, Any]]:
 
 def stream_blockers(spec: ModelSpec) -> list[tuple[str, str]]:
     """(name, why) of every layer that cannot run one step at a time: its output at time t depends
-    on later inputs, or it does not emit one output per input step."""
+    on later inputs, or it does not emit one output per input step. ``why`` follows the name."""
     blockers = []
     for layer in spec.layers:
         if layer.kind == "bidirectional" or (layer.kind == "gru" and layer.config["go_backwards"]):
-            blockers.append((layer.name, "it reads the sequence backwards, so its output at time t depends "
+            blockers.append((layer.name, "reads the sequence backwards, so its output at time t depends "
                                          "on later inputs"))
         elif layer.kind in frontends.KINDS and frontends.not_streamable(layer):
             blockers.append((layer.name, frontends.not_streamable(layer)))
