@@ -481,9 +481,10 @@ class Stream:
         self._program = _Program(model.spec, model.shapes, streaming=True)
         features = model.input_features
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
-        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._parallel = self._program.parallel(self.batch)
+        # First, so the size check also bounds the carries (a Conv1D's history can be large).
         self._work = self._program.workspace(self.batch, 1, self._parallel)  # (blocks, K)
+        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._out = self._program.output(self.batch, 1)                     # (B, D)
         # Views made once, so a step only copies x_t in and makes one compiled call.
         self._x_rows = self._x[:, 0, :]                                     # (B, F)

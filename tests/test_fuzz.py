@@ -95,6 +95,18 @@ def seed_specs():
                                  "output_scale": None, "output_offset": None}]),
         random_spec([Layer("gru", "gru", gru_config(3))], 2, seed=5,
                     transforms=[{"kind": "center", "invert_output": True, "output_features": [0, 1, 1]}]),
+        random_spec([Layer("conv1d", "conv", {"filters": 4, "kernel_size": 3, "strides": 2, "padding": "valid",
+                                              "dilation_rate": 1, "groups": 2, "activation": "relu", "use_bias": True}),
+                     Layer("batch_normalization", "norm", {"epsilon": 1e-3, "center": True, "scale": False}),
+                     Layer("max_pooling1d", "pool", {"pool_size": 2, "strides": 1, "padding": "same"}),
+                     Layer("gru", "gru", gru_config(3, return_sequences=True)),
+                     Layer("global_average_pooling1d", "mean", {})], 2, seed=6, check_shape=(2, 9)),
+        random_spec([Layer("conv1d", "causal", {"filters": 3, "kernel_size": 2, "strides": 1, "padding": "causal",
+                                                "dilation_rate": 2, "groups": 1, "activation": "linear",
+                                                "use_bias": False}),
+                     Layer("batch_normalization", "norm", {"epsilon": 1e-3, "center": False, "scale": True}),
+                     Layer("gru", "gru", gru_config(3)),
+                     Layer("dense", "dense", {"units": 2, "activation": "linear", "use_bias": True})], 1, seed=7),
     ]
 
 
@@ -102,7 +114,8 @@ def seed_specs():
 JSON_VALUES = [0, -1, 1, 2, 3, 7, 2**31, 2**63, 10**9, 10**30, 10**400, -10**12, 0.5, -0.0, 1e300, 1e308, math.nan,
                math.inf,
                True, False, None, "", "F32", "F64", "I64", "tanh", "softmax", "gru", "dense", "masking",
-               "bidirectional", "concat", "float64", "gru-engine-bundle", "x" * 500, [], {}, [0], [1, 1],
+               "bidirectional", "concat", "conv1d", "valid", "same", "causal", "max_pooling1d",
+               "global_max_pooling1d", "batch_normalization", "float64", "gru-engine-bundle", "x" * 500, [], {}, [0], [1, 1],
                [0, 0], [10**12], [2**62, 2**62], [-1, 4], [[[[[]]]]], {"units": 1}]
 
 
