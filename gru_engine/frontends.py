@@ -22,6 +22,7 @@ as TensorFlow does; 'causal' pads ``window - 1`` steps on the left.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -200,17 +201,26 @@ def batch_norm_affine(layer) -> tuple[np.ndarray, np.ndarray]:
     return scale, beta - weights["moving_mean"].astype(np.float64) * scale
 
 
-def folds_into_previous(previous, layer) -> bool:
+def _folds(previous, layer) -> bool:
     """Whether a BatchNormalization folds exactly into the layer before it: a Conv1D or Dense whose
     output it scales before any activation (y = (x @ W + b) * scale + shift = x @ (W * scale) +
     (b * scale + shift), which only reorders float32 roundings, well inside the parity tolerance)."""
-    return layer.kind == "batch_normalization" and previous is not None \
-        and previous.kind in ("conv1d", "dense") and previous.config["activation"] == "linear"
+    return layer.kind == "batch_normalization" and previous.kind in ("conv1d", "dense") \
+        and previous.config["activation"] == "linear"
 
 
-def folded(previous, layer) -> dict[str, np.ndarray]:
-    """``previous``'s kernel and bias with the BatchNormalization ``layer`` after it folded in."""
-    scale, shift = batch_norm_affine(layer)
-    kernel = previous.weights["kernel"].astype(np.float64) * scale     # scales the last axis: outputs
-    bias = previous.weights["bias"].astype(np.float64) if "bias" in previous.weights else np.zeros_like(scale)
-    return {"kernel": kernel.astype(np.float32), "bias": (bias * scale + shift).astype(np.float32)}
+def fold_batch_norms(layers, shapes) -> list:
+    """(layer, shape) pairs with each BatchNormalization that follows a linear Conv1D or Dense folded
+    into that layer's kernel and bias (the layer then has a bias); other layers unchanged."""
+    folded = []
+    for index, (layer, shape) in enumerate(zip(layers, shapes)):
+        if folded and _folds(layers[index - 1], layer):
+            previous, previous_shape = folded.pop()
+            scale, shift = batch_norm_affine(layer)
+            kernel = previous.weights["kernel"].astype(np.float64) * scale  # the last axis: outputs
+            bias = previous.weights["bias"].astype(np.float64) if previous.config["use_bias"] else 0.0
+            layer = dataclasses.replace(previous, config=dict(previous.config, use_bias=True), weights={
+                "kernel": kernel.astype(np.float32), "bias": (bias * scale + shift).astype(np.float32)})
+            shape = dataclasses.replace(previous_shape, output_is_sequence=shape.output_is_sequence)
+        folded.append((layer, shape))
+    return folded

@@ -143,9 +143,9 @@ class _Program:
             }
             return [block[name] for name in gru.GRU_BLOCK]
 
-        def frontend_row(row, layer, weights, input_dim):
-            """Fill the plan row of a front-end layer (``weights`` with any BatchNormalization folded in)."""
-            config = layer.config
+        def frontend_row(row, layer, input_dim):
+            """Fill the plan row of a front-end layer."""
+            config, weights = layer.config, layer.weights
             row[plan.COL_KIND] = FRONTEND_KIND_CODES[layer.kind]
             if layer.kind == "conv1d":
                 taps, groups, filters = config["kernel_size"], config["groups"], config["filters"]
@@ -172,18 +172,12 @@ class _Program:
                 row[plan.COL_NORM_SCALE], row[plan.COL_NORM_SHIFT] = put(scale), put(shift)
 
         # A BatchNormalization right after a linear Conv1D or Dense is folded into its weights.
-        layers = spec.layers
-        folds = [index for index in range(len(layers) - 1) if frontends.folds_into_previous(layers[index],
-                                                                                          layers[index + 1])]
-        for index, (layer, shape) in enumerate(zip(layers, shapes)):
-            if index - 1 in folds:
-                continue
-            weights = frontends.folded(layer, layers[index + 1]) if index in folds else layer.weights
+        for layer, shape in frontends.fold_batch_norms(spec.layers, shapes):
             row = np.zeros(plan.PLAN_WIDTH, np.int64)
             row[plan.COL_IN], row[plan.COL_OUT] = shape.input_dim, shape.output_dim
             max_dim = max(max_dim, shape.output_dim)
             if layer.kind in frontends.KINDS:
-                frontend_row(row, layer, weights, shape.input_dim)
+                frontend_row(row, layer, shape.input_dim)
             elif layer.kind == "masking":
                 row[plan.COL_KIND] = plan.KIND_MASKING
                 row[plan.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
@@ -191,8 +185,8 @@ class _Program:
                 units = layer.config["units"]
                 row[plan.COL_KIND] = plan.KIND_DENSE
                 row[plan.COL_DENSE_ACTIVATION] = activations.ACTIVATION_CODES[layer.config["activation"]]
-                row[plan.COL_DENSE_KERNEL] = put(weights["kernel"])
-                row[plan.COL_DENSE_BIAS] = put(weights.get("bias", np.zeros(units, np.float32)))
+                row[plan.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
+                row[plan.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
             elif layer.kind == "gru":
                 row[plan.COL_KIND] = plan.KIND_GRU
                 row[plan.COL_FORWARD:plan.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
