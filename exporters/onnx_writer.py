@@ -45,9 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
+from gru_engine import frontends
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.fileio import atomic_write_bytes
 from gru_engine.spec import Layer, ModelSpec, validate
+
+from . import onnx_conv
 
 DEFAULT_OPSET = 17
 # Squeeze/Unsqueeze take their axes as inputs from opset 13 on; this writer uses that form.
@@ -308,7 +311,13 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "time", spec.input_features])]
     x = g.add("Transpose", [INPUT], "time_major", perm=[1, 0, 2])  # (T, B, F): ONNX GRU's layout
     finals = []  # (B, units) per GRU direction, None where the graph does not need it
-    for index, (layer, shape) in enumerate(zip(spec.layers, shapes)):
+    channels_first = False  # x is a (B, C, T) sequence, as convolution and pooling read it
+    layers = frontends.fold_batch_norms(spec.layers, shapes)
+    for index, (layer, shape) in enumerate(layers):
+        if layer.kind in frontends.KINDS:
+            x, channels_first = onnx_conv.write_layer(g, layer, shape, x, channels_first)
+            continue
+        x, channels_first = onnx_conv.time_major(g, x, channels_first), False
         if layer.kind == "dense":
             x = _dense(g, layer, x)
             continue
@@ -317,7 +326,7 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
             if state_io:
                 initial.append(initial_state_name(len(finals) + len(initial)))
                 inputs.append(helper.make_tensor_value_info(initial[-1], TensorProto.FLOAT, ["batch", units]))
-        is_last = index == len(spec.layers) - 1
+        is_last = index == len(layers) - 1
         outputs = _recurrent(g, layer, x, initial, need_final=state_io or (is_last and spec.output_count > 1))
         finals += [final for _, final in outputs]
         if layer.kind == "gru":
@@ -330,12 +339,14 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     main = x if isinstance(x, list) else [x]
     widths = list(last.state_dims) if isinstance(x, list) else [last.output_dim]
     graph_outputs = []
+    # Strided or 'valid' windows return fewer steps than they read.
+    time = "time" if all(frontends.window(layer) is None for layer in spec.layers) else "output_time"
     for name, tensor, width in zip(_main_names(spec), main, widths):
         if last.output_is_sequence:
-            tensor = g.add("Transpose", [tensor], f"{name}.batch_major", perm=[1, 0, 2])  # (B, T, width)
+            tensor = onnx_conv.batch_major(g, tensor, channels_first, f"{name}.batch_major")  # (B, T, width)
         g.name_output(tensor, name)
         graph_outputs.append(helper.make_tensor_value_info(
-            name, TensorProto.FLOAT, ["batch", "time", width] if last.output_is_sequence else ["batch", width]))
+            name, TensorProto.FLOAT, ["batch", time, width] if last.output_is_sequence else ["batch", width]))
     state_units = [units for shape in shapes for units in shape.state_dims]
     for k in _returned_states(spec, shapes, state_io):
         g.name_output(finals[k], state_name(k))
