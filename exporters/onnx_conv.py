@@ -98,3 +98,135 @@ def write_layer(g, layer, shape, x: str, channels_first: bool) -> tuple[str, boo
                                      g.constant(f"{name}.var", weights["moving_variance"])],
               f"{name}.normalized", node=name, epsilon=config["epsilon"])
     return y, shape.input_is_sequence
+
+
+# ----- reading (hooked into onnx_reader's interpreter: each reader gets it, the operands and attributes) --
+
+def _labels():
+    from . import onnx_reader  # imported here: onnx_reader imports this module's writer side indirectly
+    return onnx_reader
+
+
+def _channels_first(reader, value):
+    """The model data as a (batch, channels, time) sequence, as ONNX convolution and pooling read it."""
+    labels = _labels()
+    chain = reader.chain(value)
+    if chain.axes != (labels.BATCH, labels.FEATURE, labels.TIME) or chain.flipped:
+        reader.fail(f"reads axes ({', '.join(chain.axes)}); convolution and pooling read (batch, channels, "
+                    "time): Transpose the (batch, time, features) data first")
+    return chain
+
+
+def _keras_padding(reader, attributes, size: int, strides: int, causal: bool) -> str:
+    """The Keras padding of ONNX pads / auto_pad for a window of ``size`` steps."""
+    auto = attributes.get("auto_pad", "NOTSET")
+    if auto == "SAME_UPPER":
+        return "same"
+    if auto == "VALID":
+        return "valid"
+    if auto != "NOTSET":
+        reader.fail(f"auto_pad {auto}; Keras pads like SAME_UPPER, NOTSET or VALID")
+    pads = list(attributes.get("pads", [0, 0]))
+    if pads == [0, 0]:
+        return "valid"
+    if causal and pads == [size - 1, 0]:
+        return "causal"
+    if strides == 1 and pads == [(size - 1) // 2, size - 1 - (size - 1) // 2]:
+        return "same"
+    reader.fail(f"pads {pads} match no Keras padding for a window of {size} steps: 'valid' [0, 0], 'causal' "
+                f"[{size - 1}, 0], 'same' [{(size - 1) // 2}, {size - 1 - (size - 1) // 2}] (strides 1)")
+
+
+def _one(reader, attributes, name: str) -> int:
+    values = list(attributes.get(name, [1]))
+    if len(values) != 1 or not 1 <= values[0] <= frontends.MAX_WINDOW:
+        reader.fail(f"{name} {values}; a 1-D window takes one value between 1 and {frontends.MAX_WINDOW}")
+    return int(values[0])
+
+
+def _append(chain, layer, width: int, axes=None, open_for: str = ""):
+    import dataclasses
+    return dataclasses.replace(chain, layers=chain.layers + (layer,), width=width, axes=axes or chain.axes,
+                               open=open_for, origin=())
+
+
+def read_conv(reader, operands, attributes):
+    from gru_engine.spec import Layer
+
+    chain = _channels_first(reader, operands[0])
+    w = reader.constant(operands[1], "the Conv weight")
+    groups = int(attributes.get("group", 1))
+    if w.dtype != np.float32 or w.ndim != 3 or groups < 1 or w.shape[1] * groups != chain.width:
+        reader.malformed(f"the weight is {w.dtype} {w.shape} with group {groups}; a Conv over {chain.width} channels "
+                         f"takes float32 (filters, {chain.width} / group, kernel_size)")
+    filters, _, kernel_size = w.shape
+    strides, dilation = _one(reader, attributes, "strides"), _one(reader, attributes, "dilations")
+    if list(attributes.get("kernel_shape", [kernel_size])) != [kernel_size]:
+        reader.malformed(f"kernel_shape {attributes['kernel_shape']} disagrees with the weight's {kernel_size}")
+    if strides > 1 and dilation > 1:
+        reader.fail("strides > 1 with dilations > 1 has no Keras Conv1D equivalent")
+    size = (kernel_size - 1) * dilation + 1
+    weights = {"kernel": np.ascontiguousarray(w.transpose(2, 1, 0))}
+    if len(operands) > 2 and operands[2] is not None:
+        bias = reader.constant(operands[2], "the Conv bias")
+        if bias.dtype != np.float32 or bias.shape != (filters,):
+            reader.malformed(f"the bias is {bias.dtype} {bias.shape}; expected float32 ({filters},)")
+        weights["bias"] = bias
+    config = {"filters": int(filters), "kernel_size": int(kernel_size), "strides": strides,
+              "padding": _keras_padding(reader, attributes, size, strides, causal=True), "dilation_rate": dilation,
+              "groups": groups, "activation": "linear", "use_bias": "bias" in weights}
+    return _append(chain, Layer("conv1d", reader.layer_name(), config, weights), int(filters), open_for="bias")
+
+
+def _read_pool(reader, operands, attributes, kind: str):
+    from gru_engine.spec import Layer
+
+    chain = _channels_first(reader, operands[0])
+    size, strides = _one(reader, attributes, "kernel_shape"), _one(reader, attributes, "strides")
+    if attributes.get("ceil_mode", 0) or _one(reader, attributes, "dilations") != 1:
+        reader.fail("ceil_mode or dilations; Keras pooling windows have neither")
+    padding = _keras_padding(reader, attributes, size, strides, causal=False)
+    if kind == "average_pooling1d" and padding != "valid" and attributes.get("count_include_pad", 0):
+        reader.fail("count_include_pad=1; Keras averages only the steps inside the input")
+    config = {"pool_size": size, "strides": strides, "padding": padding}
+    return _append(chain, Layer(kind, reader.layer_name(), config), chain.width)
+
+
+def _read_global_pool(reader, operands, kind: str):
+    from gru_engine.spec import Layer
+
+    labels = _labels()
+    chain = _channels_first(reader, operands[0])
+    return _append(chain, Layer(kind, reader.layer_name(), {}), chain.width,
+                   axes=(labels.BATCH, labels.FEATURE, labels.ONE))
+
+
+def read_batch_normalization(reader, operands, attributes):
+    from gru_engine.spec import Layer
+
+    labels = _labels()
+    chain = reader.chain(operands[0])
+    if chain.axes not in ((labels.BATCH, labels.FEATURE, labels.TIME), (labels.BATCH, labels.FEATURE)):
+        reader.fail(f"normalizes axes ({', '.join(chain.axes)}); BatchNormalization reads (batch, channels, ...)")
+    if attributes.get("training_mode", 0):
+        reader.fail("training_mode=1; only the inference form is supported")
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    weights = {}
+    for name, operand in zip(names, operands[1:5]):
+        array = reader.constant(operand, f"the {name}")
+        if array.dtype != np.float32 or array.shape != (chain.width,):
+            reader.malformed(f"the {name} is {array.dtype} {array.shape}; expected float32 ({chain.width},)")
+        weights[name] = array
+    config = {"epsilon": float(attributes.get("epsilon", 1e-5)), "center": True, "scale": True}
+    return _append(chain, Layer("batch_normalization", reader.layer_name(), config, weights), chain.width)
+
+
+READERS = {
+    "Conv": read_conv,
+    "MaxPool": lambda reader, operands, attributes: _read_pool(reader, operands, attributes, "max_pooling1d"),
+    "AveragePool": lambda reader, operands, attributes: _read_pool(reader, operands, attributes, "average_pooling1d"),
+    "GlobalMaxPool": lambda reader, operands, attributes: _read_global_pool(reader, operands, "global_max_pooling1d"),
+    "GlobalAveragePool": lambda reader, operands, attributes: _read_global_pool(
+        reader, operands, "global_average_pooling1d"),
+    "BatchNormalization": read_batch_normalization,
+}

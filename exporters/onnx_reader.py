@@ -48,6 +48,7 @@ has the wrong shape) raise BundleError.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +57,16 @@ from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
 from gru_engine.spec import Layer, ModelSpec, gru_configs, sample_input, validate
 
+from . import onnx_conv
 from .keras_reader import SELF_CHECK_BATCH, SELF_CHECK_STEPS
 from .onnx_writer import GRU_ACTIVATIONS
 
 # Axis labels: the model's batch and time, a feature axis, the GRU's direction axis, a size-1 axis.
 BATCH, TIME, FEATURE, DIRECTION, ONE = "batch", "time", "features", "direction", "1"
 SUPPORTED = ("GRU nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of the two "
-             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers")
+             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers, "
+             "Conv (+ Relu/Sigmoid/Tanh), MaxPool, AveragePool, GlobalMaxPool, GlobalAveragePool, "
+             "BatchNormalization")
 GRU_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
                   "layout", "linear_before_reset"}
 # ONNX activation (lower case) -> (Keras name, alpha, beta) of the ones the engine computes exactly.
@@ -289,6 +293,8 @@ class _Reader:
         if node.op_type != "GRU" and all(isinstance(value, (_Const, type(None))) for value in operands):
             return self._fold(node, operands)
         handler = getattr(self, f"_op_{node.op_type}", None)
+        if handler is None and node.op_type in onnx_conv.READERS:  # convolution, pooling, normalization
+            handler = functools.partial(onnx_conv.READERS[node.op_type], self)
         if handler is None:
             self.fail(f"this operator is not supported; gru-engine imports {SUPPORTED}")
         result = handler(operands, attributes)
@@ -807,8 +813,12 @@ def _text(value):
 
 
 def _is_sequence(chain: _Chain) -> bool:
-    recurrent = [config for layer in chain.layers for config in gru_configs(layer)]
-    return not recurrent or recurrent[-1]["return_sequences"]
+    sequence = True
+    for layer in chain.layers:
+        if layer.kind in onnx_conv.frontends.GLOBAL_POOLING_KINDS:
+            sequence = False
+        sequence = gru_configs(layer)[-1]["return_sequences"] if gru_configs(layer) else sequence
+    return sequence
 
 
 def _match_reshape(axes: list, sizes: list, target: list):
@@ -901,8 +911,8 @@ def read_onnx(onnx_path) -> ModelSpec:
     dims = reader.main_input.type.tensor_type.shape.dim
     batch = dims[0].dim_value or SELF_CHECK_BATCH
     gates = [config["recurrent_activation"] for layer in spec.layers for config in gru_configs(layer)]
-    steps = dims[1].dim_value or (SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES)
-                                  else EXPANDING_SELF_CHECK_STEPS)
+    steps = dims[1].dim_value or max(onnx_conv.frontends.min_steps(spec), SELF_CHECK_STEPS if set(gates) <= set(
+        CONTRACTING_GATES) else EXPANDING_SELF_CHECK_STEPS)
     spec.self_check_input = sample_input(spec, batch, steps, np.random.default_rng(0))
     spec.self_check_outputs = _onnxruntime_outputs(model, spec.self_check_input, path)
     validate(spec)

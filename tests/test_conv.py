@@ -15,7 +15,8 @@ import pytest
 
 import gru_engine
 from gru_engine import InputError, bundle
-from gru_engine.exporters import keras_reader
+from gru_engine.exporters import export_onnx, keras_reader
+from gru_engine.exporters.onnx_reader import read_onnx
 from gru_engine.runtime import Model
 from gru_engine.spec import Layer, max_excess
 from models import build_model, random_input
@@ -99,8 +100,17 @@ def assert_close(actual, expected, what):
         assert excess <= 0, f"{what}: {excess:.3g} beyond the parity tolerance"
 
 
+def onnxruntime_run(path, x):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
 @pytest.mark.parametrize("index, name", list(enumerate(CASES)), ids=list(CASES))
-def test_engine_matches_keras_and_reference(name, index):
+def test_engine_and_native_onnx_match_keras_and_reference(name, index, tmp_path):
+    """Engine vs Keras and the reference; without Masking (which native ONNX cannot express), the
+    native ONNX export vs Keras in onnxruntime, and that file imported back vs Keras in the engine."""
     layers, features = CASES[name]
     keras_model = build_model(layers, features, seed=index)
     spec = keras_reader.read_keras(keras_model)  # replays the self-check in the engine
@@ -109,6 +119,20 @@ def test_engine_matches_keras_and_reference(name, index):
     reference = reference_predict(spec, x)
     assert_close(reference, expected, "reference vs keras")
     assert_close([Model(spec).predict(x)], expected, "engine vs keras")
+    if name in MASKED:
+        return
+    path = export_onnx(spec, tmp_path / f"{name}.onnx")  # onnx.checker full_check inside
+    assert_close(onnxruntime_run(path, x), expected, "onnxruntime on the native export vs keras")
+    imported = read_onnx(path)  # self-checked against onnxruntime
+    assert_close([Model(imported).predict(x)], expected, "imported ONNX in the engine vs keras")
+
+
+def test_tf2onnx_export_of_a_front_end_still_matches_keras(tmp_path):
+    layers, features = CASES["guitar-shaped"]
+    keras_model = build_model(layers + [{"kind": "batch_normalization"}], features, seed=3)
+    x = _input("guitar-shaped", 0, features)
+    path = export_onnx(keras_model, tmp_path / "guitar.tf2onnx.onnx", method="tf2onnx")
+    assert_close(onnxruntime_run(path, x), [np.asarray(keras_model(x, training=False))], "tf2onnx vs keras")
 
 
 def _spec(layers, features=2, **options):
@@ -226,3 +250,52 @@ def test_keras_front_ends_the_engine_cannot_run_are_refused_naming_the_layer():
         model = keras.Sequential([keras.Input((5, 4)), layer, keras.layers.GRU(2)])
         with pytest.raises(gru_engine.UnsupportedModelError, match=f"'{layer.name}'"):
             keras_reader.read_keras(model)
+
+
+def _pytorch_style_graph(path):
+    """What torch.onnx.export writes for x.transpose(1, 2) -> nn.Conv1d(3, 6, 3, padding=1) -> ReLU ->
+    nn.Conv1d(6, 4, 2, stride=2, groups=2) -> BatchNorm1d -> transpose -> nn.GRU(4, 5, batch_first=True)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+
+    initializers = [weight("w1", 6, 3, 3), weight("b1", 6), weight("w2", 4, 3, 2), weight("b2", 4),
+                    weight("gamma", 4), weight("beta", 4), weight("mean", 4),
+                    numpy_helper.from_array(np.abs(rng.normal(1, 0.2, 4)).astype(np.float32), "var"),
+                    weight("W", 1, 15, 4), weight("R", 1, 15, 5), weight("B", 1, 30),
+                    numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("Conv", ["xt", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3], pads=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[2], strides=[2],
+                              group=2, pads=[0, 0]),
+             helper.make_node("BatchNormalization", ["c2", "gamma", "beta", "mean", "var"], ["n"], name="norm",
+                              epsilon=1e-5),
+             helper.make_node("Transpose", ["n"], ["tm"], perm=[2, 0, 1]),
+             helper.make_node("GRU", ["tm", "W", "R", "B"], ["y", ""], name="gru", hidden_size=5,
+                              linear_before_reset=1),
+             helper.make_node("Squeeze", ["y", "axis1"], ["ys"]),
+             helper.make_node("Transpose", ["ys"], ["out"], perm=[1, 0, 2])]
+    graph = helper.make_graph(nodes, "torch_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                   ["batch", "time", 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "steps", 5])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_pytorch_style_conv_front_end_imports(tmp_path):
+    path = _pytorch_style_graph(tmp_path / "torch_like.onnx")
+    spec = read_onnx(path)
+    assert [(layer.kind, layer.name) for layer in spec.layers] == [
+        ("conv1d", "conv1"), ("conv1d", "conv2"), ("batch_normalization", "norm"), ("gru", "gru")]
+    assert spec.layers[0].config["padding"] == "same" and spec.layers[0].config["activation"] == "relu"
+    assert spec.layers[1].config["groups"] == 2 and spec.layers[1].config["strides"] == 2
+    x = random_input(2, 11, 3, seed=9)
+    assert_close([Model(spec).predict(x)], onnxruntime_run(path, x), "engine vs onnxruntime")
