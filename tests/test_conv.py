@@ -299,3 +299,18 @@ def test_a_pytorch_style_conv_front_end_imports(tmp_path):
     assert spec.layers[1].config["groups"] == 2 and spec.layers[1].config["strides"] == 2
     x = random_input(2, 11, 3, seed=9)
     assert_close([Model(spec).predict(x)], onnxruntime_run(path, x), "engine vs onnxruntime")
+
+
+def test_cli_exports_inspects_and_verifies_a_front_end_model(tmp_path, capsys):
+    from gru_engine import cli
+
+    layers, features = CASES["pool-3-s2"]
+    model_path = tmp_path / "front.keras"
+    build_model(layers, features, seed=1).save(model_path)
+    bundle_path, onnx_path = tmp_path / "front.gru.safetensors", tmp_path / "front.onnx"
+    assert cli.main(["export", str(model_path), "--bundle", str(bundle_path), "--onnx", str(onnx_path)]) == 0
+    assert cli.main(["inspect", str(bundle_path)]) == 0
+    assert cli.main(["verify", str(model_path), "--bundle", str(bundle_path), "--onnx", str(onnx_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "(MaxPooling1D)" in printed and "[average_pooling1d] pool_size=3, strides=2" in printed
+    assert "all agree within tolerance" in printed
