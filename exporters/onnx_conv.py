@@ -54,27 +54,42 @@ def batch_major(g, x: str, channels_first: bool, hint: str) -> str:
     return g.add("Transpose", [x], hint, perm=[0, 2, 1] if channels_first else [1, 0, 2])
 
 
-def write_layer(g, layer, shape, x: str, channels_first: bool) -> tuple[str, bool]:
+def carries_history(layer) -> bool:
+    """Whether a layer streams with a carried history (a causal, stride-1 Conv1D wider than one step)."""
+    return layer.kind == "conv1d" and frontends.not_streamable(layer) is None and frontends.history_steps(layer) > 0
+
+
+def write_layer(g, layer, shape, x: str, channels_first: bool, history: str | None = None):
     """Append one front-end layer; x is a sequence, (T, B, C) or channels-first (B, C, T), or (B, C).
 
-    Returns the output and whether it is a channels-first sequence.
+    ``history``: for a layer that ``carries_history``, the graph input (B, H, C) of its last H inputs
+    of earlier calls, read instead of the causal zero padding. Returns the output, whether it is a
+    channels-first sequence, and the new history (B, H, C) (None without ``history``).
     """
     name, config, weights = layer.name, layer.config, layer.weights
     if shape.input_is_sequence and not channels_first:
         x = g.add("Transpose", [x], f"{name}.channels_first", perm=[1, 2, 0])  # (T, B, C) -> (B, C, T)
     if layer.kind == "conv1d":
         size = (config["kernel_size"] - 1) * config["dilation_rate"] + 1
+        padding = config["padding"]
+        if history is not None:
+            past = g.add("Transpose", [history], f"{name}.history", perm=[0, 2, 1])   # (B, C, H)
+            x = g.add("Concat", [past, x], f"{name}.extended", axis=2)                 # (B, C, H + T)
+            last = g.add("Slice", [x, g.ints(1 - size), g.ints(np.iinfo(np.int64).max), g.ints(2)],
+                         f"{name}.last")                                                 # (B, C, H)
+            history = g.add("Transpose", [last], f"{name}.new_history", perm=[0, 2, 1])  # (B, H, C)
+            padding = "valid"
         inputs = [x, g.constant(f"{name}.W", np.ascontiguousarray(weights["kernel"].transpose(2, 1, 0)))]
         if config["use_bias"]:
             inputs.append(g.constant(f"{name}.B", weights["bias"]))
         y = g.add("Conv", inputs, f"{name}.conv", node=name, kernel_shape=[config["kernel_size"]],
                   strides=[config["strides"]], dilations=[config["dilation_rate"]], group=config["groups"],
-                  **_padding_attributes(size, config["strides"], config["padding"]))
+                  **_padding_attributes(size, config["strides"], padding))
         activation = config["activation"]
         if activation in ACTIVATIONS:
             over_channels = {"axis": 1} if activation == "softmax" else {}
             y = g.add(ACTIVATIONS[activation], [y], f"{name}.{activation}", **over_channels)
-        return y, True
+        return y, True, history
     if layer.kind in frontends.POOLING_KINDS:
         size, strides, padding = config["pool_size"], config["strides"], config["padding"]
         if padding == "same" and size < strides:
@@ -86,10 +101,10 @@ def write_layer(g, layer, shape, x: str, channels_first: bool) -> tuple[str, boo
             padding = "valid"  # a single-step window never reaches padding: the same windows
         extra = {"count_include_pad": 0} if layer.kind == "average_pooling1d" else {}
         return g.add(POOL_OPS[layer.kind], [x], f"{name}.pool", node=name, kernel_shape=[config["pool_size"]],
-                     strides=[strides], **extra, **_padding_attributes(size, strides, padding)), True
+                     strides=[strides], **extra, **_padding_attributes(size, strides, padding)), True, None
     if layer.kind in frontends.GLOBAL_POOLING_KINDS:
         pooled = g.add(POOL_OPS[layer.kind], [x], f"{name}.pool", node=name)  # (B, C, 1)
-        return g.add("Squeeze", [pooled, g.ints(2)], f"{name}.squeezed"), False
+        return g.add("Squeeze", [pooled, g.ints(2)], f"{name}.squeezed"), False, None
     channels = shape.input_dim
     gamma = weights["gamma"] if config["scale"] else np.ones(channels, np.float32)
     beta = weights["beta"] if config["center"] else np.zeros(channels, np.float32)
@@ -97,7 +112,7 @@ def write_layer(g, layer, shape, x: str, channels_first: bool) -> tuple[str, boo
                                      g.constant(f"{name}.mean", weights["moving_mean"]),
                                      g.constant(f"{name}.var", weights["moving_variance"])],
               f"{name}.normalized", node=name, epsilon=config["epsilon"])
-    return y, shape.input_is_sequence
+    return y, shape.input_is_sequence, None
 
 
 # ----- reading (hooked into onnx_reader's interpreter: each reader gets it, the operands and attributes) --

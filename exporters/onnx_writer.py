@@ -3,7 +3,8 @@
 Graph interface (``batch`` and ``time`` are dynamic):
 
     input               (batch, time, features) float32
-    initial_state_<k>   (batch, units_k)   only with state_io=True; feeds the GRU's initial_h
+    initial_state_<k>   (batch, units_k)   only with state_io=True; feeds the GRU's initial_h, or for a
+                        (batch, steps, channels) causal Conv1D, its last inputs of earlier calls
     output              (batch, time, D) or (batch, D): the model's main output
     output_forward,     instead of ``output`` when the last layer is Bidirectional(merge_mode=None)
     output_backward
@@ -145,13 +146,24 @@ def _main_names(spec: ModelSpec) -> list[str]:
     return [OUTPUT]
 
 
+def _state_dims(spec: ModelSpec, shapes, state_io: bool) -> list[list[int]]:
+    """Per carried state k, its dims after batch: (units,) per GRU direction and, with state_io, the
+    (steps, channels) history of each causal Conv1D, in layer order (as ``Stream.state``)."""
+    dims = []
+    for layer, shape in zip(spec.layers, shapes):
+        if state_io and onnx_conv.carries_history(layer):
+            dims.append([frontends.history_steps(layer), shape.input_dim])
+        dims += [[units] for units in shape.state_dims]
+    return dims
+
+
 def _returned_states(spec: ModelSpec, shapes, state_io: bool) -> range:
-    """Which directions' final carries the graph returns (k counts GRU directions in layer order)."""
-    directions = sum(len(shape.state_dims) for shape in shapes)
+    """Which carried states the graph returns (k counts them in layer order, see ``_state_dims``)."""
+    count = len(_state_dims(spec, shapes, state_io))
     if state_io:
-        return range(directions)
+        return range(count)
     if spec.output_count > len(_main_names(spec)):  # Keras return_state: the last layer's carries
-        return range(directions - len(shapes[-1].state_dims), directions)
+        return range(count - len(shapes[-1].state_dims), count)
     return range(0)
 
 
@@ -306,8 +318,8 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     _check_opset(opset)
     shapes = validate(spec)
     _refuse_unexpressible(spec)
-    directions = sum(len(shape.state_dims) for shape in shapes)
-    g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(directions)])
+    state_dims = _state_dims(spec, shapes, state_io)
+    g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(len(state_dims))])
     inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "time", spec.input_features])]
     x = g.add("Transpose", [INPUT], "time_major", perm=[1, 0, 2])  # (T, B, F): ONNX GRU's layout
     finals = []  # (B, units) per GRU direction, None where the graph does not need it
@@ -315,7 +327,14 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     layers = frontends.fold_batch_norms(spec.layers, shapes)
     for index, (layer, shape) in enumerate(layers):
         if layer.kind in frontends.KINDS:
-            x, channels_first = onnx_conv.write_layer(g, layer, shape, x, channels_first)
+            history = None
+            if state_io and onnx_conv.carries_history(layer):
+                history = initial_state_name(len(finals))
+                inputs.append(helper.make_tensor_value_info(history, TensorProto.FLOAT,
+                                                            ["batch"] + state_dims[len(finals)]))
+            x, channels_first, history = onnx_conv.write_layer(g, layer, shape, x, channels_first, history)
+            if history:
+                finals.append(history)
             continue
         x, channels_first = onnx_conv.time_major(g, x, channels_first), False
         if layer.kind == "dense":
@@ -347,10 +366,9 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
         g.name_output(tensor, name)
         graph_outputs.append(helper.make_tensor_value_info(
             name, TensorProto.FLOAT, ["batch", time, width] if last.output_is_sequence else ["batch", width]))
-    state_units = [units for shape in shapes for units in shape.state_dims]
     for k in _returned_states(spec, shapes, state_io):
         g.name_output(finals[k], state_name(k))
-        graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch", state_units[k]]))
+        graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch"] + state_dims[k]))
     graph = helper.make_graph(g.nodes, "gru_engine", inputs, graph_outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="gru-engine")
     # The oldest IR version that carries this opset, so older runtimes can load the file.
