@@ -9,12 +9,13 @@ import numpy as np
 
 from gru_engine import bundle, frontends
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import (DENSE_ACTIVATIONS, GRU_ACTIVATIONS, MERGE_MODES, Layer, ModelSpec, sample_input,
-                             validate)
+from gru_engine.spec import (DENSE_ACTIVATIONS, MERGE_MODES, RECURRENT_ACTIVATIONS, RECURRENT_FAMILIES, Layer,
+                             ModelSpec, sample_input, validate)
 
-SUPPORTED = ("InputLayer, Masking, GRU, Bidirectional(GRU), Dense (per time step on sequences), Dropout, "
-             "Conv1D, MaxPooling1D, AveragePooling1D, GlobalAveragePooling1D, GlobalMaxPooling1D, "
-             "BatchNormalization (channels_last), in a Sequential model or a functional single chain")
+SUPPORTED = ("InputLayer, Masking, GRU, LSTM, SimpleRNN, Bidirectional(GRU, LSTM or SimpleRNN), Dense (per time "
+             "step on sequences), Dropout, Conv1D, MaxPooling1D, AveragePooling1D, GlobalAveragePooling1D, "
+             "GlobalMaxPooling1D, BatchNormalization (channels_last), in a Sequential model or a functional "
+             "single chain")
 SELF_CHECK_BATCH = 2
 SELF_CHECK_STEPS = 7
 
@@ -54,28 +55,44 @@ def _check_dtype(layer) -> None:
                        "so build the layer with dtype='float32'")
 
 
-def _gru(layer) -> tuple[dict, dict]:
+def _recurrent_kind(layer) -> str | None:
+    """The spec kind of a Keras GRU, LSTM or SimpleRNN layer (exact classes: a subclass may compute
+    anything), else None."""
     import keras
 
-    if type(layer) is not keras.layers.GRU:
-        _refuse(layer, "only GRU layers are supported inside Bidirectional")
+    for kind, family in RECURRENT_FAMILIES.items():
+        if type(layer) is getattr(keras.layers, family.keras_class):
+            return kind
+    return None
+
+
+def _recurrent(layer) -> tuple[str, dict, dict]:
+    """(kind, config, weights) of a GRU, LSTM or SimpleRNN layer. LSTM's unit_forget_bias only
+    initialises the bias, so nothing of it is needed to run the layer."""
+    kind = _recurrent_kind(layer)
+    if kind is None:
+        _refuse(layer, "only GRU, LSTM and SimpleRNN layers are supported inside Bidirectional")
     _check_dtype(layer)
     config = layer.get_config()
-    gru_config = {
+    options = {
         "units": int(config["units"]),
-        "activation": _activation_name(layer, layer.cell.activation, GRU_ACTIVATIONS),
-        "recurrent_activation": _activation_name(layer, layer.cell.recurrent_activation, GRU_ACTIVATIONS),
+        "activation": _activation_name(layer, layer.cell.activation, RECURRENT_ACTIVATIONS),
         "use_bias": bool(config["use_bias"]),
-        "reset_after": bool(config["reset_after"]),
         "return_sequences": bool(config["return_sequences"]),
         "return_state": bool(config["return_state"]),
         "go_backwards": bool(config["go_backwards"]),
         "zero_output_for_mask": bool(layer.zero_output_for_mask),
         "stateful": bool(config["stateful"]),
     }
-    names = ["kernel", "recurrent_kernel"] + (["bias"] if gru_config["use_bias"] else [])
+    keys = RECURRENT_FAMILIES[kind].config_keys
+    if "recurrent_activation" in keys:
+        options["recurrent_activation"] = _activation_name(layer, layer.cell.recurrent_activation,
+                                                           RECURRENT_ACTIVATIONS)
+    if "reset_after" in keys:
+        options["reset_after"] = bool(config["reset_after"])
+    names = ["kernel", "recurrent_kernel"] + (["bias"] if options["use_bias"] else [])
     weights = {name: np.asarray(value, np.float32) for name, value in zip(names, layer.get_weights())}
-    return gru_config, weights
+    return kind, options, weights
 
 
 def _frontend(layer) -> Layer:
@@ -132,19 +149,24 @@ def _layer(layer) -> Layer | None:
                      {name: np.asarray(value, np.float32) for name, value in zip(names, layer.get_weights())})
     if kind.__name__ in frontends.KERAS_CLASS_NAMES.values() and kind is getattr(keras.layers, kind.__name__):
         return _frontend(layer)
-    if kind is keras.layers.GRU:
-        config, weights = _gru(layer)
-        return Layer("gru", layer.name, config, weights)
+    if _recurrent_kind(layer):
+        kind, config, weights = _recurrent(layer)
+        return Layer(kind, layer.name, config, weights)
     if kind is keras.layers.Bidirectional:
         if layer.merge_mode not in MERGE_MODES:
             _refuse(layer, f"merge_mode {layer.merge_mode!r} is not supported; use one of {list(MERGE_MODES)}")
-        forward, forward_weights = _gru(layer.forward_layer)
-        backward, backward_weights = _gru(layer.backward_layer)
+        wrapped, forward, forward_weights = _recurrent(layer.forward_layer)
+        backward_kind, backward, backward_weights = _recurrent(layer.backward_layer)
+        if backward_kind != wrapped:
+            _refuse(layer, f"its forward layer is {wrapped} and its backward layer {backward_kind}; "
+                           "both directions must be the same kind of layer")
         # Bidirectional re-aligns the backward outputs and forces zero_output_for_mask itself.
         weights = {f"forward.{k}": v for k, v in forward_weights.items()}
         weights.update({f"backward.{k}": v for k, v in backward_weights.items()})
-        return Layer("bidirectional", layer.name,
-                     {"merge_mode": layer.merge_mode, "forward": forward, "backward": backward}, weights)
+        config = {"merge_mode": layer.merge_mode, "forward": forward, "backward": backward}
+        if wrapped != "gru":  # absent for GRU, so that older gru-engine versions read GRU bundles
+            config["layer"] = wrapped
+        return Layer("bidirectional", layer.name, config, weights)
     _refuse(layer, "this layer type is not supported")
 
 
@@ -181,7 +203,7 @@ def _self_check_input(model, spec: ModelSpec) -> np.ndarray:
 
 
 def reset_states(model) -> None:
-    """Zero the carries of every stateful GRU (also inside Bidirectional)."""
+    """Zero the carries of every stateful recurrent layer (also inside Bidirectional)."""
     for layer in model.layers:
         for inner in (layer, getattr(layer, "forward_layer", None), getattr(layer, "backward_layer", None)):
             if inner is not None and getattr(inner, "stateful", False):

@@ -115,7 +115,7 @@ def write_layer(g, layer, shape, x: str, channels_first: bool, history: str | No
     return y, shape.input_is_sequence, None
 
 
-# ----- reading (hooked into onnx_reader's interpreter: each reader gets it, the operands and attributes) --
+# ----- reading (methods of onnx_reader's interpreter: each gets it, the operands and attributes) -----
 
 def _labels():
     from . import onnx_reader  # imported here: onnx_reader imports this module's writer side indirectly
@@ -236,12 +236,17 @@ def read_batch_normalization(reader, operands, attributes):
     return _append(chain, Layer("batch_normalization", reader.layer_name(), config, weights), chain.width)
 
 
-READERS = {
-    "Conv": read_conv,
-    "MaxPool": lambda reader, operands, attributes: _read_pool(reader, operands, attributes, "max_pooling1d"),
-    "AveragePool": lambda reader, operands, attributes: _read_pool(reader, operands, attributes, "average_pooling1d"),
-    "GlobalMaxPool": lambda reader, operands, attributes: _read_global_pool(reader, operands, "global_max_pooling1d"),
-    "GlobalAveragePool": lambda reader, operands, attributes: _read_global_pool(
-        reader, operands, "global_average_pooling1d"),
-    "BatchNormalization": read_batch_normalization,
-}
+def read_max_pool(reader, operands, attributes):
+    return _read_pool(reader, operands, attributes, "max_pooling1d")
+
+
+def read_average_pool(reader, operands, attributes):
+    return _read_pool(reader, operands, attributes, "average_pooling1d")
+
+
+def read_global_max_pool(reader, operands, attributes):
+    return _read_global_pool(reader, operands, "global_max_pooling1d")
+
+
+def read_global_average_pool(reader, operands, attributes):
+    return _read_global_pool(reader, operands, "global_average_pooling1d")

@@ -13,9 +13,9 @@ import numba
 import numpy as np
 
 from . import frontends, transforms
-from .kernels import activations, gru, plan, products, recurrent
+from .kernels import activations, lstm, plan, products, recurrent
 from .errors import InputError
-from .spec import ModelSpec, output_shapes, stream_blockers, validate
+from .spec import RECURRENT_FAMILIES, ModelSpec, output_shapes, recurrent_kind, stream_blockers, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -44,6 +44,58 @@ def recurrent_kernel_blocks(config, recurrent_kernel, width):
     return pad_columns(blocks, config["units"] * width)
 
 
+def gru_tensors(config, weights, prefix, width) -> dict:
+    """A GRU direction's packed tensors (see ``kernels.gru.gru_layer``)."""
+    units = config["units"]
+    bias = weights.get(prefix + "bias")
+    if bias is None:
+        input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
+    elif config["reset_after"]:
+        # Both biases of z and r are added to the same sum: fold them into one, which the
+        # kernel's recurrent sum starts from.
+        two = 2 * units
+        input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
+        recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
+    else:
+        input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
+    return {
+        "kernel": pad_columns(weights[prefix + "kernel"], width),
+        "recurrent_kernel": recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width),
+        "input_bias": pad_columns(input_bias, width),
+        "recurrent_bias": pad_columns(recurrent_bias, width),
+        "option": int(config["reset_after"]),
+    }
+
+
+def lstm_tensors(config, weights, prefix, width) -> dict:
+    """An LSTM direction's packed tensors: gate columns reordered i | f | o | c (``kernels.lstm``)."""
+    units = config["units"]
+
+    def reorder(matrix):
+        blocks = np.split(np.asarray(matrix, np.float32), 4, axis=-1)
+        return pad_columns(np.concatenate([blocks[gate] for gate in lstm.PACKED_GATES], axis=-1), width)
+
+    bias = weights.get(prefix + "bias", np.zeros(4 * units, np.float32))
+    return {"kernel": reorder(weights[prefix + "kernel"]),
+            "recurrent_kernel": reorder(weights[prefix + "recurrent_kernel"]), "input_bias": reorder(bias)}
+
+
+def simple_rnn_tensors(config, weights, prefix, width) -> dict:
+    """A SimpleRNN direction's packed tensors (``kernels.simple_rnn``)."""
+    bias = weights.get(prefix + "bias", np.zeros(config["units"], np.float32))
+    return {"kernel": pad_columns(weights[prefix + "kernel"], width),
+            "recurrent_kernel": pad_columns(weights[prefix + "recurrent_kernel"], width),
+            "input_bias": pad_columns(bias, width)}
+
+
+# Per recurrent family: its cell code in the plan and how its tensors are packed.
+PACKERS = {
+    "gru": (recurrent.CELL_GRU, gru_tensors),
+    "lstm": (recurrent.CELL_LSTM, lstm_tensors),
+    "simple_rnn": (recurrent.CELL_SIMPLE_RNN, simple_rnn_tensors),
+}
+
+
 def masked_output(config, streaming: bool) -> int:
     if config["zero_output_for_mask"]:
         return recurrent.MASKED_ZERO
@@ -62,7 +114,8 @@ def parallel_launch_is_thread_safe() -> bool:
         return False
 
 
-KERAS_CLASS_NAMES = {"masking": "Masking", "gru": "GRU", "bidirectional": "Bidirectional", "dense": "Dense",
+KERAS_CLASS_NAMES = {"masking": "Masking", "bidirectional": "Bidirectional", "dense": "Dense",
+                     **{kind: family.keras_class for kind, family in RECURRENT_FAMILIES.items()},
                      **frontends.KERAS_CLASS_NAMES}
 FRONTEND_KIND_CODES = {"conv1d": plan.KIND_CONV1D, "max_pooling1d": plan.KIND_MAX_POOLING,
                        "average_pooling1d": plan.KIND_AVERAGE_POOLING,
@@ -90,7 +143,7 @@ def aligned_empty(shape) -> np.ndarray:
 
 
 class _Program:
-    """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
+    """A plan and packed weights; ``streaming`` makes every recurrent layer emit each step's output."""
 
     def __init__(self, spec: ModelSpec, shapes, streaming: bool):
         rows, chunks = [], []
@@ -109,39 +162,29 @@ class _Program:
         carry_dims, carry_shapes = [], []
         max_dim, max_gate_width = spec.input_features, 3
 
-        def gru_block(config, weights, prefix) -> list[int]:
+        def direction_block(kind, config, weights, prefix) -> list[int]:
+            nonlocal max_gate_width
             units = config["units"]
-            bias = weights.get(prefix + "bias")
-            if bias is None:
-                input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
-            elif config["reset_after"]:
-                # Both biases of z and r are added to the same sum: fold them into one, which the
-                # kernel's recurrent sum starts from.
-                two = 2 * units
-                input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
-                recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
-            else:
-                input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
-            width = int(products.padded(3 * units))
-            input_bias, recurrent_bias = pad_columns(input_bias, width), pad_columns(recurrent_bias, width)
-            carry_offset = sum(carry_dims)
-            carry_dims.append(units)
-            carry_shapes.append((units,))
+            width = int(products.padded(RECURRENT_FAMILIES[kind].gates * units))
+            max_gate_width = max(max_gate_width, width)
+            cell, pack = PACKERS[kind]
+            tensors = pack(config, weights, prefix, width)
             block = {
+                "cell": cell,
                 "units": units,
                 "activation": activations.ACTIVATION_CODES[config["activation"]],
-                "recurrent_activation": activations.ACTIVATION_CODES[config["recurrent_activation"]],
-                "reset_after": int(config["reset_after"]),
+                "recurrent_activation": activations.ACTIVATION_CODES[config.get("recurrent_activation", "linear")],
                 "go_backwards": int(config["go_backwards"]),
                 "return_sequences": int(config["return_sequences"] or streaming),
                 "masked_output": masked_output(config, streaming),
-                "kernel": put(pad_columns(weights[prefix + "kernel"], width)),
-                "recurrent_kernel": put(recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width)),
-                "input_bias": put(input_bias),
-                "recurrent_bias": put(recurrent_bias),
-                "carry": carry_offset,
+                "carry": sum(carry_dims),
+                "option": tensors.pop("option", 0),
+                "recurrent_bias": 0,
             }
-            return [block[name] for name in gru.GRU_BLOCK]
+            block.update({name: put(array) for name, array in tensors.items()})
+            carry_dims.extend([units] * RECURRENT_FAMILIES[kind].carries)
+            carry_shapes.extend([(units,)] * RECURRENT_FAMILIES[kind].carries)
+            return [block[name] for name in recurrent.DIRECTION_BLOCK]
 
         def frontend_row(row, layer, input_dim):
             """Fill the plan row of a front-end layer."""
@@ -187,18 +230,17 @@ class _Program:
                 row[plan.COL_DENSE_ACTIVATION] = activations.ACTIVATION_CODES[layer.config["activation"]]
                 row[plan.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
                 row[plan.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
-            elif layer.kind == "gru":
-                row[plan.COL_KIND] = plan.KIND_GRU
-                row[plan.COL_FORWARD:plan.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
-                max_gate_width = max(max_gate_width, products.padded(3 * layer.config["units"]))
-            else:
+            elif layer.kind == "bidirectional":
+                kind = recurrent_kind(layer)
                 row[plan.COL_KIND] = plan.KIND_BIDIRECTIONAL
                 row[plan.COL_MERGE] = recurrent.MERGE_CODES[layer.config["merge_mode"]]
-                row[plan.COL_FORWARD:plan.COL_BACKWARD] = gru_block(
-                    layer.config["forward"], layer.weights, "forward.")
-                row[plan.COL_BACKWARD:plan.COL_BACKWARD + gru.BLOCK_WIDTH] = gru_block(
-                    layer.config["backward"], layer.weights, "backward.")
-                max_gate_width = max(max_gate_width, products.padded(3 * max(shape.state_dims)))
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(
+                    kind, layer.config["forward"], layer.weights, "forward.")
+                row[plan.COL_BACKWARD:plan.COL_BACKWARD + recurrent.BLOCK_WIDTH] = direction_block(
+                    kind, layer.config["backward"], layer.weights, "backward.")
+            else:  # gru, lstm, simple_rnn: one direction block, whose cell is the row's kind
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(layer.kind, layer.config, layer.weights, "")
+                row[plan.COL_KIND] = row[plan.COL_FORWARD + recurrent.B_CELL]
             rows.append(row)
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         packed = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
@@ -331,8 +373,9 @@ def fill_carry(states, batch: int, program: _Program, carry=None) -> np.ndarray:
     states = [states] if isinstance(states, np.ndarray) else list(states)
     shapes = [(batch,) + shape for shape in program.carry_shapes]
     if len(states) != len(shapes):
-        raise InputError(f"the state needs {len(shapes)} arrays (one per GRU direction, and for a stream one "
-                         f"per causal Conv1D), of shapes {shapes}; got {len(states)}")
+        raise InputError(f"initial_state needs {len(shapes)} arrays (one per carry: h per GRU or SimpleRNN "
+                         "direction, h then c per LSTM direction, and in a stream the last inputs of each causal "
+                         f"Conv1D; shapes {shapes}), got {len(states)}")
     offset = 0
     for index, (state, shape, size) in enumerate(zip(states, shapes, program.carry_dims)):
         state = as_array(state, f"initial_state[{index}]")
@@ -368,11 +411,12 @@ class Model:
 
     @property
     def state_shapes(self) -> list[int]:
-        """Units of each carry, one per GRU direction, in layer order."""
+        """Units of each carry in layer order: h per GRU or SimpleRNN direction, h then c per LSTM one."""
         return list(self._program.carry_dims)
 
     def _initial_carry(self, initial_state, batch: int, carry=None) -> np.ndarray:
-        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state`` (one array per direction)."""
+        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state``: one array per carry
+        (see ``state_shapes``), in layer order."""
         return fill_carry(initial_state, batch, self._program, carry)
 
     def predict(self, x, initial_state=None):
@@ -496,8 +540,9 @@ class Stream:
 
     @property
     def state(self) -> list[np.ndarray]:
-        """Copies of the carries in layer order: one (batch, units) array per GRU direction, and one
-        (batch, (kernel_size - 1) * dilation_rate, channels) array of last inputs per causal Conv1D."""
+        """Copies of the carries in layer order: (batch, units) arrays, h per GRU or SimpleRNN direction,
+        h then c per LSTM direction (Keras's initial_state order), and one (batch, (kernel_size - 1) *
+        dilation_rate, channels) array of last inputs per causal Conv1D. Assign such a list to restore them."""
         with self._lock:
             return self._split_carry()
 

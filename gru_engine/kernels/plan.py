@@ -13,17 +13,21 @@ from .._flags import KERNEL_FLAGS, PARALLEL_KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO
 from .conv import conv1d_layer
 from .dense import dense_layer
-from .gru import BLOCK_WIDTH, gru_block
+from .gru import gru_block
+from .lstm import lstm_block
 from .masking import mask_steps
 from .pooling import affine_layer, global_pool_layer, pool1d_layer
 from .products import BLOCK, padded
-from .recurrent import PROJECT_AHEAD, merge_directions
+from .recurrent import B_CELL, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN, PROJECT_AHEAD, merge_directions
+from .simple_rnn import simple_rnn_block
 
-# Layer kinds in column 0 of a plan row.
+# Layer kinds in column 0 of a plan row; a recurrent layer's kind is the cell its block runs.
 KIND_MASKING = 0
-KIND_GRU = 1
+KIND_GRU = CELL_GRU
 KIND_BIDIRECTIONAL = 2
 KIND_DENSE = 3
+KIND_LSTM = CELL_LSTM
+KIND_SIMPLE_RNN = CELL_SIMPLE_RNN
 # Front-end kinds (convolution, pooling, normalization) from 10 on; each may change the row count.
 KIND_CONV1D = 10
 KIND_MAX_POOLING = 11
@@ -39,7 +43,8 @@ COL_KIND, COL_IN, COL_OUT = 0, 1, 2
 COL_MASK_VALUE = 3
 # dense: activation, kernel offset, bias offset
 COL_DENSE_ACTIVATION, COL_DENSE_KERNEL, COL_DENSE_BIAS = 3, 4, 5
-# gru and bidirectional: merge mode, then one direction block (forward), then a second (backward)
+# recurrent and bidirectional: merge mode, then one direction block (forward), then a second
+# (backward); each block names its cell (see ``recurrent.DIRECTION_BLOCK``)
 COL_MERGE = 3
 COL_FORWARD, COL_BACKWARD = 4, 4 + BLOCK_WIDTH
 # conv1d: activation, kernel offset, bias offset, groups, kernel_size, strides, dilation, padding code,
@@ -83,13 +88,31 @@ def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, out):
 
 
 @njit(**KERNEL_FLAGS)
+def run_direction(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates, spare,
+                  out, time_ordered_output):
+    """Run the direction block at columns col.. with its cell's kernel; returns (units, return_sequences).
+
+    hidden, spare: (S, >=Pmax) scratch: the carry h while running, and GRU's r * h or LSTM's c.
+    """
+    cell = row[col + B_CELL]
+    if cell == CELL_LSTM:
+        return lstm_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, spare,
+                          xw, gates, out, time_ordered_output)
+    if cell == CELL_SIMPLE_RNN:
+        return simple_rnn_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden,
+                                xw, gates, out, time_ordered_output)
+    return gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates,
+                     spare, out, time_ordered_output)
+
+
+@njit(**KERNEL_FLAGS)
 def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     """Run the whole chain on a block of up to BLOCK samples in lockstep.
 
     plan:    (L, PLAN_WIDTH) int64
     weights: (W,)            float32, every layer's tensors packed
     x:       (S, T, F)       input
-    carry:   (S, C)          every GRU direction's carry, read as initial state, left as final state
+    carry:   (S, C)          every recurrent direction's carries, read as initial state, left as final state
     work:    (K,)            scratch, see ``workspace_size``
     out:     (S, rows * D)   the last layer's output, rows = T for sequences, else 1
     """
@@ -109,7 +132,7 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
     offset += samples * ahead * max_gate_width
     gates = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
     offset += samples * max_gate_width
-    candidate = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))  # (S, Pmax)
+    spare = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
     offset += samples * max_gate_width
     hidden = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))     # (S, Pmax)
     offset += samples * max_gate_width
@@ -141,12 +164,12 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
                         weights[k:k + input_dim * output_dim].reshape((input_dim, output_dim)),
                         weights[b:b + output_dim], row[COL_DENSE_ACTIVATION], following)
         else:
-            units, sequences = gru_block(row, COL_FORWARD, weights, input_dim, current, samples, rows, mask,
-                                         masked, carry, hidden, xw, gates, candidate, following, False)
+            units, sequences = run_direction(row, COL_FORWARD, weights, input_dim, current, samples, rows, mask,
+                                             masked, carry, hidden, xw, gates, spare, following, False)
             bidirectional = kind == KIND_BIDIRECTIONAL
             if bidirectional:
-                backward_units, _ = gru_block(row, COL_BACKWARD, weights, input_dim, current, samples, rows,
-                                              mask, masked, carry, hidden, xw, gates, candidate, backward, True)
+                backward_units, _ = run_direction(row, COL_BACKWARD, weights, input_dim, current, samples, rows,
+                                                  mask, masked, carry, hidden, xw, gates, spare, backward, True)
             if not sequences:
                 # Keep the last output: forward at t=T-1 (a Bidirectional's backward one is at t=0).
                 for s in range(samples):
