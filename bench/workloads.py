@@ -8,8 +8,7 @@ measures the same model:
   airline-passengers forecaster).
 - ``gru<H>``:  GRU(H) -> Dense(1), one feature: the sweeps over hidden size and sequence length.
 - ``guitar``:  GuitarLSTM's shape, Conv1D(16, 12, strides 4, same) -> Conv1D(16, 12, strides 3, same)
-  -> GRU(36) -> Dense(1) over windows of 120 samples (GuitarLSTM has an LSTM(36) there; a GRU
-  stands in until the engine runs LSTMs).
+  -> LSTM(36) -> Dense(1) over windows of 120 samples.
 - ``causal``:  Conv1D(16, 3, causal, dilation 2, tanh) -> GRU(32) -> Dense(1): a convolutional
   front-end that streams, one sample per step.
 
@@ -55,14 +54,16 @@ def threads_label(threads) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How to get a Keras model: built from stacked GRU widths, or loaded from a user's file."""
+    """How to get a Keras model: built from Conv1D layers and stacked GRU or LSTM widths, or loaded from a
+    user's file."""
 
     key: str                      # workloads with the same key share one model (and its exports)
     features: int = 1
     units: tuple[int, ...] = ()   # GRU widths; every GRU but the last returns sequences; then Dense(1)
     seed: int = 0
     keras_path: str | None = None
-    front: tuple = ()             # Conv1D layers before the GRUs, see GUITAR_FRONT
+    front: tuple = ()             # Conv1D layers before the recurrent ones, see GUITAR_FRONT
+    cell: str = "gru"             # the recurrent layers' kind: gru or lstm
 
     def build(self):
         if self.keras_path:
@@ -74,7 +75,7 @@ class Recipe:
         layers += [keras.layers.Conv1D(filters, size, strides=strides, padding=padding, dilation_rate=dilation,
                                        activation=activation)
                    for filters, size, strides, padding, dilation, activation in self.front]
-        layers += [keras.layers.GRU(width, return_sequences=index < len(self.units) - 1)
+        layers += [getattr(keras.layers, self.cell.upper())(width, return_sequences=index < len(self.units) - 1)
                    for index, width in enumerate(self.units)]
         layers.append(keras.layers.Dense(1))
         return keras.Sequential(layers, name=self.key)
@@ -85,7 +86,7 @@ class Recipe:
         convolutions = [f"Conv1D({filters},{size}{f',s{strides}' if strides > 1 else ''}"
                         f"{f',d{dilation}' if dilation > 1 else ''},{padding})"
                         for filters, size, strides, padding, dilation, _ in self.front]
-        layers = "->".join(convolutions + [f"GRU({width})" for width in self.units] + ["Dense(1)"])
+        layers = "->".join(convolutions + [f"{self.cell.upper()}({width})" for width in self.units] + ["Dense(1)"])
         return f"{layers}, {self.features} feature{'s' if self.features > 1 else ''}"
 
 
@@ -132,7 +133,7 @@ def _single(units: int) -> Recipe:
 
 
 def guitar_recipe() -> Recipe:
-    return Recipe("guitar", 1, (36,), front=GUITAR_FRONT)
+    return Recipe("guitar", 1, (36,), front=GUITAR_FRONT, cell="lstm")
 
 
 def causal_recipe() -> Recipe:
