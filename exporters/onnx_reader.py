@@ -66,8 +66,9 @@ from .onnx_writer import RECURRENT_ACTIVATIONS
 
 # Axis labels: the model's batch and time, a feature axis, the GRU's direction axis, a size-1 axis.
 BATCH, TIME, FEATURE, DIRECTION, ONE = "batch", "time", "features", "direction", "1"
-SUPPORTED = ("GRU, LSTM and RNN nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of the two "
-             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers")
+SUPPORTED = ("GRU, LSTM and RNN nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges "
+             "of the two directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers")
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")  # never folded, even with every input constant
 GRU_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
                   "layout", "linear_before_reset"}
 # ONNX activation (lower case) -> (Keras name, alpha, beta) of the ones the engine computes exactly.
@@ -295,7 +296,7 @@ class _Reader:
     def _evaluate(self, node, operands, attributes) -> list:
         if node.domain not in ("", "ai.onnx"):
             self.fail(f"custom operator domain '{node.domain}'")
-        if node.op_type not in ("GRU", "LSTM", "RNN") and all(isinstance(value, (_Const, type(None))) for value in operands):
+        if node.op_type not in RECURRENT_OPS and all(isinstance(value, (_Const, type(None))) for value in operands):
             return self._fold(node, operands)
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is None:
@@ -454,7 +455,8 @@ class _Reader:
             return _Recurrent(value.directions, axes, sequence=False)
         chain = self.chain(value)
         recurrent = [i for i, layer in enumerate(chain.layers) if layer.kind != "dense"]
-        if position != (0 if chain.flipped else -1) or not recurrent or chain.layers[recurrent[-1]].kind == "bidirectional":
+        if position != (0 if chain.flipped else -1) or not recurrent \
+                or chain.layers[recurrent[-1]].kind == "bidirectional":
             self.fail("takes a time step other than the last one a (unidirectional) GRU processed")
         index = recurrent[-1]
         layer = chain.layers[index]
