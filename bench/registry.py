@@ -10,6 +10,10 @@ Streaming implementations (``streaming=True``: engine-stream, ort-native-stream)
 ``step(x_t) -> (batch, D)``, which carries the state from call to call. Called on a window it
 steps through it from zero state, so parity tests compare it like any other run; the benchmarks
 time ``step`` itself, one time step per call.
+
+Compiled implementations (c-export, c-export-stream) hand the runner a ``Looped`` call: besides
+one call, it can repeat itself n times inside a compiled loop, so the time per call excludes the
+ctypes call that a C user would not pay.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ class Subject:
 
 
 def streamable(spec) -> bool:
-    """Whether a model can run one step at a time: nothing reads the sequence backwards."""
+    """Whether a model can run one step at a time (see ``gru_engine.spec.stream_blockers``)."""
     from gru_engine.spec import backward_layers
     return not backward_layers(spec)
 
@@ -149,10 +153,11 @@ def _ort_native_stream(subject: Subject, threads: int) -> Streaming:
     input_name = next(i.name for i in session.get_inputs() if i.name not in state_names)
     output_name = next(o.name for o in session.get_outputs() if not o.name.startswith("state_"))
     carried_names = ["state_" + name[len("initial_state_"):] for name in state_names]
-    units = [int(i.shape[1]) for i in session.get_inputs() if i.name in state_names]
+    # (units,) per GRU direction, (steps, channels) per causal Conv1D history
+    dims = [tuple(int(d) for d in i.shape[1:]) for i in session.get_inputs() if i.name in state_names]
 
     def start(batch: int) -> Step:
-        feeds = {name: np.zeros((batch, width), np.float32) for name, width in zip(state_names, units)}
+        feeds = {name: np.zeros((batch,) + shape, np.float32) for name, shape in zip(state_names, dims)}
 
         def step(x_t: np.ndarray) -> np.ndarray:
             feeds[input_name] = np.ascontiguousarray(x_t[:, None, :], np.float32)  # (batch, 1, features)
@@ -182,6 +187,140 @@ def _keras_call(subject: Subject, threads: int) -> Run:
     return lambda x: [np.asarray(o) for o in as_list(model(x, training=False))]
 
 
+# ----- the exported C, timed by a compiled loop -----------------------------------------------------
+
+# n back-to-back calls with no Python in between: the benchmark's timed unit.
+C_LOOP_PREDICT = """#include "model.h"
+
+void loop_predict(const float *x, size_t batch, size_t steps, float *y, float *work, size_t n);
+
+void loop_predict(const float *x, size_t batch, size_t steps, float *y, float *work, size_t n)
+{
+    const size_t rows = MODEL_OUTPUT_IS_SEQUENCE ? steps : 1;
+    size_t i, s;
+    for (i = 0; i < n; i++)
+        for (s = 0; s < batch; s++)
+            model_predict(x + s * steps * MODEL_INPUT_FEATURES, steps, y + s * rows * MODEL_OUTPUT_FEATURES, work);
+}
+"""
+C_LOOP_STEP = """
+void loop_step(model_state *states, const float *x, size_t batch, float *y, size_t n);
+
+void loop_step(model_state *states, const float *x, size_t batch, float *y, size_t n)
+{
+    size_t i, s;
+    for (i = 0; i < n; i++)
+        for (s = 0; s < batch; s++)
+            model_step(states + s, x + s * MODEL_INPUT_FEATURES, y + s * MODEL_OUTPUT_FEATURES);
+}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Looped:
+    """A call (``once``: one window or step, returning its output) that a compiled loop also repeats:
+    ``loop(n)`` makes n calls inside C, so the runner times C without Python's overhead per call."""
+
+    once: Callable[[], object]
+    loop: Callable[[int], None]
+
+    def __call__(self):
+        return self.once()
+
+    def timed(self, seconds: float) -> tuple[Callable[[], None], int]:
+        """A zero-argument call of ``loop(n)``, n chosen so that it lasts about ``seconds``; and n."""
+        import time
+        n = 1
+        while True:
+            start = time.perf_counter()
+            self.loop(n)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds / 4 or n >= 1 << 24:
+                n = max(1, round(n * seconds / max(elapsed, 1e-9)))
+                return (lambda: self.loop(n)), n
+            n *= 4
+
+
+@functools.cache
+def _compiled_c(subject: Subject):
+    """The subject exported with export_c and compiled with -O3 -march=native beside the C loops."""
+    import ctypes
+
+    from gru_engine.exporters import c_build
+    from gru_engine.exporters.c_writer import build_c
+
+    if c_build.compiler() is None:
+        raise ImportError("no C compiler (cc) on PATH")
+    directory = subject.workdir / "c-export"
+    directory.mkdir(exist_ok=True)
+    code = build_c(subject.spec, "model", origin=f"benchmark model {subject.name}")
+    (directory / "model.h").write_text(code.header)
+    (directory / "model.c").write_text(code.source)
+    (directory / "loop.c").write_text(C_LOOP_PREDICT + (C_LOOP_STEP if code.report["can_stream"] else ""))
+    library_path = c_build.build([directory / "model.c", directory / "loop.c"], directory / "libmodel.so",
+                                 flags=c_build.FAST_FLAGS, extra=("-shared", "-fPIC", f"-I{directory}"))
+    library = ctypes.CDLL(str(library_path))
+    return c_build.CModel(library, "model", code)
+
+
+def _c_export(subject: Subject, threads: int) -> Callable:
+    import ctypes
+
+    from gru_engine.exporters.c_build import FLOATS as floats
+    c_model = _compiled_c(subject)
+    c_model.library.loop_predict.argtypes = [floats, ctypes.c_size_t, ctypes.c_size_t, floats, floats, ctypes.c_size_t]
+
+    class Run:
+        def __call__(self, x):
+            return self.looped(x)()
+
+        def looped(self, x):
+            x = np.ascontiguousarray(x, np.float32)  # (batch, steps, features)
+            batch, steps = x.shape[:2]
+            rows = steps if c_model.output_is_sequence else 1
+            y = np.empty((batch, rows * c_model.output_features), np.float32)
+            work = c_model.work(steps)
+
+            def loop(n):
+                c_model.library.loop_predict(x, batch, steps, y, work, n)
+
+            def once():
+                loop(1)
+                return [y.reshape((batch, steps, -1) if c_model.output_is_sequence else (batch, -1)).copy()]
+            return Looped(once, loop)
+    return Run()
+
+
+def _c_export_stream(subject: Subject, threads: int) -> Streaming:
+    import ctypes
+
+    from gru_engine.exporters.c_build import FLOATS as floats
+    c_model = _compiled_c(subject)
+    c_model.library.loop_step.argtypes = [ctypes.c_char_p, floats, ctypes.c_size_t, floats, ctypes.c_size_t]
+
+    class Step:
+        def __init__(self, batch):
+            self.batch = batch
+            self.states = ctypes.create_string_buffer(c_model.state_bytes * batch)  # zero: NAME_reset's state
+
+        def __call__(self, x_t):
+            return self.looped(x_t)()
+
+        def looped(self, x_t):
+            x_t = np.ascontiguousarray(x_t, np.float32)  # (batch, features)
+            y = np.empty((self.batch, c_model.output_features), np.float32)
+
+            def loop(n):
+                c_model.library.loop_step(self.states, x_t, self.batch, y, n)
+
+            def once():
+                loop(1)
+                return y.copy()
+            return Looped(once, loop)
+    return Streaming(Step, subject.sequence_output)
+
+
+
 IMPLEMENTATIONS = {
     impl.name: impl for impl in [
         Implementation("engine", "gru-engine Model.predict", _engine, ("numba",)),
@@ -198,6 +337,9 @@ IMPLEMENTATIONS = {
         Implementation("tf-xla", "TensorFlow tf.function(jit_compile=True)", _tf_function(True), ("tensorflow",)),
         Implementation("keras-predict", "Keras model.predict", _keras_predict, ("keras",)),
         Implementation("keras-call", "Keras model(x)", _keras_call, ("keras",)),
+        Implementation("c-export", "export_c's C99 predict, -O3 -march=native, timed in a C loop, 1 thread",
+                       _c_export, ("numpy",)),
+        Implementation("c-export-stream", "export_c's C99 step, -O3 -march=native, timed in a C loop",
+                       _c_export_stream, ("numpy",), applies=lambda subject: subject.streamable, streaming=True),
     ]
 }
-

@@ -13,7 +13,8 @@ import math
 
 from gru_engine.fileio import atomic_write
 
-from .workloads import AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, threads_label
+from .workloads import (AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
+                        LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, threads_label)
 
 COLD_START_LIMIT_S = 0.5
 
@@ -36,6 +37,11 @@ RATIO_TARGETS = (
     RatioTarget(2, AIRLINE_THROUGHPUT, "ort-native", 1.5,
                 "airline batch 1024, all cores: engine / ort-native throughput"),
     RatioTarget(3, GFLOP_CASE, "ort-native", 1.5, "H=256 T=1000 batch 1, 1 thread: ort-native / engine"),
+    RatioTarget(5, LSTM_AIRLINE_B1, "ort-native", 2.0, "LSTM airline batch 1, 1 thread: ort-native / engine"),
+    RatioTarget(6, LSTM_AIRLINE_THROUGHPUT, "ort-native", 1.5,
+                "LSTM airline batch 1024, all cores: engine / ort-native throughput"),
+    RatioTarget(7, LSTM_AIRLINE_STEP, "ort-native-stream", 4.0,
+                "LSTM airline step, 1 thread: ort-native-stream / engine-stream"),
 )
 
 
@@ -62,7 +68,7 @@ def _verdict(passed: bool) -> str:
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's four targets, judged from this run's measurements (n/a when not measured)."""
+    """The speed targets, judged from this run's measurements (n/a when not measured), by number."""
     verdicts = []
     for target in RATIO_TARGETS:
         entry = {"number": target.number, "what": target.what, "target": f">= {target.minimum:g}x",
@@ -86,7 +92,7 @@ def evaluate_targets(results: dict) -> list[dict]:
     else:
         entry.update(measured=cold["difference_s"], verdict=_verdict(cold["difference_s"] <= COLD_START_LIMIT_S))
     verdicts.append(entry)
-    return verdicts
+    return sorted(verdicts, key=lambda verdict: verdict["number"])
 
 
 def _gflop_line(results: dict) -> str | None:

@@ -42,11 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_engine.kernels import padded
+from gru_engine.kernels.products import padded
 
 from . import machine, timing
 from . import score as score_bench
-from .registry import IMPLEMENTATIONS, Implementation, Subject
+from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
 from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
 from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
 
@@ -65,12 +65,14 @@ GFLOP_RECURRENT_BYTES = GFLOP_UNITS * int(padded(3 * GFLOP_UNITS)) * 4
 
 
 def gru_flops_per_step(spec) -> float:
-    """Multiply-adds x 2 of the GRU layers for one time step of one sample: 2*3*H*(I+H) per direction."""
-    from gru_engine.spec import validate
+    """Multiply-adds x 2 of the recurrent layers for one time step of one sample: 2*G*H*(I+H) per
+    direction, G gate blocks (GRU 3, LSTM 4, SimpleRNN 1)."""
+    from gru_engine.spec import RECURRENT_FAMILIES, recurrent_configs, recurrent_kind, validate
     flops = 0.0
     for layer, shape in zip(spec.layers, validate(spec)):
-        for units in shape.state_dims if layer.kind in ("gru", "bidirectional") else ():
-            flops += 2 * 3 * units * (shape.input_dim + units)
+        for config in recurrent_configs(layer):
+            units = config["units"]
+            flops += 2 * RECURRENT_FAMILIES[recurrent_kind(layer)].gates * units * (shape.input_dim + units)
     return flops
 
 
@@ -89,9 +91,10 @@ def prepare_call(impl: Implementation, subject: Subject, workload: Workload, x: 
     """The zero-argument call that is timed: one window, or one ``step`` of a stream opened here."""
     run = impl.prepare(subject, workload.threads)
     if impl.streaming:
-        step = run.start(workload.batch)
-        x_t = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
-        return lambda: step(x_t)
+        run = run.start(workload.batch)
+        x = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
+    if hasattr(run, "looped"):  # compiled: a Looped call, timed in its own loop
+        return run.looped(x)
     return lambda: run(x)
 
 
@@ -128,12 +131,17 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
             continue
         entries[name] = dict(entry, status="ok", first_call_s=first_s)
         calls[name], outputs[name] = call, _first_output(result)
+    # A Looped call is timed as n calls made inside its compiled loop (see registry.Looped).
+    repeats = {}
+    for name, call in calls.items():
+        if isinstance(call, Looped):
+            calls[name], repeats[name] = call.timed(budget.sample_s)
     samples, failures = timing.round_robin(calls, budget)
     for name, error in failures.items():
         entries[name].update(status="failed", note=error)
     for name, values in samples.items():
         entry = entries[name]
-        entry.update(timing.summarize(values))
+        entry.update(timing.summarize([value / repeats.get(name, 1) for value in values]))
         entry["throughput_per_s"] = workload.items_per_call / entry["median_s"]
         entry["gflops"] = finite(flops / entry["median_s"] / 1e9) if flops else None
     if baseline in samples:  # ratios and agreement need gru-engine's own measurement

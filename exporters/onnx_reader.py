@@ -1,4 +1,8 @@
-"""ONNX graph of GRU nodes -> ModelSpec (``read_onnx``) -> self-checking bundle (``import_onnx``).
+"""ONNX graph of GRU, LSTM and RNN nodes -> ModelSpec (``read_onnx``) -> self-checking bundle (``import_onnx``).
+
+LSTM and RNN nodes are read by ``onnx_lstm`` (its docstring has their mapping); this module's
+description of GRU nodes' glue, initial states and outputs holds for them too (an LSTM's initial_c
+and Y_c as its initial_h and Y_h).
 
 So that ONNX models from other frameworks run on the engine (PyTorch exports nn.GRU as one ONNX
 GRU node per layer, gates already in z, r, h order, linear_before_reset=1). The graph is
@@ -54,20 +58,24 @@ import numpy as np
 
 from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import Layer, ModelSpec, gru_configs, sample_input, validate
+from gru_engine.spec import Layer, ModelSpec, recurrent_configs, recurrent_kind, sample_input, validate
 
+from . import onnx_conv
 from .keras_reader import SELF_CHECK_BATCH, SELF_CHECK_STEPS
-from .onnx_writer import GRU_ACTIVATIONS
+from . import onnx_lstm
+from .onnx_writer import RECURRENT_ACTIVATIONS
 
 # Axis labels: the model's batch and time, a feature axis, the GRU's direction axis, a size-1 axis.
 BATCH, TIME, FEATURE, DIRECTION, ONE = "batch", "time", "features", "direction", "1"
-SUPPORTED = ("GRU nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of the two "
-             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers")
+SUPPORTED = ("GRU, LSTM and RNN nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of the two "
+             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers, "
+             "Conv (+ Relu/Sigmoid/Tanh), MaxPool, AveragePool, GlobalMaxPool, GlobalAveragePool, "
+             "BatchNormalization")
 GRU_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
                   "layout", "linear_before_reset"}
 # ONNX activation (lower case) -> (Keras name, alpha, beta) of the ones the engine computes exactly.
 ACTIVATIONS = {onnx_name.lower(): (keras_name, alpha, beta)
-               for keras_name, (onnx_name, alpha, beta) in GRU_ACTIVATIONS.items()}
+               for keras_name, (onnx_name, alpha, beta) in RECURRENT_ACTIVATIONS.items()}
 # A Slice bound at or beyond these reaches the end of the axis (PyTorch and numpy both use them).
 SLICE_END = 2**31 - 1
 SLICE_BEFORE_START = -(2**31)
@@ -125,6 +133,7 @@ class _Direction:
     weights: dict
     source: _Chain     # what the GRU reads
     flipped: bool      # its Y runs opposite to its processing order (a reverse ONNX direction)
+    kind: str = "gru"  # the layer kind it becomes: gru, lstm or simple_rnn
 
 
 @dataclasses.dataclass(eq=False)
@@ -134,6 +143,7 @@ class _Recurrent:
     directions: tuple
     axes: tuple        # DIRECTION stays while the directions are still stacked
     sequence: bool
+    carry: int = 0     # which final carry a non-sequence value is: 0 h (Y_h), 1 an LSTM's c (Y_c)
 
 
 def _describe(value) -> str:
@@ -185,8 +195,10 @@ class _Reader:
                 self.fail("it uses both directions of a bidirectional GRU without merging them; take one "
                           "(Gather/Slice on the direction axis) or merge them (Concat, Add, Mul)")
             direction = value.directions[0]
+            if value.carry:
+                self.fail("it uses an LSTM's final cell state Y_c as data; a Keras model only returns it as a state")
             config = dict(direction.config, return_sequences=value.sequence)
-            layer = Layer("gru", direction.name, config, direction.weights)
+            layer = Layer(direction.kind, direction.name, config, direction.weights)
             return _Chain(direction.source.layers + (layer,), tuple(ONE if a == DIRECTION else a for a in value.axes),
                           config["units"], direction.flipped and value.sequence, origin=(direction.key,))
         self.fail(f"expects the model's data, got {_describe(value)}")
@@ -286,7 +298,7 @@ class _Reader:
     def _evaluate(self, node, operands, attributes) -> list:
         if node.domain not in ("", "ai.onnx"):
             self.fail(f"custom operator domain '{node.domain}'")
-        if node.op_type != "GRU" and all(isinstance(value, (_Const, type(None))) for value in operands):
+        if node.op_type not in ("GRU", "LSTM", "RNN") and all(isinstance(value, (_Const, type(None))) for value in operands):
             return self._fold(node, operands)
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is None:
@@ -433,7 +445,7 @@ class _Reader:
             if not keep:
                 self.fail("initial states must keep their direction axis")
             return _StateInput(axes, 1)
-        return _Recurrent((value.directions[index],), axes, value.sequence)
+        return dataclasses.replace(value, directions=(value.directions[index],), axes=axes)
 
     def _last_step(self, value, position: int, keep: bool):
         """The last step a GRU processed: Keras return_sequences=False (equal to the GRU's final state)."""
@@ -445,7 +457,7 @@ class _Reader:
             return _Recurrent(value.directions, axes, sequence=False)
         chain = self.chain(value)
         recurrent = [i for i, layer in enumerate(chain.layers) if layer.kind != "dense"]
-        if position != (0 if chain.flipped else -1) or not recurrent or chain.layers[recurrent[-1]].kind != "gru":
+        if position != (0 if chain.flipped else -1) or not recurrent or chain.layers[recurrent[-1]].kind == "bidirectional":
             self.fail("takes a time step other than the last one a (unidirectional) GRU processed")
         index = recurrent[-1]
         layer = chain.layers[index]
@@ -514,7 +526,8 @@ class _Reader:
             self.fail(f"combines {_describe(forward)} and {_describe(backward)}; only two GRU directions merge")
         f, b = forward.directions[0], backward.directions[0]
         sequence = forward.sequence
-        if backward.sequence != sequence or forward.axes != backward.axes or f.source is not b.source:
+        if backward.sequence != sequence or forward.axes != backward.axes or f.source is not b.source \
+                or f.kind != b.kind or forward.carry or backward.carry:
             self.fail("merges GRU outputs of different kinds, layouts or inputs")
         if f.config["go_backwards"] or not b.config["go_backwards"]:
             self.fail("a Bidirectional merge takes the forward direction first and the backward one second")
@@ -526,7 +539,8 @@ class _Reader:
                    "backward": dict(b.config, return_sequences=sequence)}
         weights = {f"{side}.{name}": array for side, d in (("forward", f), ("backward", b))
                    for name, array in d.weights.items()}
-        layer = Layer("bidirectional", f.name, {"merge_mode": mode, **configs}, weights)
+        wrapped = {"layer": f.kind} if f.kind != "gru" else {}  # as the Keras reader writes it
+        layer = Layer("bidirectional", f.name, {"merge_mode": mode, **wrapped, **configs}, weights)
         width = f.config["units"] + (b.config["units"] if mode == "concat" else 0)
         return _Chain(f.source.layers + (layer,), forward.axes, width, f.flipped and sequence,
                       open="sum" if mode == "sum" else "", origin=(f.key, b.key))
@@ -703,7 +717,7 @@ class _Reader:
         if linear_before_reset not in (0, 1):
             self.malformed(f"linear_before_reset is {linear_before_reset}; it must be 0 or 1")
         self._check_initial_h(initial_h, count, units)
-        activations = self._activations(attributes, count)
+        activations = self._activations(attributes, count, 2)
         directions = []
         for d in range(count):
             reverse = direction == "reverse" or d == 1
@@ -722,26 +736,29 @@ class _Reader:
         return [_Recurrent(directions, (TIME, DIRECTION, BATCH, FEATURE), sequence=True),
                 _Recurrent(directions, (DIRECTION, BATCH, FEATURE), sequence=False)]
 
-    def _check_initial_h(self, initial_h, count: int, units: int) -> None:
+    def _check_initial_h(self, initial_h, count: int, units: int, name: str = "initial_h") -> None:
         if initial_h is None or isinstance(initial_h, _Zeros):
             return
         if isinstance(initial_h, _Const):
             if np.any(initial_h.array):
-                self.fail("initial_h is a non-zero constant; a bundle starts from zero or from the initial_state "
+                self.fail(f"{name} is a non-zero constant; a bundle starts from zero or from the initial_state "
                           "passed to predict, so feed it as a graph input instead")
             return
         if not isinstance(initial_h, _StateInput) or initial_h.axes != (DIRECTION, BATCH, FEATURE) \
                 or initial_h.directions != count:
-            self.fail(f"initial_h is {_describe(initial_h)}; expected zeros or a graph input ({count}, batch, "
+            self.fail(f"{name} is {_describe(initial_h)}; expected zeros or a graph input ({count}, batch, "
                       f"{units})")
 
-    def _activations(self, attributes, count: int) -> list[str]:
-        """ONNX [f, g] per direction -> Keras names; alpha/beta go only to the functions that take them."""
-        names = attributes.get("activations", ["Sigmoid", "Tanh"] * count)
+    def _activations(self, attributes, count: int, per_direction: int) -> list[str]:
+        """ONNX activations (GRU [f, g], LSTM [f, g, h], RNN [f] per direction) -> Keras names;
+        alpha/beta go only to the functions that take them."""
+        defaults = {1: ["Tanh"], 2: ["Sigmoid", "Tanh"], 3: ["Sigmoid", "Tanh", "Tanh"]}[per_direction]
+        names = attributes.get("activations", defaults * count)
         alphas = list(attributes.get("activation_alpha", []))
         betas = list(attributes.get("activation_beta", []))
-        if len(names) != 2 * count:
-            self.malformed(f"{len(names)} activations for {count} direction(s); a GRU takes 2 per direction")
+        if len(names) != per_direction * count:
+            self.malformed(f"{len(names)} activations for {count} direction(s); an {self.node.op_type} takes "
+                           f"{per_direction} per direction")
         keras_names = []
         for name in names:
             keras_name, alpha, beta = ACTIVATIONS.get(name.lower(), (None, None, None))
@@ -756,6 +773,15 @@ class _Reader:
                               f"matches Keras's {keras_name}")
             keras_names.append(keras_name)
         return keras_names
+
+    _op_LSTM = onnx_lstm.read_lstm
+    _op_RNN = onnx_lstm.read_rnn
+    _op_Conv = onnx_conv.read_conv
+    _op_MaxPool = onnx_conv.read_max_pool
+    _op_AveragePool = onnx_conv.read_average_pool
+    _op_GlobalMaxPool = onnx_conv.read_global_max_pool
+    _op_GlobalAveragePool = onnx_conv.read_global_average_pool
+    _op_BatchNormalization = onnx_conv.read_batch_normalization
 
     # ----- outputs -----
     def outputs(self) -> tuple[_Chain, int]:
@@ -779,12 +805,14 @@ class _Reader:
                 f"{', reversed in time' if chain.flipped else ''}; a gru-engine model returns "
                 f"({', '.join(expected)}) computed by GRU layers")
         if states:
-            keys = [v.directions[0].key if isinstance(v, _Recurrent) and len(v.directions) == 1
+            keys = [(v.directions[0].key, v.carry) if isinstance(v, _Recurrent) and len(v.directions) == 1
                     and not v.sequence and v.axes == (BATCH, FEATURE) else None for v in states]
-            if keys != list(chain.origin):
+            carries = 2 if recurrent_kind(chain.layers[-1]) == "lstm" else 1
+            if keys != [(key, carry) for key in chain.origin for carry in range(carries)]:
                 raise UnsupportedModelError(
                     f"{self.path}: outputs {[o.name for o in graph.output[-len(states):]]} are not the final states "
-                    "of the last layer's GRU directions (in order), the only extra outputs a Keras model returns")
+                    "of the last layer's directions (in order; an LSTM's h then c), the only extra outputs a Keras "
+                    "model returns")
         return chain, len(states)
 
 
@@ -807,8 +835,12 @@ def _text(value):
 
 
 def _is_sequence(chain: _Chain) -> bool:
-    recurrent = [config for layer in chain.layers for config in gru_configs(layer)]
-    return not recurrent or recurrent[-1]["return_sequences"]
+    sequence = True
+    for layer in chain.layers:
+        if layer.kind in onnx_conv.frontends.GLOBAL_POOLING_KINDS:
+            sequence = False
+        sequence = recurrent_configs(layer)[-1]["return_sequences"] if recurrent_configs(layer) else sequence
+    return sequence
 
 
 def _match_reshape(axes: list, sizes: list, target: list):
@@ -842,7 +874,7 @@ def _finish_layers(layers: tuple, returned_states: int) -> list[Layer]:
         names.add(name)
         config = layer.config
         if returned_states and index == len(layers) - 1:
-            if layer.kind == "gru":
+            if layer.kind != "bidirectional":
                 config = dict(config, return_state=True)
             else:
                 config = dict(config, forward=dict(config["forward"], return_state=True),
@@ -900,9 +932,10 @@ def read_onnx(onnx_path) -> ModelSpec:
     validate(spec)
     dims = reader.main_input.type.tensor_type.shape.dim
     batch = dims[0].dim_value or SELF_CHECK_BATCH
-    gates = [config["recurrent_activation"] for layer in spec.layers for config in gru_configs(layer)]
-    steps = dims[1].dim_value or (SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES)
-                                  else EXPANDING_SELF_CHECK_STEPS)
+    gates = [config.get("recurrent_activation", config["activation"]) for layer in spec.layers
+             for config in recurrent_configs(layer)]
+    steps = dims[1].dim_value or max(onnx_conv.frontends.min_steps(spec), SELF_CHECK_STEPS if set(gates) <= set(
+        CONTRACTING_GATES) else EXPANDING_SELF_CHECK_STEPS)
     spec.self_check_input = sample_input(spec, batch, steps, np.random.default_rng(0))
     spec.self_check_outputs = _onnxruntime_outputs(model, spec.self_check_input, path)
     validate(spec)

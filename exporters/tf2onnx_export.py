@@ -10,7 +10,7 @@ graph uses (``input``, ``output`` ..., see ``onnx_writer``), so callers can swap
 from __future__ import annotations
 
 from gru_engine.errors import UnsupportedModelError
-from gru_engine.spec import ModelSpec, gru_configs
+from gru_engine.spec import ModelSpec, recurrent_configs
 
 from .keras_reader import load_keras, read_keras
 from .onnx_writer import DEFAULT_OPSET, INPUT, output_names
@@ -44,7 +44,7 @@ def convert_tf2onnx(model_or_path, opset: int = DEFAULT_OPSET, state_io: bool = 
     model = load_keras(model_or_path)
     spec = read_keras(model)  # refuses anything gru-engine does not run, and names the outputs
     for layer in spec.layers:
-        if any(config["stateful"] for config in gru_configs(layer)):
+        if any(config["stateful"] for config in recurrent_configs(layer)):
             raise UnsupportedModelError(f"layer '{layer.name}' is stateful: tf2onnx would freeze its carried "
                                         "state into the graph; use method='native' (state_io=True streams)")
     steps = model.inputs[0].shape[1]  # None unless the Keras Input fixes the time axis

@@ -15,6 +15,7 @@ EPILOG_EXPORT = "example: gru-engine export model.keras --bundle model.gru.safet
 EPILOG_PREDICT = "example: gru-engine predict model.gru.safetensors --input x.npy --output y.npy"
 EPILOG_INSPECT = "example: gru-engine inspect model.gru.safetensors"
 EPILOG_IMPORT = "example: gru-engine import model.onnx --bundle model.gru.safetensors"
+EPILOG_EXPORT_C = "example: gru-engine export-c model.gru.safetensors --out c-model --name airline --weights int8"
 EPILOG_SCORE = ("examples: gru-engine score model.gru.safetensors --input windows.zarr --output scores.zarr | "
                 "gru-engine score model.gru.safetensors --input events.parquet --output scores.parquet "
                 "--keep-columns --scheduler tcp://scheduler:8786")
@@ -39,6 +40,12 @@ def _export(args) -> None:
     if args.bundle:
         path = keras_reader.export_bundle(model, args.bundle)
         print(f"wrote {path}")
+
+
+def _export_c(args) -> None:
+    from .exporters import export_c
+    result = export_c(args.model, args.out, name=args.name, weights=args.weights)
+    print(result.summary())
 
 
 def _import(args) -> None:
@@ -163,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="native ONNX GRU operators (default, fast) or the tf2onnx converter")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     export.set_defaults(run=_export)
+
+    export_c = verbs.add_parser("export-c", help="model -> dependency-free C99 (NAME.h, NAME.c)",
+                                epilog=EPILOG_EXPORT_C)
+    export_c.add_argument("model", help="a bundle (.gru.safetensors), a .keras/.h5 model or an .onnx graph")
+    export_c.add_argument("--out", required=True, help="directory for NAME.h and NAME.c (created if missing)")
+    export_c.add_argument("--name", default="model", help="C prefix of every symbol and the files' name (default model)")
+    export_c.add_argument("--weights", choices=["float32", "int8"], default="float32",
+                          help="float32 (default), or int8 with a float scale per column (about 4x smaller)")
+    export_c.set_defaults(run=_export_c)
 
     predict = verbs.add_parser("predict", help="run a bundle on an input file", epilog=EPILOG_PREDICT)
     predict.add_argument("bundle", help="a .gru.safetensors bundle")

@@ -12,9 +12,10 @@ import threading
 import numba
 import numpy as np
 
-from . import kernels, transforms
+from . import frontends, transforms
+from .kernels import activations, lstm, plan, products, recurrent
 from .errors import InputError
-from .spec import ModelSpec, backward_layers, output_shapes, validate
+from .spec import RECURRENT_FAMILIES, ModelSpec, output_shapes, recurrent_kind, stream_blockers, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -43,10 +44,62 @@ def recurrent_kernel_blocks(config, recurrent_kernel, width):
     return pad_columns(blocks, config["units"] * width)
 
 
+def gru_tensors(config, weights, prefix, width) -> dict:
+    """A GRU direction's packed tensors (see ``kernels.gru.gru_layer``)."""
+    units = config["units"]
+    bias = weights.get(prefix + "bias")
+    if bias is None:
+        input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
+    elif config["reset_after"]:
+        # Both biases of z and r are added to the same sum: fold them into one, which the
+        # kernel's recurrent sum starts from.
+        two = 2 * units
+        input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
+        recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
+    else:
+        input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
+    return {
+        "kernel": pad_columns(weights[prefix + "kernel"], width),
+        "recurrent_kernel": recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width),
+        "input_bias": pad_columns(input_bias, width),
+        "recurrent_bias": pad_columns(recurrent_bias, width),
+        "option": int(config["reset_after"]),
+    }
+
+
+def lstm_tensors(config, weights, prefix, width) -> dict:
+    """An LSTM direction's packed tensors: gate columns reordered i | f | o | c (``kernels.lstm``)."""
+    units = config["units"]
+
+    def reorder(matrix):
+        blocks = np.split(np.asarray(matrix, np.float32), 4, axis=-1)
+        return pad_columns(np.concatenate([blocks[gate] for gate in lstm.PACKED_GATES], axis=-1), width)
+
+    bias = weights.get(prefix + "bias", np.zeros(4 * units, np.float32))
+    return {"kernel": reorder(weights[prefix + "kernel"]),
+            "recurrent_kernel": reorder(weights[prefix + "recurrent_kernel"]), "input_bias": reorder(bias)}
+
+
+def simple_rnn_tensors(config, weights, prefix, width) -> dict:
+    """A SimpleRNN direction's packed tensors (``kernels.simple_rnn``)."""
+    bias = weights.get(prefix + "bias", np.zeros(config["units"], np.float32))
+    return {"kernel": pad_columns(weights[prefix + "kernel"], width),
+            "recurrent_kernel": pad_columns(weights[prefix + "recurrent_kernel"], width),
+            "input_bias": pad_columns(bias, width)}
+
+
+# Per recurrent family: its cell code in the plan and how its tensors are packed.
+PACKERS = {
+    "gru": (recurrent.CELL_GRU, gru_tensors),
+    "lstm": (recurrent.CELL_LSTM, lstm_tensors),
+    "simple_rnn": (recurrent.CELL_SIMPLE_RNN, simple_rnn_tensors),
+}
+
+
 def masked_output(config, streaming: bool) -> int:
     if config["zero_output_for_mask"]:
-        return kernels.MASKED_ZERO
-    return kernels.MASKED_CARRY if streaming else kernels.MASKED_PREVIOUS
+        return recurrent.MASKED_ZERO
+    return recurrent.MASKED_CARRY if streaming else recurrent.MASKED_PREVIOUS
 
 
 # Numba's fallback 'workqueue' threading layer aborts the process when two threads launch parallel
@@ -61,7 +114,14 @@ def parallel_launch_is_thread_safe() -> bool:
         return False
 
 
-KERAS_CLASS_NAMES = {"masking": "Masking", "gru": "GRU", "bidirectional": "Bidirectional", "dense": "Dense"}
+KERAS_CLASS_NAMES = {"masking": "Masking", "bidirectional": "Bidirectional", "dense": "Dense",
+                     **{kind: family.keras_class for kind, family in RECURRENT_FAMILIES.items()},
+                     **frontends.KERAS_CLASS_NAMES}
+FRONTEND_KIND_CODES = {"conv1d": plan.KIND_CONV1D, "max_pooling1d": plan.KIND_MAX_POOLING,
+                       "average_pooling1d": plan.KIND_AVERAGE_POOLING,
+                       "global_max_pooling1d": plan.KIND_GLOBAL_MAX_POOLING,
+                       "global_average_pooling1d": plan.KIND_GLOBAL_AVERAGE_POOLING,
+                       "batch_normalization": plan.KIND_BATCH_NORMALIZATION}
 
 
 # Cache-line size: a 512-bit load from an address that is not a multiple of it touches two lines.
@@ -83,7 +143,7 @@ def aligned_empty(shape) -> np.ndarray:
 
 
 class _Program:
-    """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
+    """A plan and packed weights; ``streaming`` makes every recurrent layer emit each step's output."""
 
     def __init__(self, spec: ModelSpec, shapes, streaming: bool):
         rows, chunks = [], []
@@ -94,82 +154,105 @@ class _Program:
             start = offset
             flat = np.ascontiguousarray(array, dtype=np.float32).ravel()
             # Every tensor starts on a cache line (see aligned_empty).
-            padding = np.zeros(-flat.size % kernels.LANES, np.float32)
+            padding = np.zeros(-flat.size % products.LANES, np.float32)
             chunks.extend((flat, padding))
             offset += flat.size + padding.size
             return start
 
-        carry_dims = []
+        carry_dims, carry_shapes = [], []
         max_dim, max_gate_width = spec.input_features, 3
 
-        def gru_block(config, weights, prefix) -> list[int]:
+        def direction_block(kind, config, weights, prefix) -> list[int]:
+            nonlocal max_gate_width
             units = config["units"]
-            bias = weights.get(prefix + "bias")
-            if bias is None:
-                input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
-            elif config["reset_after"]:
-                # Both biases of z and r are added to the same sum: fold them into one, which the
-                # kernel's recurrent sum starts from.
-                two = 2 * units
-                input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
-                recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
-            else:
-                input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
-            width = int(kernels.padded(3 * units))
-            input_bias, recurrent_bias = pad_columns(input_bias, width), pad_columns(recurrent_bias, width)
-            carry_offset = sum(carry_dims)
-            carry_dims.append(units)
+            width = int(products.padded(RECURRENT_FAMILIES[kind].gates * units))
+            max_gate_width = max(max_gate_width, width)
+            cell, pack = PACKERS[kind]
+            tensors = pack(config, weights, prefix, width)
             block = {
+                "cell": cell,
                 "units": units,
-                "activation": kernels.ACTIVATION_CODES[config["activation"]],
-                "recurrent_activation": kernels.ACTIVATION_CODES[config["recurrent_activation"]],
-                "reset_after": int(config["reset_after"]),
+                "activation": activations.ACTIVATION_CODES[config["activation"]],
+                "recurrent_activation": activations.ACTIVATION_CODES[config.get("recurrent_activation", "linear")],
                 "go_backwards": int(config["go_backwards"]),
                 "return_sequences": int(config["return_sequences"] or streaming),
                 "masked_output": masked_output(config, streaming),
-                "kernel": put(pad_columns(weights[prefix + "kernel"], width)),
-                "recurrent_kernel": put(recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width)),
-                "input_bias": put(input_bias),
-                "recurrent_bias": put(recurrent_bias),
-                "carry": carry_offset,
+                "carry": sum(carry_dims),
+                "option": tensors.pop("option", 0),
+                "recurrent_bias": 0,
             }
-            return [block[name] for name in kernels.GRU_BLOCK]
+            block.update({name: put(array) for name, array in tensors.items()})
+            carry_dims.extend([units] * RECURRENT_FAMILIES[kind].carries)
+            carry_shapes.extend([(units,)] * RECURRENT_FAMILIES[kind].carries)
+            return [block[name] for name in recurrent.DIRECTION_BLOCK]
 
-        for layer, shape in zip(spec.layers, shapes):
-            row = np.zeros(kernels.PLAN_WIDTH, np.int64)
-            row[kernels.COL_IN], row[kernels.COL_OUT] = shape.input_dim, shape.output_dim
+        def frontend_row(row, layer, input_dim):
+            """Fill the plan row of a front-end layer."""
+            config, weights = layer.config, layer.weights
+            row[plan.COL_KIND] = FRONTEND_KIND_CODES[layer.kind]
+            if layer.kind == "conv1d":
+                taps, groups, filters = config["kernel_size"], config["groups"], config["filters"]
+                # (K, I/G, F) -> (G, K, I/G, F/G): each group's tap a contiguous (channels, filters) matrix.
+                kernel = weights["kernel"].reshape(taps, input_dim // groups, groups, filters // groups)
+                row[plan.COL_CONV_ACTIVATION] = activations.ACTIVATION_CODES[config["activation"]]
+                row[plan.COL_CONV_KERNEL] = put(kernel.transpose(2, 0, 1, 3))
+                row[plan.COL_CONV_BIAS] = put(weights.get("bias", np.zeros(filters, np.float32)))
+                row[plan.COL_CONV_GROUPS], row[plan.COL_CONV_SIZE] = groups, taps
+                row[plan.COL_CONV_STRIDES], row[plan.COL_CONV_DILATION] = config["strides"], config["dilation_rate"]
+                row[plan.COL_CONV_PADDING] = frontends.padding_code(config["padding"])
+                row[plan.COL_CONV_HISTORY] = -1
+                history = frontends.history_steps(layer)
+                if streaming and history:
+                    # A stream keeps the layer's last inputs in the carry instead of zero padding.
+                    row[plan.COL_CONV_HISTORY] = sum(carry_dims)
+                    carry_dims.append(history * input_dim)
+                    carry_shapes.append((history, input_dim))
+            elif layer.kind in frontends.POOLING_KINDS:
+                row[plan.COL_POOL_SIZE], row[plan.COL_POOL_STRIDES] = config["pool_size"], config["strides"]
+                row[plan.COL_POOL_PADDING] = frontends.padding_code(config["padding"])
+            elif layer.kind == "batch_normalization":
+                scale, shift = frontends.batch_norm_affine(layer)
+                row[plan.COL_NORM_SCALE], row[plan.COL_NORM_SHIFT] = put(scale), put(shift)
+
+        # A BatchNormalization right after a linear Conv1D or Dense is folded into its weights.
+        for layer, shape in frontends.fold_batch_norms(spec.layers, shapes):
+            row = np.zeros(plan.PLAN_WIDTH, np.int64)
+            row[plan.COL_IN], row[plan.COL_OUT] = shape.input_dim, shape.output_dim
             max_dim = max(max_dim, shape.output_dim)
-            if layer.kind == "masking":
-                row[kernels.COL_KIND] = kernels.KIND_MASKING
-                row[kernels.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
+            if layer.kind in frontends.KINDS:
+                frontend_row(row, layer, shape.input_dim)
+            elif layer.kind == "masking":
+                row[plan.COL_KIND] = plan.KIND_MASKING
+                row[plan.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
             elif layer.kind == "dense":
                 units = layer.config["units"]
-                row[kernels.COL_KIND] = kernels.KIND_DENSE
-                row[kernels.COL_DENSE_ACTIVATION] = kernels.ACTIVATION_CODES[layer.config["activation"]]
-                row[kernels.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
-                row[kernels.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
-            elif layer.kind == "gru":
-                row[kernels.COL_KIND] = kernels.KIND_GRU
-                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
-                max_gate_width = max(max_gate_width, kernels.padded(3 * layer.config["units"]))
-            else:
-                row[kernels.COL_KIND] = kernels.KIND_BIDIRECTIONAL
-                row[kernels.COL_MERGE] = kernels.MERGE_CODES[layer.config["merge_mode"]]
-                row[kernels.COL_FORWARD:kernels.COL_BACKWARD] = gru_block(
-                    layer.config["forward"], layer.weights, "forward.")
-                row[kernels.COL_BACKWARD:kernels.COL_BACKWARD + kernels.BLOCK_WIDTH] = gru_block(
-                    layer.config["backward"], layer.weights, "backward.")
-                max_gate_width = max(max_gate_width, kernels.padded(3 * max(shape.state_dims)))
+                row[plan.COL_KIND] = plan.KIND_DENSE
+                row[plan.COL_DENSE_ACTIVATION] = activations.ACTIVATION_CODES[layer.config["activation"]]
+                row[plan.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
+                row[plan.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
+            elif layer.kind == "bidirectional":
+                kind = recurrent_kind(layer)
+                row[plan.COL_KIND] = plan.KIND_BIDIRECTIONAL
+                row[plan.COL_MERGE] = recurrent.MERGE_CODES[layer.config["merge_mode"]]
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(
+                    kind, layer.config["forward"], layer.weights, "forward.")
+                row[plan.COL_BACKWARD:plan.COL_BACKWARD + recurrent.BLOCK_WIDTH] = direction_block(
+                    kind, layer.config["backward"], layer.weights, "backward.")
+            else:  # gru, lstm, simple_rnn: one direction block, whose cell is the row's kind
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(layer.kind, layer.config, layer.weights, "")
+                row[plan.COL_KIND] = row[plan.COL_FORWARD + recurrent.B_CELL]
             rows.append(row)
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         packed = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
         self.weights = aligned_empty(packed.shape)  # (W,)
         self.weights[:] = packed
+        self.spec = spec
         self.carry_dims = carry_dims
+        self.carry_shapes = carry_shapes  # per carry: (units,), or (steps, channels) for a Conv1D history
         self.carry_size = sum(carry_dims)
         # Row widths of the scratch arrays, whole cache lines so that every row starts on one.
-        self.max_dim = int(kernels.padded(max_dim))
-        self.max_gate_width = int(kernels.padded(max_gate_width))
+        self.max_dim = int(products.padded(max_dim))
+        self.max_gate_width = int(products.padded(max_gate_width))
         last = shapes[-1]
         self.output_dim = last.output_dim
         self.output_is_sequence = last.output_is_sequence or streaming
@@ -179,11 +262,15 @@ class _Program:
 
     def workspace_shape(self, batch: int, steps: int, parallel: bool) -> tuple[int, int]:
         """(blocks, K): one block's scratch, or one per block when blocks run in parallel."""
-        blocks = -(-batch // kernels.BLOCK) if parallel else 1
-        return blocks, kernels.workspace_size(min(batch, kernels.BLOCK), steps, self.max_dim, self.max_gate_width)
+        blocks = -(-batch // products.BLOCK) if parallel else 1
+        return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width)
 
     def check_size(self, batch: int, steps: int) -> None:
-        """Refuse a call whose scratch, carries and output would exceed MAX_CALL_FLOATS."""
+        """Refuse a call too short for a 'valid' window, or whose scratch, carries and output would
+        exceed MAX_CALL_FLOATS."""
+        short = frontends.too_short(self.spec, steps)
+        if short:
+            raise InputError(short)
         blocks, size = self.workspace_shape(batch, steps, parallel=True)
         if blocks * size + batch * (self.carry_size + steps * self.output_dim) > MAX_CALL_FLOATS:
             raise InputError(f"an input of batch {batch} and {steps} time steps needs more than "
@@ -195,8 +282,8 @@ class _Program:
         return aligned_empty(self.workspace_shape(batch, steps, parallel))
 
     def output_shape(self, batch: int, steps: int) -> tuple[int, int]:
-        """(B, rows * D), rows = steps when the last layer returns sequences, else 1."""
-        rows = steps if self.output_is_sequence else 1
+        """(B, rows * D), rows = the last sequence's steps when the last layer returns sequences, else 1."""
+        rows = frontends.output_steps(self.spec, steps) if self.output_is_sequence else 1
         return batch, rows * self.output_dim
 
     def output(self, batch: int, steps: int) -> np.ndarray:
@@ -205,15 +292,15 @@ class _Program:
     def run(self, x, carry, work, out, zero_carry=False) -> None:
         """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``."""
         if work.shape[0] == 1:
-            bad = kernels.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
+            bad = plan.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
                                     zero_carry, out)
         else:
             args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, zero_carry, out)
             if parallel_launch_is_thread_safe():
-                bad = kernels.run_batch_parallel(*args)
+                bad = plan.run_batch_parallel(*args)
             else:
                 with _PARALLEL_LAUNCH:
-                    bad = kernels.run_batch_parallel(*args)
+                    bad = plan.run_batch_parallel(*args)
         if bad:
             self._refuse(bad, x)
 
@@ -222,7 +309,7 @@ class _Program:
         and the Python between it and the kernel is most of a step's overhead."""
         if work.shape[0] != 1:
             return functools.partial(self.run, x, carry, work, out)
-        kernel = functools.partial(kernels.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
+        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
                                    self.max_gate_width, False, out)
 
         def run():
@@ -235,7 +322,7 @@ class _Program:
     def _refuse(self, bad: int, x) -> None:
         if bad < 0:
             raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
-                             f"{self.plan[0, kernels.COL_IN]}")
+                             f"{self.plan[0, plan.COL_IN]}")
         raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
                          "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 
@@ -274,6 +361,34 @@ def as_input(x, features: int, check_size=None) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def fill_carry(states, batch: int, program: _Program, carry=None) -> np.ndarray:
+    """Carries (B, C) zeroed, or filled from ``states``: one array per carry of ``program``, (batch,)
+    + its shape (Keras-style ``initial_state`` for predict, ``Stream.state`` for a stream)."""
+    if carry is None:
+        carry = np.zeros((batch, program.carry_size), np.float32)  # (B, C)
+    else:
+        carry.fill(0.0)
+    if states is None:
+        return carry
+    states = [states] if isinstance(states, np.ndarray) else list(states)
+    shapes = [(batch,) + shape for shape in program.carry_shapes]
+    if len(states) != len(shapes):
+        raise InputError(f"initial_state needs {len(shapes)} arrays (one per carry: h per GRU or SimpleRNN "
+                         "direction, h then c per LSTM direction, and in a stream the last inputs of each causal "
+                         f"Conv1D; shapes {shapes}), got {len(states)}")
+    offset = 0
+    for index, (state, shape, size) in enumerate(zip(states, shapes, program.carry_dims)):
+        state = as_array(state, f"initial_state[{index}]")
+        if state.dtype.kind not in ACCEPTED_KINDS or state.shape != shape:
+            raise InputError(f"initial_state[{index}] must be a numeric array of shape {shape}, "
+                             f"got {state.dtype} {state.shape}")
+        if not np.isfinite(state).all():
+            raise InputError(f"initial_state[{index}] contains NaN or infinite values")
+        carry[:, offset:offset + size] = state.reshape(batch, size)
+        offset += size
+    return carry
+
+
 class Model:
     """A model ready to run. Build it with ``gru_engine.load`` or ``Model(spec)``."""
 
@@ -302,33 +417,13 @@ class Model:
 
     @property
     def state_shapes(self) -> list[int]:
-        """Units of each carry, one per GRU direction, in layer order."""
+        """Units of each carry in layer order: h per GRU or SimpleRNN direction, h then c per LSTM one."""
         return list(self._program.carry_dims)
 
     def _initial_carry(self, initial_state, batch: int, carry=None) -> np.ndarray:
-        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state`` (one array per direction)."""
-        if carry is None:
-            carry = np.zeros((batch, self._program.carry_size), np.float32)  # (B, C)
-        else:
-            carry.fill(0.0)
-        if initial_state is None:
-            return carry
-        states = [initial_state] if isinstance(initial_state, np.ndarray) else list(initial_state)
-        dims = self._program.carry_dims
-        if len(states) != len(dims):
-            raise InputError(f"initial_state needs {len(dims)} arrays (one per GRU direction, units "
-                             f"{dims}), got {len(states)}")
-        offset = 0
-        for index, (state, units) in enumerate(zip(states, dims)):
-            state = as_array(state, f"initial_state[{index}]")
-            if state.dtype.kind not in ACCEPTED_KINDS or state.shape != (batch, units):
-                raise InputError(f"initial_state[{index}] must be a numeric array of shape ({batch}, {units}), "
-                                 f"got {state.dtype} {state.shape}")
-            if not np.isfinite(state).all():
-                raise InputError(f"initial_state[{index}] contains NaN or infinite values")
-            carry[:, offset:offset + units] = state
-            offset += units
-        return carry
+        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state``: one array per carry
+        (see ``state_shapes``), in layer order."""
+        return fill_carry(initial_state, batch, self._program, carry)
 
     def predict(self, x, initial_state=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
@@ -364,7 +459,7 @@ class Model:
         return self._outputs(out, carry, batch, steps)
 
     def _outputs(self, out, carry, batch, steps):
-        main = out.reshape((batch, steps, -1)) if self._program.output_is_sequence else out
+        main = out.reshape((batch, -1, self._program.output_dim)) if self._program.output_is_sequence else out
         if self._single_output:
             return main
         shapes = output_shapes(self.spec, self.shapes, batch, steps)
@@ -417,10 +512,10 @@ class Stream:
     def __init__(self, model: Model, batch: int):
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 1 <= batch <= 1 << 20:
             raise InputError(f"stream batch must be an int between 1 and {1 << 20}, got {batch!r}")
-        backward = backward_layers(model.spec)
-        if backward:
-            raise InputError(f"layer '{backward[0]}' reads the sequence backwards, so its output at "
-                             "time t depends on later inputs; such a model cannot stream")
+        blockers = stream_blockers(model.spec)
+        if blockers:
+            name, why = blockers[0]
+            raise InputError(f"layer '{name}' {why}; such a model cannot stream (use predict on whole sequences)")
         if not transforms.streamable(model.spec.transforms):
             raise InputError("this bundle's transforms look at whole windows (per-window centering); "
                              "use predict on complete windows instead of a stream")
@@ -430,9 +525,10 @@ class Stream:
         self._program = _Program(model.spec, model.shapes, streaming=True)
         features = model.input_features
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
-        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._parallel = self._program.parallel(self.batch)
+        # First, so the size check also bounds the carries (a Conv1D's history can be large).
         self._work = self._program.workspace(self.batch, 1, self._parallel)  # (blocks, K)
+        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._out = self._program.output(self.batch, 1)                     # (B, D)
         # Views made once, so a step only copies x_t in and makes one compiled call.
         self._x_rows = self._x[:, 0, :]                                     # (B, F)
@@ -450,21 +546,23 @@ class Stream:
 
     @property
     def state(self) -> list[np.ndarray]:
-        """Copies of the carries, one (batch, units) array per GRU direction, in layer order."""
+        """Copies of the carries in layer order: (batch, units) arrays, h per GRU or SimpleRNN direction,
+        h then c per LSTM direction (Keras's initial_state order), and one (batch, (kernel_size - 1) *
+        dilation_rate, channels) array of last inputs per causal Conv1D. Assign such a list to restore them."""
         with self._lock:
             return self._split_carry()
 
     @state.setter
     def state(self, states) -> None:
-        carry = self.model._initial_carry(states, self.batch)
+        carry = fill_carry(states, self.batch, self._program)
         with self._lock:
             self._carry[:] = carry
 
     def _split_carry(self) -> list[np.ndarray]:
         states, offset = [], 0
-        for units in self._program.carry_dims:
-            states.append(self._carry[:, offset:offset + units].copy())
-            offset += units
+        for size, shape in zip(self._program.carry_dims, self._program.carry_shapes):
+            states.append(self._carry[:, offset:offset + size].reshape((self.batch,) + shape).copy())
+            offset += size
         return states
 
     def step(self, x_t, out=None):

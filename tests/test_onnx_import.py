@@ -298,7 +298,8 @@ def _unmerged_directions():
 
 
 BAD_GRAPHS = {
-    "lstm": (lambda: _single_gru(op="LSTM"), UnsupportedModelError, r"the_gru.*LSTM.*not supported"),
+    "lstm-with-gru-weights": (lambda: _single_gru(op="LSTM"), BundleError,
+                              r"the_gru.*W is float32 \(1, 12, 3\); expected float32 \(1, 16, 3\)"),
     "clip": (lambda: _single_gru({"clip": 3.0}), UnsupportedModelError, r"the_gru.*clip"),
     "sequence-lens": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "B", "lens"), extra_initializers=[
         numpy_helper.from_array(np.array([2], np.int32), "lens")]), UnsupportedModelError, r"the_gru.*sequence_lens"),

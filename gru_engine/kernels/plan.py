@@ -1,0 +1,258 @@
+"""The plan: a whole model as one int64 row per layer, run by one compiled call.
+
+``gru_engine.runtime`` packs a validated model into a plan and one float32 weight buffer; the
+kernels here walk the rows and call each layer family's kernel. Nothing here knows of files or
+Python objects.
+"""
+
+import math
+
+from numba import njit, prange
+
+from .._flags import KERNEL_FLAGS, PARALLEL_KERNEL_FLAGS, prefer_wide_vectors
+from .activations import ZERO
+from .conv import conv1d_layer
+from .dense import dense_layer
+from .gru import gru_block
+from .lstm import lstm_block
+from .masking import mask_steps
+from .pooling import affine_layer, global_pool_layer, pool1d_layer
+from .products import BLOCK, padded
+from .recurrent import B_CELL, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN, PROJECT_AHEAD, merge_directions
+from .simple_rnn import simple_rnn_block
+
+# Layer kinds in column 0 of a plan row; a recurrent layer's kind is the cell its block runs.
+KIND_MASKING = 0
+KIND_GRU = CELL_GRU
+KIND_BIDIRECTIONAL = 2
+KIND_DENSE = 3
+KIND_LSTM = CELL_LSTM
+KIND_SIMPLE_RNN = CELL_SIMPLE_RNN
+# Front-end kinds (convolution, pooling, normalization) from 10 on; each may change the row count.
+KIND_CONV1D = 10
+KIND_MAX_POOLING = 11
+KIND_AVERAGE_POOLING = 12
+KIND_GLOBAL_MAX_POOLING = 13
+KIND_GLOBAL_AVERAGE_POOLING = 14
+KIND_BATCH_NORMALIZATION = 15
+
+# Plan row layout. Every row: kind, input_dim, output_dim, then kind-specific columns.
+PLAN_WIDTH = 32
+COL_KIND, COL_IN, COL_OUT = 0, 1, 2
+# masking: weight offset of mask_value
+COL_MASK_VALUE = 3
+# dense: activation, kernel offset, bias offset
+COL_DENSE_ACTIVATION, COL_DENSE_KERNEL, COL_DENSE_BIAS = 3, 4, 5
+# recurrent and bidirectional: merge mode, then one direction block (forward), then a second
+# (backward); each block names its cell (see ``recurrent.DIRECTION_BLOCK``)
+COL_MERGE = 3
+COL_FORWARD, COL_BACKWARD = 4, 4 + BLOCK_WIDTH
+# conv1d: activation, kernel offset, bias offset, groups, kernel_size, strides, dilation, padding code,
+# carry offset of its history (-1: zero padding, not streamed)
+(COL_CONV_ACTIVATION, COL_CONV_KERNEL, COL_CONV_BIAS, COL_CONV_GROUPS, COL_CONV_SIZE, COL_CONV_STRIDES,
+ COL_CONV_DILATION, COL_CONV_PADDING, COL_CONV_HISTORY) = range(3, 12)
+# max and average pooling: pool_size, strides, padding code
+COL_POOL_SIZE, COL_POOL_STRIDES, COL_POOL_PADDING = 3, 4, 5
+# batch_normalization: weight offsets of its per-channel scale and shift
+COL_NORM_SCALE, COL_NORM_SHIFT = 3, 4
+
+
+@njit(**KERNEL_FLAGS)
+def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, out):
+    """Run one front-end layer (kind >= KIND_CONV1D) from x into out; return its output rows.
+
+    x: (S, T, Dmax); out: (S, T, Dmax): no front-end layer returns more rows than it reads.
+    """
+    kind = row[COL_KIND]
+    input_dim = row[COL_IN]
+    output_dim = row[COL_OUT]
+    if kind == KIND_CONV1D:
+        groups, taps = row[COL_CONV_GROUPS], row[COL_CONV_SIZE]
+        k = row[COL_CONV_KERNEL]
+        b = row[COL_CONV_BIAS]
+        kernel = weights[k:k + taps * input_dim * output_dim // groups].reshape(
+            (groups, taps, input_dim // groups, output_dim // groups))  # (G, K, I/G, F/G)
+        return conv1d_layer(x, samples, rows, input_dim, kernel, weights[b:b + output_dim],
+                            row[COL_CONV_STRIDES], row[COL_CONV_DILATION], row[COL_CONV_PADDING],
+                            row[COL_CONV_ACTIVATION], carry, row[COL_CONV_HISTORY], out)
+    if kind == KIND_MAX_POOLING or kind == KIND_AVERAGE_POOLING:
+        return pool1d_layer(x, samples, rows, input_dim, row[COL_POOL_SIZE], row[COL_POOL_STRIDES],
+                            row[COL_POOL_PADDING], kind == KIND_MAX_POOLING, out)
+    if kind == KIND_BATCH_NORMALIZATION:
+        a = row[COL_NORM_SCALE]
+        b = row[COL_NORM_SHIFT]
+        affine_layer(x, samples, rows, input_dim, weights[a:a + input_dim], weights[b:b + input_dim], out)
+        return rows
+    global_pool_layer(x, samples, rows, input_dim, mask, masked, kind == KIND_GLOBAL_MAX_POOLING, out)
+    return 1
+
+
+@njit(**KERNEL_FLAGS)
+def run_direction(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates, spare,
+                  out, time_ordered_output):
+    """Run the direction block at columns col.. with its cell's kernel; returns (units, return_sequences).
+
+    hidden, spare: (S, >=Pmax) scratch: the carry h while running, and GRU's r * h or LSTM's c.
+    """
+    cell = row[col + B_CELL]
+    if cell == CELL_LSTM:
+        return lstm_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, spare,
+                          xw, gates, out, time_ordered_output)
+    if cell == CELL_SIMPLE_RNN:
+        return simple_rnn_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden,
+                                xw, gates, out, time_ordered_output)
+    return gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates,
+                     spare, out, time_ordered_output)
+
+
+@njit(**KERNEL_FLAGS)
+def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
+    """Run the whole chain on a block of up to BLOCK samples in lockstep.
+
+    plan:    (L, PLAN_WIDTH) int64
+    weights: (W,)            float32, every layer's tensors packed
+    x:       (S, T, F)       input
+    carry:   (S, C)          every recurrent direction's carries, read as initial state, left as final state
+    work:    (K,)            scratch, see ``workspace_size``
+    out:     (S, rows * D)   the last layer's output, rows = T for sequences, else 1
+    """
+    prefer_wide_vectors()
+    samples = x.shape[0]
+    steps = x.shape[1]
+    features = x.shape[2]
+    size = samples * steps * max_dim
+    block = (samples, steps, max_dim)
+    # Every scratch view is C-contiguous, so LLVM knows the strides and vectorises.
+    current = work[:size].reshape(block)                          # (S, T, Dmax)
+    following = work[size:2 * size].reshape(block)               # (S, T, Dmax)
+    backward = work[2 * size:3 * size].reshape(block)             # (S, T, Dmax)
+    offset = 3 * size
+    ahead = min(steps, PROJECT_AHEAD)
+    xw = work[offset:offset + samples * ahead * max_gate_width].reshape((samples, ahead, max_gate_width))  # (S, A, Pmax)
+    offset += samples * ahead * max_gate_width
+    gates = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
+    offset += samples * max_gate_width
+    spare = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
+    offset += samples * max_gate_width
+    hidden = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))     # (S, Pmax)
+    offset += samples * max_gate_width
+    mask = work[offset:offset + samples * steps].reshape((samples, steps))               # (S, T)
+
+    for s in range(samples):
+        for t in range(steps):
+            for f in range(features):
+                current[s, t, f] = x[s, t, f]
+    rows = steps
+    masked = False
+    for layer in range(plan.shape[0]):
+        row = plan[layer]
+        kind = row[COL_KIND]
+        input_dim = row[COL_IN]
+        output_dim = row[COL_OUT]
+        if kind == KIND_MASKING:
+            mask_steps(current, samples, rows, input_dim, weights[row[COL_MASK_VALUE]], mask)
+            masked = True
+            continue
+        if kind >= KIND_CONV1D:
+            rows = frontend_layer(row, weights, current, samples, rows, mask, masked, carry, following)
+            # Keras's Conv1D and pooling layers drop the mask; BatchNormalization passes it on.
+            masked = masked and kind == KIND_BATCH_NORMALIZATION
+        elif kind == KIND_DENSE:
+            k = row[COL_DENSE_KERNEL]
+            b = row[COL_DENSE_BIAS]
+            dense_layer(current, samples, rows, input_dim,
+                        weights[k:k + input_dim * output_dim].reshape((input_dim, output_dim)),
+                        weights[b:b + output_dim], row[COL_DENSE_ACTIVATION], following)
+        else:
+            units, sequences = run_direction(row, COL_FORWARD, weights, input_dim, current, samples, rows, mask,
+                                             masked, carry, hidden, xw, gates, spare, following, False)
+            bidirectional = kind == KIND_BIDIRECTIONAL
+            if bidirectional:
+                backward_units, _ = run_direction(row, COL_BACKWARD, weights, input_dim, current, samples, rows,
+                                                  mask, masked, carry, hidden, xw, gates, spare, backward, True)
+            if not sequences:
+                # Keep the last output: forward at t=T-1 (a Bidirectional's backward one is at t=0).
+                for s in range(samples):
+                    for j in range(units):
+                        following[s, 0, j] = following[s, rows - 1, j]
+                rows = 1
+                masked = False
+            if bidirectional:
+                merge_directions(row[COL_MERGE], samples, rows, units, backward_units, following, backward)
+        current, following = following, current
+    width = plan[plan.shape[0] - 1, COL_OUT]
+    for s in range(samples):
+        for t in range(rows):
+            out_row = out[s, t * width:(t + 1) * width]  # (D,)
+            for j in range(width):
+                out_row[j] = current[s, t, j]
+
+
+@njit(**KERNEL_FLAGS)
+def count_nonfinite(x):
+    """How many samples of x (B, T, F) hold a NaN or infinity."""
+    prefer_wide_vectors()
+    bad = 0
+    for b in range(x.shape[0]):
+        finite = True
+        for t in range(x.shape[1]):
+            for f in range(x.shape[2]):
+                finite &= math.isfinite(x[b, t, f])
+        bad += not finite
+    return bad
+
+
+@njit(**KERNEL_FLAGS)
+def admit(plan, x, carry, zero_carry):
+    """What run_batch and run_batch_parallel check before running anything, so no carry changes
+    half-way: -1 if x's width is not the plan's input width, else how many samples of x are not
+    finite. When that is 0 and ``zero_carry`` is set, carry (B, C) is zeroed (it is then scratch)."""
+    prefer_wide_vectors()
+    if x.shape[2] != plan[0, COL_IN]:
+        return -1
+    bad = count_nonfinite(x)
+    if bad == 0 and zero_carry:
+        carry[:] = ZERO
+    return bad
+
+
+@njit(**KERNEL_FLAGS)
+def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
+    """run_block over the batch, BLOCK samples after BLOCK samples.
+
+    x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
+    zero_carry: start from zero state instead of carry's contents.
+    Returns ``admit``'s verdict: anything but 0 means nothing ran.
+    """
+    prefer_wide_vectors()
+    bad = admit(plan, x, carry, zero_carry)
+    if bad == 0:
+        for start in range(0, x.shape[0], BLOCK):
+            stop = min(start + BLOCK, x.shape[0])
+            run_block(plan, weights, x[start:stop], carry[start:stop], work[0], max_dim, max_gate_width,
+                      out[start:stop])
+    return bad
+
+
+@njit(**PARALLEL_KERNEL_FLAGS)
+def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
+    """run_batch with blocks spread over Numba's threads: samples are independent sequences.
+
+    work: (ceil(B / BLOCK), K), one scratch per block.
+    """
+    prefer_wide_vectors()
+    bad = admit(plan, x, carry, zero_carry)
+    if bad == 0:
+        for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
+            start = block * BLOCK
+            stop = min(start + BLOCK, x.shape[0])
+            run_block(plan, weights, x[start:stop], carry[start:stop], work[block], max_dim, max_gate_width,
+                      out[start:stop])
+    return bad
+
+
+def workspace_size(samples, steps, max_dim, max_gate_width):
+    """Floats of scratch run_block needs for a block of ``samples`` samples, in whole cache lines
+    so that each block's scratch starts on one."""
+    ahead = min(steps, PROJECT_AHEAD)
+    return padded(samples * (3 * steps * max_dim + ahead * max_gate_width + 3 * max_gate_width + steps))

@@ -1,0 +1,90 @@
+"""What every recurrent family shares: the direction block of a plan row, masked-step outputs,
+carries copied in and out, and Bidirectional's merge."""
+
+from numba import njit
+
+from .._flags import KERNEL_FLAGS, prefer_wide_vectors
+from .activations import HALF, ZERO
+
+# Time steps whose input projection is computed together, just before the recurrence reaches them:
+# enough rows to share kernel loads four at a time, few enough to stay in L1 (measured GRU(256),
+# T=1000: 3.7% faster than projecting the whole sequence first, whose scratch also grew with T).
+PROJECT_AHEAD = 8
+# What a recurrent layer emits at a masked step. Keras: zeros with zero_output_for_mask, else its
+# previous output in this call (zeros before the first unmasked step, whatever the initial state).
+# A stream emits the carry instead, so each step equals predict() on the whole prefix.
+MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY = 0, 1, 2
+# The cell a direction block runs (the same codes as the plan's layer kinds for single layers).
+CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN = 1, 4, 5
+# One direction's columns in a plan row (see ``plan``), in this order, for every family. Columns a
+# family does not use stay 0: LSTM and SimpleRNN have no recurrent bias (Keras keeps one bias, on
+# the input side) and ``option`` is GRU's reset_after.
+DIRECTION_BLOCK = (
+    "cell", "units", "activation", "recurrent_activation", "go_backwards", "return_sequences", "masked_output",
+    "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry", "option",
+)
+BLOCK_WIDTH = len(DIRECTION_BLOCK)
+(B_CELL, B_UNITS, B_ACT, B_REC_ACT, B_GO_BACKWARDS, B_RETURN_SEQUENCES, B_MASKED_OUTPUT, B_KERNEL,
+ B_RECURRENT_KERNEL, B_INPUT_BIAS, B_RECURRENT_BIAS, B_CARRY, B_OPTION) = range(BLOCK_WIDTH)
+MERGE_CONCAT, MERGE_SUM, MERGE_MUL, MERGE_AVE, MERGE_NONE = range(5)
+MERGE_CODES = {"concat": MERGE_CONCAT, "sum": MERGE_SUM, "mul": MERGE_MUL,
+               "ave": MERGE_AVE, None: MERGE_NONE}  # None: written as concat, split on return
+
+
+@njit(**KERNEL_FLAGS)
+def merge_directions(merge, samples, rows, forward_units, backward_units, forward, backward):
+    """Combine a Bidirectional layer's outputs into ``forward`` (Keras merge_mode; None as concat).
+
+    forward:  (S, >=rows, >=D) forward outputs, overwritten by the merged ones
+    backward: (S, >=rows, >=H) backward outputs, in time order
+    """
+    prefer_wide_vectors()
+    for s in range(samples):
+        for t in range(rows):
+            merged = forward[s, t]   # (>=D,)
+            other = backward[s, t]   # (>=H,)
+            if merge == MERGE_CONCAT or merge == MERGE_NONE:
+                appended = merged[forward_units:forward_units + backward_units]  # (H,)
+                for j in range(backward_units):
+                    appended[j] = other[j]
+            elif merge == MERGE_SUM:
+                for j in range(forward_units):
+                    merged[j] += other[j]
+            elif merge == MERGE_MUL:
+                for j in range(forward_units):
+                    merged[j] *= other[j]
+            else:
+                for j in range(forward_units):
+                    merged[j] = HALF * (merged[j] + other[j])
+
+
+@njit(**KERNEL_FLAGS)
+def carry_in(samples, carry, start, units, state):
+    """state[s, :units] = carry[s, start:start + units]: a C-contiguous copy the products can read.
+
+    carry: (S, C) every direction's carries; state: (S, >=units)
+    """
+    prefer_wide_vectors()
+    for s in range(samples):
+        carried = carry[s, start:start + units]  # (H,)
+        row = state[s]                           # (>=H,)
+        for j in range(units):
+            row[j] = carried[j]
+
+
+@njit(**KERNEL_FLAGS)
+def carry_out(samples, state, carry, start, units):
+    """carry[s, start:start + units] = state[s, :units], the reverse of ``carry_in``."""
+    prefer_wide_vectors()
+    for s in range(samples):
+        carried = carry[s, start:start + units]  # (H,)
+        row = state[s]                           # (>=H,)
+        for j in range(units):
+            carried[j] = row[j]
+
+
+@njit(inline="always", **KERNEL_FLAGS)
+def masked_row(row, state, units, repeat):
+    """A masked step's output: the carry repeated (``repeat``) or zeros. row, state: (>=H,)."""
+    for j in range(units):
+        row[j] = state[j] if repeat else ZERO
