@@ -202,6 +202,8 @@ def measure_cold_start(bundle_path: Path, workdir: Path, runs: int) -> dict:
 
 def run_worker(job: dict) -> dict:
     """One thread count's share of a run, in this (fresh) process."""
+    from gru_engine.exporters.tensorflow_quiet import import_tensorflow
+    import_tensorflow()  # first, so its start-up lines are not printed: see there
     pinned = machine.pin_threads(job["threads"])  # before TensorFlow builds anything
     budget = timing.QUICK if job["quick"] else timing.FULL
     workdir = Path(job["workdir"])
