@@ -13,8 +13,8 @@ import math
 
 from gru_engine.fileio import atomic_write
 
-from .workloads import (AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
-                        LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, threads_label)
+from .workloads import (AIRLINE_B1, AIRLINE_CHUNKS, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
+                        LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, TRANSFORM_CASES, threads_label)
 
 COLD_START_LIMIT_S = 0.5
 
@@ -30,6 +30,18 @@ class RatioTarget:
     what: str
 
 
+@dataclasses.dataclass(frozen=True)
+class CostTarget:
+    """On workload ``config``, ``slow``'s median time is at most ``maximum`` times ``fast``'s."""
+
+    number: int
+    config: str
+    slow: str
+    fast: str
+    maximum: float
+    what: str
+
+
 RATIO_TARGETS = (
     RatioTarget(1, AIRLINE_B1, "ort-native", 2.0, "airline batch 1, 1 thread: ort-native / engine"),
     RatioTarget(1, AIRLINE_B1, "ort-tf2onnx", 30.0, "airline batch 1, 1 thread: ort-tf2onnx / engine"),
@@ -42,6 +54,17 @@ RATIO_TARGETS = (
                 "LSTM airline batch 1024, all cores: engine / ort-native throughput"),
     RatioTarget(7, LSTM_AIRLINE_STEP, "ort-native-stream", 4.0,
                 "LSTM airline step, 1 thread: ort-native-stream / engine-stream"),
+)
+# What a bundle's transforms and feeding a stream in small chunks may cost.
+TRANSFORM_LIMIT, CHUNK_LIMIT, SINGLE_CHUNK_LIMIT = 1.1, 1.25, 1.2
+COST_TARGETS = (
+    *(CostTarget(8, config, engine, f"{engine}-untransformed", TRANSFORM_LIMIT,
+                 f"{config}: with the demo's transforms / without")
+      for config, engine in zip(TRANSFORM_CASES, ("engine", "engine-stream", "engine"))),
+    CostTarget(9, AIRLINE_CHUNKS, "engine-run-16", "engine-run-4096", CHUNK_LIMIT,
+               "stream per step: Stream.run on chunks of 16 / of 4096"),
+    CostTarget(9, AIRLINE_CHUNKS, "engine-run-1", "engine-stream", SINGLE_CHUNK_LIMIT,
+               "stream: a Stream.run call on a chunk of 1 / a Stream.step"),
 )
 
 
@@ -67,12 +90,18 @@ def _verdict(passed: bool) -> str:
     return "PASS" if passed else "MISS"
 
 
+def _command(config: str) -> str:
+    """The command that measures one target again, alone."""
+    return f"gru-engine bench --configs {config}"
+
+
 def evaluate_targets(results: dict) -> list[dict]:
-    """The speed targets, judged from this run's measurements (n/a when not measured), by number."""
+    """The project's performance targets, judged from this run's measurements (n/a when not measured),
+    by number."""
     verdicts = []
     for target in RATIO_TARGETS:
         entry = {"number": target.number, "what": target.what, "target": f">= {target.minimum:g}x",
-                 "measured": None, "verdict": "n/a"}
+                 "measured": None, "verdict": "n/a", "command": _command(target.config)}
         config = _config(results, target.config)
         peer = config["implementations"].get(target.peer) if config else None
         if config is None:
@@ -84,7 +113,8 @@ def evaluate_targets(results: dict) -> list[dict]:
         verdicts.append(entry)
     cold = results.get("cold_start")
     entry = {"number": 4, "what": "cold start: fresh `gru-engine predict` - `python -c 'import numba'`",
-             "target": f"<= {COLD_START_LIMIT_S:g} s", "measured": None, "verdict": "n/a"}
+             "target": f"<= {COLD_START_LIMIT_S:g} s", "measured": None, "verdict": "n/a",
+             "command": "gru-engine bench --configs cold-start"}
     if not cold:
         entry["note"] = "cold start not measured in this run"
     elif cold.get("difference_s") is None:
@@ -92,6 +122,19 @@ def evaluate_targets(results: dict) -> list[dict]:
     else:
         entry.update(measured=cold["difference_s"], verdict=_verdict(cold["difference_s"] <= COLD_START_LIMIT_S))
     verdicts.append(entry)
+    for target in COST_TARGETS:
+        entry = {"number": target.number, "what": target.what, "target": f"<= {target.maximum:g}x",
+                 "measured": None, "verdict": "n/a", "command": _command(target.config)}
+        config = _config(results, target.config)
+        implementations = config["implementations"] if config else {}
+        slow, fast = (implementations.get(name, {}).get("median_s") for name in (target.slow, target.fast))
+        if config is None:
+            entry["note"] = f"{target.config} not measured in this run"
+        elif not slow or not fast:
+            entry["note"] = f"{target.slow} or {target.fast} not measured"
+        else:
+            entry.update(measured=slow / fast, verdict=_verdict(slow / fast <= target.maximum))
+        verdicts.append(entry)
     return sorted(verdicts, key=lambda verdict: verdict["number"])
 
 
@@ -167,15 +210,17 @@ def format_table(results: dict) -> str:
         lines += [""] + format_lines(results["score"])
     targets = results.get("targets") or evaluate_targets(results)
     if all(target["measured"] is None for target in targets):
-        lines += ["", "targets: none measured in this run (they need the built-in workloads: gru-engine bench)"]
+        lines += ["", "the project's performance targets: none measured in this run (they need the built-in "
+                  "workloads: gru-engine bench)"]
         return "\n".join(lines)
-    lines += ["", "targets (measured in this run)"]
+    lines += ["", "the project's performance targets, measured in this run (each line ends with the command "
+                  "that checks it alone)"]
     for target in targets:
         measured = target["measured"]
         shown = "-" if measured is None else (f"{measured:.3g} s" if target["number"] == 4 else f"{measured:.3g}x")
         note = f"  ({target['note']})" if target.get("note") else ""
         lines.append(f"  {target['number']} {target['what']:<66} {shown:>9}  target {target['target']:<8} "
-                     f"{target['verdict']}{note}")
+                     f"{target['verdict']}{note}  [{target['command']}]")
         if target["number"] == 3:
             lines += [line for line in (_gflop_line(results), _weights_line(results)) if line]
     return "\n".join(lines)
