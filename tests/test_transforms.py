@@ -13,7 +13,7 @@ from gru_engine import InputError
 from gru_engine.kernels.transforms import FIRST_STEP
 from gru_engine.runtime import Model
 from gru_engine.spec import Layer, max_excess
-from reference import gru_config, random_spec, reference_predict
+from reference import gru_config, random_spec, recurrent_config, reference_predict
 
 FEATURES = 2
 
@@ -42,6 +42,13 @@ CASES = {
     "bidirectional-first": ([Layer("bidirectional", "bi", {"merge_mode": "concat", "forward": gru_config(3),
                                                            "backward": gru_config(3, go_backwards=True)}),
                              dense(1, use_bias=False)], [SCALE], False, 0),
+    "lstm-first": ([Layer("lstm", "lstm", recurrent_config("lstm", 4, use_bias=False)), dense(1)], [SCALE], False, 0),
+    "simple-rnn-first": ([Layer("simple_rnn", "rnn", recurrent_config("simple_rnn", 4)), dense(1)], [SCALE],
+                         False, 0),
+    "bidirectional-lstm": ([Layer("bidirectional", "bi", {"layer": "lstm", "merge_mode": "sum",
+                                                          "forward": recurrent_config("lstm", 3),
+                                                          "backward": recurrent_config("lstm", 3, go_backwards=True)}),
+                            dense(1)], [SCALE], False, 0),
     "dense-first": ([dense(4, "relu", name="first"), Layer("gru", "gru", gru_config(3, return_sequences=True)), dense(1)],
                     [SCALE], False, 0),
     "masking-first": ([Layer("masking", "mask", {"mask_value": 0.0}), GRU, dense(1)], [SCALE], False, 1),
