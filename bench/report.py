@@ -13,10 +13,13 @@ import math
 
 from gru_engine.fileio import atomic_write
 
+from .registry import IMPLEMENTATIONS
 from .workloads import (AIRLINE_B1, AIRLINE_CHUNKS, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
                         LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, TRANSFORM_CASES, threads_label)
 
 COLD_START_LIMIT_S = 0.5
+# Width of the implementation column: the longest registry name.
+NAME_WIDTH = max(len(name) for name in IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,13 +172,13 @@ def _weights_line(results: dict) -> str | None:
 
 def _implementation_row(name: str, entry: dict, unit: str) -> str:
     if entry["status"] != "ok":
-        return f"  {name:<18} {entry['status']}: {entry.get('note', '')}"
+        return f"  {name:<{NAME_WIDTH}} {entry['status']}: {entry.get('note', '')}"
     spread = f"{format_seconds(entry['p10_s'])} .. {format_seconds(entry['p90_s'])}"
     gflops = f"{entry['gflops']:.3g}" if entry.get("gflops") is not None else "-"
     ratio = f"{entry['ratio']:.2f}x" if entry.get("ratio") is not None else "-"
     flag = "" if entry.get("agrees") in (True, None) else \
         f"  (output differs from gru-engine by {entry['max_abs_diff']:.3g})"
-    return (f"  {name:<18} {format_seconds(entry['median_s']):>9}  {spread:<22} "
+    return (f"  {name:<{NAME_WIDTH}} {format_seconds(entry['median_s']):>9}  {spread:<22} "
             f"{format_rate(entry['throughput_per_s'], unit):>16} {gflops:>8} {ratio:>9}{flag}")
 
 
@@ -186,7 +189,7 @@ def format_table(results: dict) -> str:
              f"{machine['cores']} cores; "
              + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
              "median time per call [p10 .. p90]; ratio = peer time / gru-engine time (> 1: gru-engine faster)"]
-    header = (f"  {'implementation':<18} {'median':>9}  {'p10 .. p90':<22} {'throughput':>16} "
+    header = (f"  {'implementation':<{NAME_WIDTH}} {'median':>9}  {'p10 .. p90':<22} {'throughput':>16} "
               f"{'GFLOP/s':>8} {'ratio':>9}")
     for config in results["configs"]:
         lines += ["", f"{config['name']}: {config['title']} (vs {config['baseline']})", header]
