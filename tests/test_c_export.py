@@ -382,3 +382,13 @@ def test_export_c_takes_an_onnx_graph(tmp_path):
     x = case_input("m_bidirectional_concat")
     assert_close(models["from_onnx"].predict(x), Model(spec).predict(x[None])[0], "C from ONNX vs engine")
     assert models["from_onnx"].self_check()[0] == 0
+
+
+def test_the_ctypes_binding_refuses_arrays_the_c_would_overrun(compiled):
+    from gru_engine.errors import InputError
+    c_model = compiled[2]["m_airline"]
+    for bad in (np.ones((4, FEATURES + 1)), np.ones((0, FEATURES)), np.full((4, FEATURES), np.nan), np.ones(FEATURES)):
+        with pytest.raises(InputError, match="features"):
+            c_model.predict(bad)
+    with pytest.raises(InputError, match="new_state"):
+        c_model.step(bytearray(8), np.ones(FEATURES))
