@@ -78,7 +78,7 @@ class Subject:
 
 
 def streamable(spec) -> bool:
-    """Whether a model can run one step at a time: nothing reads the sequence backwards."""
+    """Whether a model can run one step at a time (see ``gru_engine.spec.stream_blockers``)."""
     from gru_engine.spec import backward_layers
     return not backward_layers(spec)
 
@@ -153,10 +153,11 @@ def _ort_native_stream(subject: Subject, threads: int) -> Streaming:
     input_name = next(i.name for i in session.get_inputs() if i.name not in state_names)
     output_name = next(o.name for o in session.get_outputs() if not o.name.startswith("state_"))
     carried_names = ["state_" + name[len("initial_state_"):] for name in state_names]
-    units = [int(i.shape[1]) for i in session.get_inputs() if i.name in state_names]
+    # (units,) per GRU direction, (steps, channels) per causal Conv1D history
+    dims = [tuple(int(d) for d in i.shape[1:]) for i in session.get_inputs() if i.name in state_names]
 
     def start(batch: int) -> Step:
-        feeds = {name: np.zeros((batch, width), np.float32) for name, width in zip(state_names, units)}
+        feeds = {name: np.zeros((batch,) + shape, np.float32) for name, shape in zip(state_names, dims)}
 
         def step(x_t: np.ndarray) -> np.ndarray:
             feeds[input_name] = np.ascontiguousarray(x_t[:, None, :], np.float32)  # (batch, 1, features)

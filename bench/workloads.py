@@ -7,6 +7,11 @@ measures the same model:
 - ``airline``: GRU(50, return_sequences=True) -> GRU(50) -> Dense(1), one feature, T=10 (the
   airline-passengers forecaster).
 - ``gru<H>``:  GRU(H) -> Dense(1), one feature: the sweeps over hidden size and sequence length.
+- ``lstm-airline``: the airline shape with LSTM layers, LSTM(50) -> LSTM(50) -> Dense(1).
+- ``guitar``:  GuitarLSTM's shape, Conv1D(16, 12, strides 4, same) -> Conv1D(16, 12, strides 3, same)
+  -> LSTM(36) -> Dense(1) over windows of 120 samples.
+- ``causal``:  Conv1D(16, 3, causal, dilation 2, tanh) -> GRU(32) -> Dense(1): a convolutional
+  front-end that streams, one sample per step.
 
 Threads: one for latency (batch 1 and 32, per-step streaming), every core for batch-1024 throughput.
 """
@@ -36,6 +41,15 @@ AIRLINE_B1 = "airline-b1"
 AIRLINE_THROUGHPUT = f"airline-b{THROUGHPUT_BATCH}"
 GFLOP_CASE = f"h{GFLOP_UNITS}-t{GFLOP_STEPS}"
 AIRLINE_STEP = "airline-step"
+LSTM_AIRLINE_B1 = "lstm-airline-b1"
+LSTM_AIRLINE_THROUGHPUT = f"lstm-airline-b{THROUGHPUT_BATCH}"
+LSTM_AIRLINE_STEP = "lstm-airline-step"
+GUITAR_B1 = "guitar-b1"
+CAUSAL_CONV_STEP = "causal-conv-step"
+# Conv1D layers before the GRUs: (filters, kernel_size, strides, padding, dilation_rate, activation).
+GUITAR_FRONT = ((16, 12, 4, "same", 1, "linear"), (16, 12, 3, "same", 1, "linear"))
+GUITAR_WINDOW = 120
+CAUSAL_FRONT = ((16, 3, 1, "causal", 2, "tanh"),)
 
 
 def threads_label(threads) -> str:
@@ -44,13 +58,16 @@ def threads_label(threads) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How to get a Keras model: built from stacked GRU widths, or loaded from a user's file."""
+    """How to get a Keras model: built from Conv1D layers and stacked GRU or LSTM widths, or loaded from a
+    user's file."""
 
     key: str                      # workloads with the same key share one model (and its exports)
     features: int = 1
-    units: tuple[int, ...] = ()   # GRU widths; every GRU but the last returns sequences; then Dense(1)
+    units: tuple[int, ...] = ()   # layer widths; every layer but the last returns sequences; then Dense(1)
     seed: int = 0
     keras_path: str | None = None
+    front: tuple = ()             # Conv1D layers before the recurrent ones, see GUITAR_FRONT
+    cell: str = "gru"             # the recurrent layers' kind: gru or lstm
 
     def build(self):
         if self.keras_path:
@@ -59,7 +76,10 @@ class Recipe:
         import keras
         keras.utils.set_random_seed(self.seed)
         layers = [keras.Input((None, self.features))]
-        layers += [keras.layers.GRU(width, return_sequences=index < len(self.units) - 1)
+        layers += [keras.layers.Conv1D(filters, size, strides=strides, padding=padding, dilation_rate=dilation,
+                                       activation=activation)
+                   for filters, size, strides, padding, dilation, activation in self.front]
+        layers += [getattr(keras.layers, self.cell.upper())(width, return_sequences=index < len(self.units) - 1)
                    for index, width in enumerate(self.units)]
         layers.append(keras.layers.Dense(1))
         return keras.Sequential(layers, name=self.key)
@@ -67,7 +87,10 @@ class Recipe:
     def describe(self) -> str:
         if self.keras_path:
             return Path(self.keras_path).name
-        layers = "->".join([f"GRU({width})" for width in self.units] + ["Dense(1)"])
+        convolutions = [f"Conv1D({filters},{size}{f',s{strides}' if strides > 1 else ''}"
+                        f"{f',d{dilation}' if dilation > 1 else ''},{padding})"
+                        for filters, size, strides, padding, dilation, _ in self.front]
+        layers = "->".join(convolutions + [f"{self.cell.upper()}({width})" for width in self.units] + ["Dense(1)"])
         return f"{layers}, {self.features} feature{'s' if self.features > 1 else ''}"
 
 
@@ -100,7 +123,8 @@ class Workload:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Workload":
-        recipe = dict(data["recipe"], units=tuple(data["recipe"]["units"]))
+        recipe = dict(data["recipe"], units=tuple(data["recipe"]["units"]),
+                      front=tuple(tuple(layer) for layer in data["recipe"]["front"]))
         return cls(**dict(data, recipe=Recipe(**recipe)))
 
 
@@ -108,8 +132,28 @@ def airline_recipe() -> Recipe:
     return Recipe("airline", 1, AIRLINE_UNITS)
 
 
+def lstm_airline_recipe() -> Recipe:
+    return Recipe("lstm-airline", 1, AIRLINE_UNITS, cell="lstm")
+
+
+def lstm_workloads(cores: int) -> list[Workload]:
+    """The airline shape with LSTM layers: batch 1, batch 1024 on every core, one streamed step."""
+    lstm = lstm_airline_recipe()
+    return [Workload(LSTM_AIRLINE_B1, lstm, 1, AIRLINE_STEPS, 1),
+            Workload(LSTM_AIRLINE_THROUGHPUT, lstm, THROUGHPUT_BATCH, AIRLINE_STEPS, cores),
+            Workload(LSTM_AIRLINE_STEP, lstm, 1, AIRLINE_STEPS, 1, per_step=True)]
+
+
 def _single(units: int) -> Recipe:
     return Recipe(f"gru{units}", 1, (units,))
+
+
+def guitar_recipe() -> Recipe:
+    return Recipe("guitar", 1, (36,), front=GUITAR_FRONT, cell="lstm")
+
+
+def causal_recipe() -> Recipe:
+    return Recipe("causal", 1, (32,), front=CAUSAL_FRONT)
 
 
 def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Workload]:
@@ -120,8 +164,10 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
     airline_b1 = Workload(AIRLINE_B1, airline, 1, AIRLINE_STEPS, 1)
     throughput = Workload(AIRLINE_THROUGHPUT, airline, THROUGHPUT_BATCH, AIRLINE_STEPS, cores)
     stream = Workload(AIRLINE_STEP, airline, 1, AIRLINE_STEPS, 1, per_step=True)
+    front_ends = [Workload(GUITAR_B1, guitar_recipe(), 1, GUITAR_WINDOW, 1),
+                  Workload(CAUSAL_CONV_STEP, causal_recipe(), 1, AIRLINE_STEPS, 1, per_step=True)]
     if quick:
-        return [airline_b1, throughput, gflop_case, stream]
+        return [airline_b1, throughput, gflop_case, stream] + lstm_workloads(cores) + front_ends
     workloads = [airline_b1, Workload("airline-b32", airline, 32, AIRLINE_STEPS, 1), throughput]
     workloads += [Workload(f"h{units}-t{HIDDEN_SWEEP_STEPS}", _single(units), 1, HIDDEN_SWEEP_STEPS, 1)
                   for units in HIDDEN_SIZES]
@@ -129,7 +175,7 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
                   for steps in SEQUENCE_LENGTHS]
     workloads += [gflop_case, stream,
                   Workload(f"h{GFLOP_UNITS}-step", _single(GFLOP_UNITS), 1, 1, 1, per_step=True)]
-    return workloads
+    return workloads + lstm_workloads(cores) + front_ends
 
 
 def user_workloads(model_path, steps: int | None = None) -> list[Workload]:

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_engine import bundle
+from gru_engine import bundle, frontends
 from gru_engine.errors import BundleError, UnsupportedModelError
 from gru_engine.spec import (DENSE_ACTIVATIONS, MERGE_MODES, RECURRENT_ACTIVATIONS, RECURRENT_FAMILIES, Layer,
                              ModelSpec, sample_input, validate)
 
 SUPPORTED = ("InputLayer, Masking, GRU, LSTM, SimpleRNN, Bidirectional(GRU, LSTM or SimpleRNN), Dense (per time "
-             "step on sequences), Dropout, in a Sequential model or a functional single chain")
+             "step on sequences), Dropout, Conv1D, MaxPooling1D, AveragePooling1D, GlobalAveragePooling1D, "
+             "GlobalMaxPooling1D, BatchNormalization (channels_last), in a Sequential model or a functional "
+             "single chain")
 SELF_CHECK_BATCH = 2
 SELF_CHECK_STEPS = 7
 
@@ -93,6 +95,43 @@ def _recurrent(layer) -> tuple[str, dict, dict]:
     return kind, options, weights
 
 
+def _frontend(layer) -> Layer:
+    """A Conv1D, pooling or BatchNormalization layer (the caller checked its class)."""
+    import keras
+
+    name = next(kind for kind, keras_name in frontends.KERAS_CLASS_NAMES.items()
+                if keras_name == type(layer).__name__)
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        _refuse(layer, "data_format 'channels_first'; gru-engine reads (batch, time, channels): use channels_last")
+    if name == "conv1d":
+        config = {"filters": int(layer.filters), "kernel_size": int(layer.kernel_size[0]),
+                  "strides": int(layer.strides[0]), "padding": layer.padding,
+                  "dilation_rate": int(layer.dilation_rate[0]), "groups": int(layer.groups),
+                  "activation": _activation_name(layer, layer.activation, frontends.CONV_ACTIVATIONS),
+                  "use_bias": bool(layer.use_bias)}
+        weights = {"kernel": layer.kernel}
+        if config["use_bias"]:
+            weights["bias"] = layer.bias
+    elif name in frontends.POOLING_KINDS:
+        config = {"pool_size": int(layer.pool_size[0]), "strides": int(layer.strides[0]), "padding": layer.padding}
+        weights = {}
+    elif name in frontends.GLOBAL_POOLING_KINDS:
+        if layer.keepdims:
+            _refuse(layer, "keepdims=True is not supported; use keepdims=False")
+        config, weights = {}, {}
+    else:
+        if layer.axis not in (-1, 2) or layer.renorm:
+            _refuse(layer, "only axis=-1 (the channels) without renorm is supported")
+        config = {"epsilon": float(layer.epsilon), "center": bool(layer.center), "scale": bool(layer.scale)}
+        weights = {"moving_mean": layer.moving_mean, "moving_variance": layer.moving_variance}
+        if config["scale"]:
+            weights["gamma"] = layer.gamma
+        if config["center"]:
+            weights["beta"] = layer.beta
+    return Layer(name, layer.name, config,
+                 {key: np.asarray(keras.ops.convert_to_numpy(value), np.float32) for key, value in weights.items()})
+
+
 def _layer(layer) -> Layer | None:
     import keras
 
@@ -108,6 +147,8 @@ def _layer(layer) -> Layer | None:
         names = ["kernel"] + (["bias"] if config["use_bias"] else [])
         return Layer("dense", layer.name, config,
                      {name: np.asarray(value, np.float32) for name, value in zip(names, layer.get_weights())})
+    if kind.__name__ in frontends.KERAS_CLASS_NAMES.values() and kind is getattr(keras.layers, kind.__name__):
+        return _frontend(layer)
     if _recurrent_kind(layer):
         kind, config, weights = _recurrent(layer)
         return Layer(kind, layer.name, config, weights)
@@ -157,7 +198,8 @@ def _check_chain(model) -> None:
 def _self_check_input(model, spec: ModelSpec) -> np.ndarray:
     """A small deterministic input of the model's shape (fixed batch or time where Keras fixes them)."""
     shape = model.inputs[0].shape
-    return sample_input(spec, shape[0] or SELF_CHECK_BATCH, shape[1] or SELF_CHECK_STEPS, np.random.default_rng(0))
+    steps = shape[1] or max(SELF_CHECK_STEPS, frontends.min_steps(spec))
+    return sample_input(spec, shape[0] or SELF_CHECK_BATCH, steps, np.random.default_rng(0))
 
 
 def reset_states(model) -> None:

@@ -60,6 +60,7 @@ from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
 from gru_engine.spec import Layer, ModelSpec, recurrent_configs, recurrent_kind, sample_input, validate
 
+from . import onnx_conv
 from .keras_reader import SELF_CHECK_BATCH, SELF_CHECK_STEPS
 from . import onnx_lstm
 from .onnx_writer import RECURRENT_ACTIVATIONS
@@ -67,7 +68,9 @@ from .onnx_writer import RECURRENT_ACTIVATIONS
 # Axis labels: the model's batch and time, a feature axis, the GRU's direction axis, a size-1 axis.
 BATCH, TIME, FEATURE, DIRECTION, ONE = "batch", "time", "features", "direction", "1"
 SUPPORTED = ("GRU, LSTM and RNN nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of the two "
-             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers")
+             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers, "
+             "Conv (+ Relu/Sigmoid/Tanh), MaxPool, AveragePool, GlobalMaxPool, GlobalAveragePool, "
+             "BatchNormalization")
 GRU_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
                   "layout", "linear_before_reset"}
 # ONNX activation (lower case) -> (Keras name, alpha, beta) of the ones the engine computes exactly.
@@ -773,6 +776,12 @@ class _Reader:
 
     _op_LSTM = onnx_lstm.read_lstm
     _op_RNN = onnx_lstm.read_rnn
+    _op_Conv = onnx_conv.read_conv
+    _op_MaxPool = onnx_conv.read_max_pool
+    _op_AveragePool = onnx_conv.read_average_pool
+    _op_GlobalMaxPool = onnx_conv.read_global_max_pool
+    _op_GlobalAveragePool = onnx_conv.read_global_average_pool
+    _op_BatchNormalization = onnx_conv.read_batch_normalization
 
     # ----- outputs -----
     def outputs(self) -> tuple[_Chain, int]:
@@ -826,8 +835,12 @@ def _text(value):
 
 
 def _is_sequence(chain: _Chain) -> bool:
-    recurrent = [config for layer in chain.layers for config in recurrent_configs(layer)]
-    return not recurrent or recurrent[-1]["return_sequences"]
+    sequence = True
+    for layer in chain.layers:
+        if layer.kind in onnx_conv.frontends.GLOBAL_POOLING_KINDS:
+            sequence = False
+        sequence = recurrent_configs(layer)[-1]["return_sequences"] if recurrent_configs(layer) else sequence
+    return sequence
 
 
 def _match_reshape(axes: list, sizes: list, target: list):
@@ -921,8 +934,8 @@ def read_onnx(onnx_path) -> ModelSpec:
     batch = dims[0].dim_value or SELF_CHECK_BATCH
     gates = [config.get("recurrent_activation", config["activation"]) for layer in spec.layers
              for config in recurrent_configs(layer)]
-    steps = dims[1].dim_value or (SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES)
-                                  else EXPANDING_SELF_CHECK_STEPS)
+    steps = dims[1].dim_value or max(onnx_conv.frontends.min_steps(spec), SELF_CHECK_STEPS if set(gates) <= set(
+        CONTRACTING_GATES) else EXPANDING_SELF_CHECK_STEPS)
     spec.self_check_input = sample_input(spec, batch, steps, np.random.default_rng(0))
     spec.self_check_outputs = _onnxruntime_outputs(model, spec.self_check_input, path)
     validate(spec)

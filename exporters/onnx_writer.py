@@ -3,7 +3,8 @@
 Graph interface (``batch`` and ``time`` are dynamic):
 
     input               (batch, time, features) float32
-    initial_state_<k>   (batch, units_k)   only with state_io=True; feeds a node's initial_h or initial_c
+    initial_state_<k>   (batch, units_k)   only with state_io=True; feeds a node's initial_h or initial_c,
+                        or for a (batch, steps, channels) causal Conv1D, its last inputs of earlier calls
     output              (batch, time, D) or (batch, D): the model's main output
     output_forward,     instead of ``output`` when the last layer is Bidirectional(merge_mode=None)
     output_backward
@@ -58,9 +59,12 @@ from typing import Callable
 
 import numpy as np
 
+from gru_engine import frontends
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.fileio import atomic_write_bytes
 from gru_engine.spec import Layer, ModelSpec, recurrent_configs, recurrent_kind, validate
+
+from . import onnx_conv
 
 DEFAULT_OPSET = 17
 # Squeeze/Unsqueeze take their axes as inputs from opset 13 on; this writer uses that form.
@@ -157,13 +161,24 @@ def _main_names(spec: ModelSpec) -> list[str]:
     return [OUTPUT]
 
 
+def _state_dims(spec: ModelSpec, shapes, state_io: bool) -> list[list[int]]:
+    """Per carried state k, its dims after batch: (units,) per GRU direction and, with state_io, the
+    (steps, channels) history of each causal Conv1D, in layer order (as ``Stream.state``)."""
+    dims = []
+    for layer, shape in zip(spec.layers, shapes):
+        if state_io and onnx_conv.carries_history(layer):
+            dims.append([frontends.history_steps(layer), shape.input_dim])
+        dims += [[units] for units in shape.state_dims]
+    return dims
+
+
 def _returned_states(spec: ModelSpec, shapes, state_io: bool) -> range:
-    """Which final carries the graph returns (k counts carries in layer order)."""
-    directions = sum(len(shape.state_dims) for shape in shapes)
+    """Which carried states the graph returns (k counts them in layer order, see ``_state_dims``)."""
+    count = len(_state_dims(spec, shapes, state_io))
     if state_io:
-        return range(directions)
+        return range(count)
     if spec.output_count > len(_main_names(spec)):  # Keras return_state: the last layer's carries
-        return range(directions - len(shapes[-1].state_dims), directions)
+        return range(count - len(shapes[-1].state_dims), count)
     return range(0)
 
 
@@ -355,12 +370,25 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     _check_opset(opset)
     shapes = validate(spec)
     _refuse_unexpressible(spec)
-    directions = sum(len(shape.state_dims) for shape in shapes)
-    g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(directions)])
+    state_dims = _state_dims(spec, shapes, state_io)
+    g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(len(state_dims))])
     inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "time", spec.input_features])]
     x = g.add("Transpose", [INPUT], "time_major", perm=[1, 0, 2])  # (T, B, F): the recurrent nodes' layout
     finals = []  # (B, units) per carry, None where the graph does not need it
-    for index, (layer, shape) in enumerate(zip(spec.layers, shapes)):
+    channels_first = False  # x is a (B, C, T) sequence, as convolution and pooling read it
+    layers = frontends.fold_batch_norms(spec.layers, shapes)
+    for index, (layer, shape) in enumerate(layers):
+        if layer.kind in frontends.KINDS:
+            history = None
+            if state_io and onnx_conv.carries_history(layer):
+                history = initial_state_name(len(finals))
+                inputs.append(helper.make_tensor_value_info(history, TensorProto.FLOAT,
+                                                            ["batch"] + state_dims[len(finals)]))
+            x, channels_first, history = onnx_conv.write_layer(g, layer, shape, x, channels_first, history)
+            if history:
+                finals.append(history)
+            continue
+        x, channels_first = onnx_conv.time_major(g, x, channels_first), False
         if layer.kind == "dense":
             x = _dense(g, layer, x)
             continue
@@ -369,7 +397,7 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
             if state_io:
                 initial.append(initial_state_name(len(finals) + len(initial)))
                 inputs.append(helper.make_tensor_value_info(initial[-1], TensorProto.FLOAT, ["batch", units]))
-        is_last = index == len(spec.layers) - 1
+        is_last = index == len(layers) - 1
         need_carries = state_io or (is_last and spec.output_count > len(_main_names(spec)))
         outputs = _recurrent(g, layer, x, initial, need_carries)
         finals += [final for _, carries in outputs for final in carries] if need_carries \
@@ -385,16 +413,17 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     widths = [config["units"] for config in recurrent_configs(spec.layers[-1])] if isinstance(x, list) \
         else [last.output_dim]
     graph_outputs = []
+    # Strided or 'valid' windows return fewer steps than they read.
+    time = "time" if all(frontends.window(layer) is None for layer in spec.layers) else "output_time"
     for name, tensor, width in zip(_main_names(spec), main, widths):
         if last.output_is_sequence:
-            tensor = g.add("Transpose", [tensor], f"{name}.batch_major", perm=[1, 0, 2])  # (B, T, width)
+            tensor = onnx_conv.batch_major(g, tensor, channels_first, f"{name}.batch_major")  # (B, T, width)
         g.name_output(tensor, name)
         graph_outputs.append(helper.make_tensor_value_info(
-            name, TensorProto.FLOAT, ["batch", "time", width] if last.output_is_sequence else ["batch", width]))
-    state_units = [units for shape in shapes for units in shape.state_dims]
+            name, TensorProto.FLOAT, ["batch", time, width] if last.output_is_sequence else ["batch", width]))
     for k in _returned_states(spec, shapes, state_io):
         g.name_output(finals[k], state_name(k))
-        graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch", state_units[k]]))
+        graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch"] + state_dims[k]))
     graph = helper.make_graph(g.nodes, "gru_engine", inputs, graph_outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="gru-engine")
     # The oldest IR version that carries this opset, so older runtimes can load the file.

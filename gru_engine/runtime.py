@@ -12,10 +12,10 @@ import threading
 import numba
 import numpy as np
 
-from . import transforms
+from . import frontends, transforms
 from .kernels import activations, lstm, plan, products, recurrent
 from .errors import InputError
-from .spec import RECURRENT_FAMILIES, ModelSpec, backward_layers, output_shapes, recurrent_kind, validate
+from .spec import RECURRENT_FAMILIES, ModelSpec, output_shapes, recurrent_kind, stream_blockers, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -115,7 +115,13 @@ def parallel_launch_is_thread_safe() -> bool:
 
 
 KERAS_CLASS_NAMES = {"masking": "Masking", "bidirectional": "Bidirectional", "dense": "Dense",
-                     **{kind: family.keras_class for kind, family in RECURRENT_FAMILIES.items()}}
+                     **{kind: family.keras_class for kind, family in RECURRENT_FAMILIES.items()},
+                     **frontends.KERAS_CLASS_NAMES}
+FRONTEND_KIND_CODES = {"conv1d": plan.KIND_CONV1D, "max_pooling1d": plan.KIND_MAX_POOLING,
+                       "average_pooling1d": plan.KIND_AVERAGE_POOLING,
+                       "global_max_pooling1d": plan.KIND_GLOBAL_MAX_POOLING,
+                       "global_average_pooling1d": plan.KIND_GLOBAL_AVERAGE_POOLING,
+                       "batch_normalization": plan.KIND_BATCH_NORMALIZATION}
 
 
 # Cache-line size: a 512-bit load from an address that is not a multiple of it touches two lines.
@@ -153,7 +159,7 @@ class _Program:
             offset += flat.size + padding.size
             return start
 
-        carry_dims = []
+        carry_dims, carry_shapes = [], []
         max_dim, max_gate_width = spec.input_features, 3
 
         def direction_block(kind, config, weights, prefix) -> list[int]:
@@ -177,13 +183,45 @@ class _Program:
             }
             block.update({name: put(array) for name, array in tensors.items()})
             carry_dims.extend([units] * RECURRENT_FAMILIES[kind].carries)
+            carry_shapes.extend([(units,)] * RECURRENT_FAMILIES[kind].carries)
             return [block[name] for name in recurrent.DIRECTION_BLOCK]
 
-        for layer, shape in zip(spec.layers, shapes):
+        def frontend_row(row, layer, input_dim):
+            """Fill the plan row of a front-end layer."""
+            config, weights = layer.config, layer.weights
+            row[plan.COL_KIND] = FRONTEND_KIND_CODES[layer.kind]
+            if layer.kind == "conv1d":
+                taps, groups, filters = config["kernel_size"], config["groups"], config["filters"]
+                # (K, I/G, F) -> (G, K, I/G, F/G): each group's tap a contiguous (channels, filters) matrix.
+                kernel = weights["kernel"].reshape(taps, input_dim // groups, groups, filters // groups)
+                row[plan.COL_CONV_ACTIVATION] = activations.ACTIVATION_CODES[config["activation"]]
+                row[plan.COL_CONV_KERNEL] = put(kernel.transpose(2, 0, 1, 3))
+                row[plan.COL_CONV_BIAS] = put(weights.get("bias", np.zeros(filters, np.float32)))
+                row[plan.COL_CONV_GROUPS], row[plan.COL_CONV_SIZE] = groups, taps
+                row[plan.COL_CONV_STRIDES], row[plan.COL_CONV_DILATION] = config["strides"], config["dilation_rate"]
+                row[plan.COL_CONV_PADDING] = frontends.padding_code(config["padding"])
+                row[plan.COL_CONV_HISTORY] = -1
+                history = frontends.history_steps(layer)
+                if streaming and history:
+                    # A stream keeps the layer's last inputs in the carry instead of zero padding.
+                    row[plan.COL_CONV_HISTORY] = sum(carry_dims)
+                    carry_dims.append(history * input_dim)
+                    carry_shapes.append((history, input_dim))
+            elif layer.kind in frontends.POOLING_KINDS:
+                row[plan.COL_POOL_SIZE], row[plan.COL_POOL_STRIDES] = config["pool_size"], config["strides"]
+                row[plan.COL_POOL_PADDING] = frontends.padding_code(config["padding"])
+            elif layer.kind == "batch_normalization":
+                scale, shift = frontends.batch_norm_affine(layer)
+                row[plan.COL_NORM_SCALE], row[plan.COL_NORM_SHIFT] = put(scale), put(shift)
+
+        # A BatchNormalization right after a linear Conv1D or Dense is folded into its weights.
+        for layer, shape in frontends.fold_batch_norms(spec.layers, shapes):
             row = np.zeros(plan.PLAN_WIDTH, np.int64)
             row[plan.COL_IN], row[plan.COL_OUT] = shape.input_dim, shape.output_dim
             max_dim = max(max_dim, shape.output_dim)
-            if layer.kind == "masking":
+            if layer.kind in frontends.KINDS:
+                frontend_row(row, layer, shape.input_dim)
+            elif layer.kind == "masking":
                 row[plan.COL_KIND] = plan.KIND_MASKING
                 row[plan.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
             elif layer.kind == "dense":
@@ -208,7 +246,9 @@ class _Program:
         packed = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
         self.weights = aligned_empty(packed.shape)  # (W,)
         self.weights[:] = packed
+        self.spec = spec
         self.carry_dims = carry_dims
+        self.carry_shapes = carry_shapes  # per carry: (units,), or (steps, channels) for a Conv1D history
         self.carry_size = sum(carry_dims)
         # Row widths of the scratch arrays, whole cache lines so that every row starts on one.
         self.max_dim = int(products.padded(max_dim))
@@ -226,7 +266,11 @@ class _Program:
         return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width)
 
     def check_size(self, batch: int, steps: int) -> None:
-        """Refuse a call whose scratch, carries and output would exceed MAX_CALL_FLOATS."""
+        """Refuse a call too short for a 'valid' window, or whose scratch, carries and output would
+        exceed MAX_CALL_FLOATS."""
+        short = frontends.too_short(self.spec, steps)
+        if short:
+            raise InputError(short)
         blocks, size = self.workspace_shape(batch, steps, parallel=True)
         if blocks * size + batch * (self.carry_size + steps * self.output_dim) > MAX_CALL_FLOATS:
             raise InputError(f"an input of batch {batch} and {steps} time steps needs more than "
@@ -238,8 +282,8 @@ class _Program:
         return aligned_empty(self.workspace_shape(batch, steps, parallel))
 
     def output_shape(self, batch: int, steps: int) -> tuple[int, int]:
-        """(B, rows * D), rows = steps when the last layer returns sequences, else 1."""
-        rows = steps if self.output_is_sequence else 1
+        """(B, rows * D), rows = the last sequence's steps when the last layer returns sequences, else 1."""
+        rows = frontends.output_steps(self.spec, steps) if self.output_is_sequence else 1
         return batch, rows * self.output_dim
 
     def output(self, batch: int, steps: int) -> np.ndarray:
@@ -317,6 +361,34 @@ def as_input(x, features: int, check_size=None) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def fill_carry(states, batch: int, program: _Program, carry=None) -> np.ndarray:
+    """Carries (B, C) zeroed, or filled from ``states``: one array per carry of ``program``, (batch,)
+    + its shape (Keras-style ``initial_state`` for predict, ``Stream.state`` for a stream)."""
+    if carry is None:
+        carry = np.zeros((batch, program.carry_size), np.float32)  # (B, C)
+    else:
+        carry.fill(0.0)
+    if states is None:
+        return carry
+    states = [states] if isinstance(states, np.ndarray) else list(states)
+    shapes = [(batch,) + shape for shape in program.carry_shapes]
+    if len(states) != len(shapes):
+        raise InputError(f"initial_state needs {len(shapes)} arrays (one per carry: h per GRU or SimpleRNN "
+                         "direction, h then c per LSTM direction, and in a stream the last inputs of each causal "
+                         f"Conv1D; shapes {shapes}), got {len(states)}")
+    offset = 0
+    for index, (state, shape, size) in enumerate(zip(states, shapes, program.carry_dims)):
+        state = as_array(state, f"initial_state[{index}]")
+        if state.dtype.kind not in ACCEPTED_KINDS or state.shape != shape:
+            raise InputError(f"initial_state[{index}] must be a numeric array of shape {shape}, "
+                             f"got {state.dtype} {state.shape}")
+        if not np.isfinite(state).all():
+            raise InputError(f"initial_state[{index}] contains NaN or infinite values")
+        carry[:, offset:offset + size] = state.reshape(batch, size)
+        offset += size
+    return carry
+
+
 class Model:
     """A model ready to run. Build it with ``gru_engine.load`` or ``Model(spec)``."""
 
@@ -333,6 +405,12 @@ class Model:
         # threads never share a buffer, and a tight loop of predict() allocates only its output.
         self._scratch = threading.local()
 
+    def __reduce__(self):
+        """Pickle as the bundle's bytes: weights copied, not the file mapping (the receiving process
+        may not see the file). Unpickling validates them and replays the self-check, as ``load`` does."""
+        from . import bundle, loads
+        return loads, (bundle.to_bytes(self.spec), self.spec.self_check_input is not None)
+
     @property
     def input_features(self) -> int:
         return self._features
@@ -345,28 +423,7 @@ class Model:
     def _initial_carry(self, initial_state, batch: int, carry=None) -> np.ndarray:
         """Carries (B, C) zeroed, or filled from Keras-style ``initial_state``: one array per carry
         (see ``state_shapes``), in layer order."""
-        if carry is None:
-            carry = np.zeros((batch, self._program.carry_size), np.float32)  # (B, C)
-        else:
-            carry.fill(0.0)
-        if initial_state is None:
-            return carry
-        states = [initial_state] if isinstance(initial_state, np.ndarray) else list(initial_state)
-        dims = self._program.carry_dims
-        if len(states) != len(dims):
-            raise InputError(f"initial_state needs {len(dims)} arrays (one per carry: h per GRU or SimpleRNN "
-                             f"direction, h then c per LSTM direction; units {dims}), got {len(states)}")
-        offset = 0
-        for index, (state, units) in enumerate(zip(states, dims)):
-            state = as_array(state, f"initial_state[{index}]")
-            if state.dtype.kind not in ACCEPTED_KINDS or state.shape != (batch, units):
-                raise InputError(f"initial_state[{index}] must be a numeric array of shape ({batch}, {units}), "
-                                 f"got {state.dtype} {state.shape}")
-            if not np.isfinite(state).all():
-                raise InputError(f"initial_state[{index}] contains NaN or infinite values")
-            carry[:, offset:offset + units] = state
-            offset += units
-        return carry
+        return fill_carry(initial_state, batch, self._program, carry)
 
     def predict(self, x, initial_state=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
@@ -402,7 +459,7 @@ class Model:
         return self._outputs(out, carry, batch, steps)
 
     def _outputs(self, out, carry, batch, steps):
-        main = out.reshape((batch, steps, -1)) if self._program.output_is_sequence else out
+        main = out.reshape((batch, -1, self._program.output_dim)) if self._program.output_is_sequence else out
         if self._single_output:
             return main
         shapes = output_shapes(self.spec, self.shapes, batch, steps)
@@ -455,10 +512,10 @@ class Stream:
     def __init__(self, model: Model, batch: int):
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 1 <= batch <= 1 << 20:
             raise InputError(f"stream batch must be an int between 1 and {1 << 20}, got {batch!r}")
-        backward = backward_layers(model.spec)
-        if backward:
-            raise InputError(f"layer '{backward[0]}' reads the sequence backwards, so its output at "
-                             "time t depends on later inputs; such a model cannot stream")
+        blockers = stream_blockers(model.spec)
+        if blockers:
+            name, why = blockers[0]
+            raise InputError(f"layer '{name}' {why}; such a model cannot stream (use predict on whole sequences)")
         if not transforms.streamable(model.spec.transforms):
             raise InputError("this bundle's transforms look at whole windows (per-window centering); "
                              "use predict on complete windows instead of a stream")
@@ -468,9 +525,10 @@ class Stream:
         self._program = _Program(model.spec, model.shapes, streaming=True)
         features = model.input_features
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
-        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._parallel = self._program.parallel(self.batch)
+        # First, so the size check also bounds the carries (a Conv1D's history can be large).
         self._work = self._program.workspace(self.batch, 1, self._parallel)  # (blocks, K)
+        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._out = self._program.output(self.batch, 1)                     # (B, D)
         # Views made once, so a step only copies x_t in and makes one compiled call.
         self._x_rows = self._x[:, 0, :]                                     # (B, F)
@@ -488,22 +546,23 @@ class Stream:
 
     @property
     def state(self) -> list[np.ndarray]:
-        """Copies of the carries in layer order, each (batch, units): h per GRU or SimpleRNN direction,
-        h then c per LSTM direction (Keras's initial_state order). Assign such a list to restore them."""
+        """Copies of the carries in layer order: (batch, units) arrays, h per GRU or SimpleRNN direction,
+        h then c per LSTM direction (Keras's initial_state order), and one (batch, (kernel_size - 1) *
+        dilation_rate, channels) array of last inputs per causal Conv1D. Assign such a list to restore them."""
         with self._lock:
             return self._split_carry()
 
     @state.setter
     def state(self, states) -> None:
-        carry = self.model._initial_carry(states, self.batch)
+        carry = fill_carry(states, self.batch, self._program)
         with self._lock:
             self._carry[:] = carry
 
     def _split_carry(self) -> list[np.ndarray]:
         states, offset = [], 0
-        for units in self._program.carry_dims:
-            states.append(self._carry[:, offset:offset + units].copy())
-            offset += units
+        for size, shape in zip(self._program.carry_dims, self._program.carry_shapes):
+            states.append(self._carry[:, offset:offset + size].reshape((self.batch,) + shape).copy())
+            offset += size
         return states
 
     def step(self, x_t, out=None):

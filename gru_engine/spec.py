@@ -20,6 +20,9 @@ names, and float32 weights in Keras's layout:
                      ``forward.<name>`` and ``backward.<name>``.
 - ``dense``:         config ``units, activation, use_bias``; weights ``kernel (input_dim, units)``,
                      ``bias (units,)`` when use_bias. Applied per time step to sequences.
+- ``conv1d``, ``max_pooling1d``, ``average_pooling1d``, ``global_average_pooling1d``,
+  ``global_max_pooling1d``, ``batch_normalization``: the front-end kinds, see ``gru_engine.frontends``.
+  Convolution and pooling change the number of time steps (``frontends.output_steps``).
 
 ``validate`` checks all of it once, so the runtime and the writers can trust a spec they are given.
 """
@@ -160,10 +163,22 @@ def recurrent_configs(layer: Layer) -> list[dict[str, Any]]:
     return []
 
 
+def stream_blockers(spec: ModelSpec) -> list[tuple[str, str]]:
+    """(name, why) of every layer that cannot run one step at a time: its output at time t depends
+    on later inputs, or it does not emit one output per input step. ``why`` follows the name."""
+    blockers = []
+    for layer in spec.layers:
+        if layer.kind == "bidirectional" or (layer.kind in RECURRENT_FAMILIES and layer.config["go_backwards"]):
+            blockers.append((layer.name, "reads the sequence backwards, so its output at time t depends "
+                                         "on later inputs"))
+        elif layer.kind in frontends.KINDS and frontends.not_streamable(layer):
+            blockers.append((layer.name, frontends.not_streamable(layer)))
+    return blockers
+
+
 def backward_layers(spec: ModelSpec) -> list[str]:
-    """Names of the layers whose output at time t depends on later inputs (so they cannot stream)."""
-    return [layer.name for layer in spec.layers
-            if layer.kind == "bidirectional" or (layer.kind in RECURRENT_FAMILIES and layer.config["go_backwards"])]
+    """Names of the layers that cannot stream (see ``stream_blockers``)."""
+    return [name for name, _ in stream_blockers(spec)]
 
 
 def recurrent_weight_shapes(kind: str, config: dict[str, Any], input_dim: int) -> dict[str, tuple[int, ...]]:
@@ -178,6 +193,8 @@ def recurrent_weight_shapes(kind: str, config: dict[str, Any], input_dim: int) -
 
 def weight_shapes(layer: Layer, input_dim: int) -> dict[str, tuple[int, ...]]:
     """The exact set of tensors a layer's configuration implies."""
+    if layer.kind in frontends.KINDS:
+        return frontends.weight_shapes(layer, input_dim)
     if layer.kind in RECURRENT_FAMILIES:
         return recurrent_weight_shapes(layer.kind, layer.config, input_dim)
     if layer.kind == "bidirectional":
@@ -235,8 +252,10 @@ def _refuse_unknown_kind(index: int, kind: Any, known) -> None:
 
 
 def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) -> LayerShape:
+    if layer.kind in frontends.KINDS:
+        return frontends.trace(index, layer, input_dim, is_sequence)
     if layer.kind not in LAYER_KINDS:
-        _refuse_unknown_kind(index, layer.kind, LAYER_KINDS)
+        _refuse_unknown_kind(index, layer.kind, LAYER_KINDS + frontends.KINDS)
     config = layer.config
     if layer.kind == "masking":
         if not isinstance(config, dict) or set(config) != {"mask_value"}:
@@ -343,6 +362,7 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
                 _fail(index, f"tensor '{name}' has shape {array.shape}, the configuration implies {want}")
             if not np.isfinite(array).all():
                 _fail(index, f"tensor '{name}' contains NaN or infinite values")
+        frontends.check_weights(index, layer)
     _validate_self_check(spec, shapes)
     # Transforms undo themselves on the main output: for merge_mode=None, one direction's width.
     main_output_width = output_shapes(spec, shapes, 1, 1)[0][-1]
@@ -352,6 +372,7 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
 
 def output_shapes(spec: ModelSpec, shapes: list[LayerShape], batch: int, time: int) -> list[tuple[int, ...]]:
     """The shapes ``predict`` returns for an input of (batch, time, input_features)."""
+    time = frontends.output_steps(spec, time)
     last = shapes[-1]
     main = (batch, time, last.output_dim) if last.output_is_sequence else (batch, last.output_dim)
     layer = spec.layers[-1]
@@ -375,6 +396,9 @@ def _validate_self_check(spec: ModelSpec, shapes: list[LayerShape]) -> None:
                     f"got {getattr(x, 'shape', None)} {getattr(x, 'dtype', None)}")
     if not np.isfinite(x).all():
         _fail(None, "self-check input contains NaN or infinite values")
+    short = frontends.too_short(spec, x.shape[1])
+    if short:
+        _fail(None, f"self-check input: {short}")
     expected = output_shapes(spec, shapes, x.shape[0], x.shape[1])
     got = [getattr(y, "shape", None) for y in spec.self_check_outputs]
     if got != expected or any(y.dtype != np.float32 for y in spec.self_check_outputs):
@@ -392,3 +416,7 @@ def max_excess(actual: np.ndarray, expected: np.ndarray) -> float:
     """Largest |actual - expected| beyond the parity tolerance (<= 0 means within it; NaN is inf)."""
     excess = np.abs(actual - expected) - (PARITY_ATOL + PARITY_RTOL * np.abs(expected))
     return float(np.max(np.nan_to_num(excess, nan=np.inf), initial=-np.inf))
+
+
+# Last: the front-end kinds build on this module's helpers (a circular import, resolved at call time).
+from . import frontends  # noqa: E402

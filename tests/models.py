@@ -25,6 +25,12 @@ def _recurrent(keras, kind: str, spec: dict):
     return getattr(keras.layers, KERAS_CLASSES[kind])(**options)
 
 
+FRONTEND_CLASSES = {"conv1d": "Conv1D", "max_pooling1d": "MaxPooling1D", "average_pooling1d": "AveragePooling1D",
+                    "global_average_pooling1d": "GlobalAveragePooling1D",
+                    "global_max_pooling1d": "GlobalMaxPooling1D", "batch_normalization": "BatchNormalization"}
+
+
+
 def build_model(layers: list[dict], features: int, seed: int = 0, steps: int | None = None, batch=None,
                 functional: bool = False):
     """Build a Keras model from a description; weights drawn from ``seed``."""
@@ -46,6 +52,8 @@ def build_model(layers: list[dict], features: int, seed: int = 0, steps: int | N
             built.append(keras.layers.Masking(**options))
         elif kind == "dropout":
             built.append(keras.layers.Dropout(**options))
+        elif kind in FRONTEND_CLASSES:
+            built.append(getattr(keras.layers, FRONTEND_CLASSES[kind])(**options))
         else:
             raise ValueError(f"unknown layer kind {kind}")
     inputs = keras.Input((steps, features), batch_size=batch)
@@ -59,6 +67,9 @@ def build_model(layers: list[dict], features: int, seed: int = 0, steps: int | N
         model = keras.Sequential([inputs] + built)
     rng = np.random.default_rng(seed)
     model.set_weights([rng.normal(0.0, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):  # a variance is positive
+            layer.moving_variance.assign(np.abs(layer.moving_variance.numpy()) + np.float32(0.5))
     return model
 
 

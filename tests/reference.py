@@ -166,6 +166,59 @@ def _merge(mode, forward, backward):
     raise ValueError(f"unknown merge mode {mode!r}")
 
 
+def _padded(x, size, strides, padding, fill):
+    """x (B, T, C) padded on the time axis as Keras pads a window of ``size`` steps."""
+    steps = x.shape[1]
+    if padding == "valid":
+        return x
+    if padding == "causal":
+        left, right = size - 1, 0
+    else:  # same: TensorFlow's split, the smaller half on the left
+        out = -(-steps // strides)
+        total = max((out - 1) * strides + size - steps, 0)
+        left, right = total // 2, total - total // 2
+    return np.pad(x, ((0, 0), (left, right), (0, 0)), constant_values=fill)
+
+
+def conv1d(config, weights, x):
+    """Keras Conv1D on x (B, T, I): every output row an explicit sum over taps, per group."""
+    kernel = weights["kernel"].astype(np.float64)  # (K, I/G, F)
+    taps, group_in, filters = kernel.shape
+    groups, dilation, strides = config["groups"], config["dilation_rate"], config["strides"]
+    size = (taps - 1) * dilation + 1
+    x = _padded(x, size, strides, config["padding"], 0.0)
+    rows = (x.shape[1] - size) // strides + 1
+    group_out = filters // groups
+    y = np.zeros((x.shape[0], rows, filters))
+    for t in range(rows):
+        for g in range(groups):
+            for k in range(taps):
+                inputs = x[:, t * strides + k * dilation, g * group_in:(g + 1) * group_in]  # (B, I/G)
+                y[:, t, g * group_out:(g + 1) * group_out] += \
+                    inputs @ kernel[k, :, g * group_out:(g + 1) * group_out]
+    if config["use_bias"]:
+        y = y + weights["bias"].astype(np.float64)
+    return ACTIVATIONS[config["activation"]](y)
+
+
+def pool1d(config, x, is_max):
+    """Keras MaxPooling1D / AveragePooling1D on x (B, T, C); padded steps never count."""
+    size, strides = config["pool_size"], config["strides"]
+    x = _padded(x, size, strides, config["padding"], np.nan)
+    rows = (x.shape[1] - size) // strides + 1
+    windows = np.stack([x[:, t * strides:t * strides + size] for t in range(rows)], axis=1)  # (B, R, size, C)
+    return np.nanmax(windows, axis=2) if is_max else np.nanmean(windows, axis=2)
+
+
+def batch_normalization(config, weights, x):
+    """Keras BatchNormalization at inference, axis -1."""
+    w = {name: value.astype(np.float64) for name, value in weights.items()}
+    y = (x - w["moving_mean"]) / np.sqrt(w["moving_variance"] + config["epsilon"])
+    if config["scale"]:
+        y = y * w["gamma"]
+    return y + w["beta"] if config["center"] else y
+
+
 def _apply_transforms(steps, x):
     """The documented input steps; returns x and what each step needs to invert the output."""
     context = []
@@ -224,6 +277,19 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
             # Keras compares in the input's dtype, float32.
             mask = np.any(values.astype(np.float32) != np.float32(config["mask_value"]), axis=-1)  # (B, T)
             values = values * mask[..., None]
+        elif layer.kind == "conv1d":
+            values, mask = conv1d(config, layer.weights, values), None  # Keras's Conv1D drops the mask
+        elif layer.kind in ("max_pooling1d", "average_pooling1d"):
+            values, mask = pool1d(config, values, layer.kind == "max_pooling1d"), None
+        elif layer.kind == "global_max_pooling1d":
+            values, mask = values.max(axis=1), None  # Keras ignores the mask here
+        elif layer.kind == "global_average_pooling1d":
+            keep = np.ones(values.shape[:2]) if mask is None else mask.astype(np.float64)  # (B, T)
+            with np.errstate(invalid="ignore"):  # every step masked: 0 / 0, NaN as in Keras
+                values = (values * keep[..., None]).sum(axis=1) / keep.sum(axis=1)[:, None]
+            mask = None
+        elif layer.kind == "batch_normalization":
+            values = batch_normalization(config, layer.weights, values)
         elif layer.kind == "dense":
             values = values @ layer.weights["kernel"].astype(np.float64)
             if config["use_bias"]:
@@ -261,7 +327,7 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
             else:
                 values = _merge(config["merge_mode"], forward_out, backward_out)
                 outputs = [values] + states
-        if layer.kind in ("masking", "dense"):
+        if layer.kind not in CELLS and layer.kind != "bidirectional":
             outputs = [values]
     if transforms and spec.transforms:
         outputs[0] = _invert_transforms(spec.transforms, outputs[0], context)
@@ -321,6 +387,8 @@ def random_spec(layers: list[Layer], input_features: int, seed: int = 0, check_s
     for layer, shape in zip(spec.layers, trace_shapes(spec)):
         layer.weights = {name: rng.normal(0.0, 0.4, dims).astype(np.float32)
                          for name, dims in weight_shapes(layer, shape.input_dim).items()}
+        if "moving_variance" in layer.weights:  # a variance is positive
+            layer.weights["moving_variance"] = np.abs(layer.weights["moving_variance"]) + np.float32(0.5)
     x = rng.standard_normal((*check_shape, input_features)).astype(np.float32)  # (B, T, F)
     if any(step["kind"] == "log" for step in spec.transforms):
         x = np.abs(x) + np.float32(0.5)

@@ -336,7 +336,8 @@ UNSUPPORTED = {
     "lstm-softmax": (lambda: _sequential(_layers().LSTM(4, activation="softmax", name="softmax_lstm")),
                      "softmax_lstm"),
     "simple_rnn-gelu": (lambda: _sequential(_layers().SimpleRNN(4, activation="gelu", name="gelu_rnn")), "gelu_rnn"),
-    "conv1d": (lambda: _sequential(_layers().Conv1D(4, 2, name="my_conv"), _layers().GRU(2)), "my_conv"),
+    "conv1d-transpose": (lambda: _sequential(_layers().Conv1DTranspose(4, 2, name="my_conv"), _layers().GRU(2)),
+                         "my_conv"),
     "bidirectional-mixed": (lambda: _sequential(_layers().Bidirectional(
         _layers().LSTM(3), backward_layer=_layers().GRU(3, go_backwards=True), name="mixed_bi")), "mixed_bi"),
     "branches": (_functional_branches, "right"),

@@ -11,10 +11,12 @@ from numba import njit, prange
 
 from .._flags import KERNEL_FLAGS, PARALLEL_KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO
+from .conv import conv1d_layer
 from .dense import dense_layer
 from .gru import gru_block
 from .lstm import lstm_block
 from .masking import mask_steps
+from .pooling import affine_layer, global_pool_layer, pool1d_layer
 from .products import BLOCK, padded
 from .recurrent import B_CELL, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN, PROJECT_AHEAD, merge_directions
 from .simple_rnn import simple_rnn_block
@@ -26,6 +28,13 @@ KIND_BIDIRECTIONAL = 2
 KIND_DENSE = 3
 KIND_LSTM = CELL_LSTM
 KIND_SIMPLE_RNN = CELL_SIMPLE_RNN
+# Front-end kinds (convolution, pooling, normalization) from 10 on; each may change the row count.
+KIND_CONV1D = 10
+KIND_MAX_POOLING = 11
+KIND_AVERAGE_POOLING = 12
+KIND_GLOBAL_MAX_POOLING = 13
+KIND_GLOBAL_AVERAGE_POOLING = 14
+KIND_BATCH_NORMALIZATION = 15
 
 # Plan row layout. Every row: kind, input_dim, output_dim, then kind-specific columns.
 PLAN_WIDTH = 32
@@ -38,6 +47,44 @@ COL_DENSE_ACTIVATION, COL_DENSE_KERNEL, COL_DENSE_BIAS = 3, 4, 5
 # (backward); each block names its cell (see ``recurrent.DIRECTION_BLOCK``)
 COL_MERGE = 3
 COL_FORWARD, COL_BACKWARD = 4, 4 + BLOCK_WIDTH
+# conv1d: activation, kernel offset, bias offset, groups, kernel_size, strides, dilation, padding code,
+# carry offset of its history (-1: zero padding, not streamed)
+(COL_CONV_ACTIVATION, COL_CONV_KERNEL, COL_CONV_BIAS, COL_CONV_GROUPS, COL_CONV_SIZE, COL_CONV_STRIDES,
+ COL_CONV_DILATION, COL_CONV_PADDING, COL_CONV_HISTORY) = range(3, 12)
+# max and average pooling: pool_size, strides, padding code
+COL_POOL_SIZE, COL_POOL_STRIDES, COL_POOL_PADDING = 3, 4, 5
+# batch_normalization: weight offsets of its per-channel scale and shift
+COL_NORM_SCALE, COL_NORM_SHIFT = 3, 4
+
+
+@njit(**KERNEL_FLAGS)
+def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, out):
+    """Run one front-end layer (kind >= KIND_CONV1D) from x into out; return its output rows.
+
+    x: (S, T, Dmax); out: (S, T, Dmax): no front-end layer returns more rows than it reads.
+    """
+    kind = row[COL_KIND]
+    input_dim = row[COL_IN]
+    output_dim = row[COL_OUT]
+    if kind == KIND_CONV1D:
+        groups, taps = row[COL_CONV_GROUPS], row[COL_CONV_SIZE]
+        k = row[COL_CONV_KERNEL]
+        b = row[COL_CONV_BIAS]
+        kernel = weights[k:k + taps * input_dim * output_dim // groups].reshape(
+            (groups, taps, input_dim // groups, output_dim // groups))  # (G, K, I/G, F/G)
+        return conv1d_layer(x, samples, rows, input_dim, kernel, weights[b:b + output_dim],
+                            row[COL_CONV_STRIDES], row[COL_CONV_DILATION], row[COL_CONV_PADDING],
+                            row[COL_CONV_ACTIVATION], carry, row[COL_CONV_HISTORY], out)
+    if kind == KIND_MAX_POOLING or kind == KIND_AVERAGE_POOLING:
+        return pool1d_layer(x, samples, rows, input_dim, row[COL_POOL_SIZE], row[COL_POOL_STRIDES],
+                            row[COL_POOL_PADDING], kind == KIND_MAX_POOLING, out)
+    if kind == KIND_BATCH_NORMALIZATION:
+        a = row[COL_NORM_SCALE]
+        b = row[COL_NORM_SHIFT]
+        affine_layer(x, samples, rows, input_dim, weights[a:a + input_dim], weights[b:b + input_dim], out)
+        return rows
+    global_pool_layer(x, samples, rows, input_dim, mask, masked, kind == KIND_GLOBAL_MAX_POOLING, out)
+    return 1
 
 
 @njit(**KERNEL_FLAGS)
@@ -106,7 +153,11 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
             mask_steps(current, samples, rows, input_dim, weights[row[COL_MASK_VALUE]], mask)
             masked = True
             continue
-        if kind == KIND_DENSE:
+        if kind >= KIND_CONV1D:
+            rows = frontend_layer(row, weights, current, samples, rows, mask, masked, carry, following)
+            # Keras's Conv1D and pooling layers drop the mask; BatchNormalization passes it on.
+            masked = masked and kind == KIND_BATCH_NORMALIZATION
+        elif kind == KIND_DENSE:
             k = row[COL_DENSE_KERNEL]
             b = row[COL_DENSE_BIAS]
             dense_layer(current, samples, rows, input_dim,
