@@ -108,6 +108,7 @@ class Implementation:
     requires: tuple[str, ...] = ()          # importable modules it needs
     applies: Callable[[Subject], bool] = lambda subject: True
     streaming: bool = False                 # one time step per call, state carried between calls
+    not_applicable: str = "the model reads sequences backwards; it cannot stream"  # why applies() is False
 
     def available(self) -> bool:
         import importlib.util
@@ -241,6 +242,12 @@ class Looped:
             n *= 4
 
 
+def c_expressible(subject: Subject) -> bool:
+    """Whether export_c writes every layer of the subject's model."""
+    from gru_engine.exporters.c_layers import FAMILIES
+    return all(layer.kind in FAMILIES for layer in subject.spec.layers)
+
+
 @functools.cache
 def _compiled_c(subject: Subject):
     """The subject exported with export_c and compiled with -O3 -march=native beside the C loops."""
@@ -338,8 +345,11 @@ IMPLEMENTATIONS = {
         Implementation("keras-predict", "Keras model.predict", _keras_predict, ("keras",)),
         Implementation("keras-call", "Keras model(x)", _keras_call, ("keras",)),
         Implementation("c-export", "export_c's C99 predict, -O3 -march=native, timed in a C loop, 1 thread",
-                       _c_export, ("numpy",)),
+                       _c_export, ("numpy",), applies=c_expressible,
+                       not_applicable="the C writer cannot express one of its layers"),
         Implementation("c-export-stream", "export_c's C99 step, -O3 -march=native, timed in a C loop",
-                       _c_export_stream, ("numpy",), applies=lambda subject: subject.streamable, streaming=True),
+                       _c_export_stream, ("numpy",), streaming=True,
+                       applies=lambda subject: subject.streamable and c_expressible(subject),
+                       not_applicable="it cannot stream, or the C writer cannot express one of its layers"),
     ]
 }

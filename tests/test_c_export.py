@@ -220,7 +220,7 @@ int main(void)
 
 def test_c_runs_clean_under_address_and_undefined_behaviour_sanitizers(compiled, tmp_path):
     written, directory, _ = compiled
-    for name in ("m_masking_bidirectional", "x_transforms_center", "x_masking_stream"):
+    for name in ("m_mixed_masking_gru_bidirectional_simple_rnn", "x_transforms_center", "x_masking_stream"):
         stream = "" if not written[name][0].report["can_stream"] else \
             f"for (i = 0; i < STEPS; i++) {name}_step(&state, x + i * {name.upper()}_INPUT_FEATURES, y);"
         main = tmp_path / f"main_{name}.c"
