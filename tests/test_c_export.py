@@ -8,6 +8,7 @@ weights (tests/reference.py), which is all the C writer reads.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import subprocess
 
@@ -219,7 +220,7 @@ int main(void)
 
 def test_c_runs_clean_under_address_and_undefined_behaviour_sanitizers(compiled, tmp_path):
     written, directory, _ = compiled
-    for name in ("m_masking_bidirectional", "x_transforms_center", "x_masking_stream"):
+    for name in ("m_mixed_masking_gru_bidirectional_simple_rnn", "x_transforms_center", "x_masking_stream"):
         stream = "" if not written[name][0].report["can_stream"] else \
             f"for (i = 0; i < STEPS; i++) {name}_step(&state, x + i * {name.upper()}_INPUT_FEATURES, y);"
         main = tmp_path / f"main_{name}.c"
@@ -382,3 +383,30 @@ def test_export_c_takes_an_onnx_graph(tmp_path):
     x = case_input("m_bidirectional_concat")
     assert_close(models["from_onnx"].predict(x), Model(spec).predict(x[None])[0], "C from ONNX vs engine")
     assert models["from_onnx"].self_check()[0] == 0
+
+
+def test_the_ctypes_binding_refuses_arrays_the_c_would_overrun(compiled):
+    from gru_engine.errors import InputError
+    c_model = compiled[2]["m_airline"]
+    for bad in (np.ones((4, FEATURES + 1)), np.ones((0, FEATURES)), np.full((4, FEATURES), np.nan), np.ones(FEATURES)):
+        with pytest.raises(InputError, match="features"):
+            c_model.predict(bad)
+    with pytest.raises(InputError, match="new_state"):
+        c_model.step(bytearray(8), np.ones(FEATURES))
+
+
+def test_c_compiled_for_speed_matches_the_engine(tmp_path):
+    """-O3 -march=native (the bench's flags), where compilers take the most liberties. (GCC 12.2
+    miscompiled lstm_run there on the Keras LSTM airline model, which bench/test_bench.py runs.)"""
+    specs = {"lstm_airline": random_spec(
+        [Layer("lstm", "lstm", recurrent_config("lstm", 50, return_sequences=True)),
+         Layer("lstm", "lstm_1", recurrent_config("lstm", 50)),
+         Layer("dense", "dense", {"units": 1, "activation": "linear", "use_bias": True})], 1, seed=0)}
+    specs.update({name: SPECS[name] for name in ("m_airline", "m_simple_rnn_units_64", "m_masking_bidirectional")})
+    written = write_sources(specs, tmp_path)
+    for name, spec in specs.items():
+        library = c_build.build([written[name][1]], tmp_path / f"lib{name}.so", flags=c_build.FAST_FLAGS,
+                                extra=("-shared", "-fPIC", f"-I{tmp_path}"))
+        c_model = c_build.CModel(ctypes.CDLL(str(library)), name, written[name][0])
+        x = random_input(1, STEPS, spec.input_features, seed=4)[0]
+        assert_close(c_model.predict(x), main_output(spec, Model(spec).predict(x[None]))[0], name)
