@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from gru_engine import frontends
 from gru_engine.spec import ModelSpec, output_shapes
+
+from .c_frontends import output_steps_c
 
 # Numbers per line in weight initialisers.
 PER_LINE = 8
@@ -235,7 +238,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
     features = spec.input_features
     upper = prefix.upper()
     width = f"{upper}_OUTPUT_FEATURES"
-    rows = "steps" if output_is_sequence else None
+    rows = f"{prefix}_output_steps(steps)" if output_is_sequence else None
     transforms = bool(spec.transforms)
     count = len(spec.transforms)
     predict_flag = ", 0" if writer.flow.streaming_read else ""
@@ -266,12 +269,22 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
         "    return steps * per_step + SCRATCH_FLOATS;",
         "}",
         "",
+        f"size_t {prefix}_output_steps(size_t steps)",
+        "{",
+        f"    if (steps < {upper}_MIN_STEPS)",
+        "        return 0;",
+        *output_steps_c(spec),
+        f"    return {'steps' if output_is_sequence else '1'};",
+        "}",
+        "",
         f"void {prefix}_predict_from({prefix}_state *state, const float *x, size_t steps, float *y, float *work)",
         "{",
         "    const float *out;",
     ]
+    guard = [f"    if (steps < {upper}_MIN_STEPS)", "        return;"]
     if transforms:
         lines.append("    size_t t, f, i;")
+        lines += guard
         if centers:
             lines.append(f"    double means[{centers * features}];  /* per center step, per feature */")
             center_indices = [i for i, step in enumerate(spec.transforms) if step["kind"] == "center"]
@@ -288,7 +301,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
                   f"            work[t * {features} + f] = (float)transform_input((double)x[t * {features} + f], f, "
                   f"{count}, {means});"]
     else:
-        lines.append(f"    memcpy(work, x, steps * {upper}_INPUT_FEATURES * sizeof *work);")
+        lines += [*guard, f"    memcpy(work, x, steps * {upper}_INPUT_FEATURES * sizeof *work);"]
     lines += [f"    out = network(state, work, steps{predict_flag});", *outputs(rows), "}", "",
               f"void {prefix}_predict(const float *x, size_t steps, float *y, float *work)",
               "{",
@@ -332,7 +345,9 @@ def header_c(spec: ModelSpec, writer, prefix: str, comment: str, output_is_seque
         step = (f"\n/* Feed one time step x[{upper}_INPUT_FEATURES]; y[{upper}_OUTPUT_FEATURES] = what Stream.step\n"
                 f"   returns: predict on everything fed since the last reset. No allocation, no work buffer. */\n"
                 f"void {prefix}_step({prefix}_state *state, const float *x, float *y);\n")
-    rows = "steps" if output_is_sequence else "1"
+    rows = f"{prefix}_output_steps(steps)" if output_is_sequence else "1"
+    min_steps = frontends.min_steps(spec)
+    min_note = "" if min_steps == 1 else ": its 'valid' windows need that many"
     return f"""{comment}
 #ifndef {guard}
 #define {guard}
@@ -347,8 +362,10 @@ extern "C" {{
 #define {upper}_OUTPUT_FEATURES {output_dim}  /* D: features per step of the main output{split} */
 #define {upper}_OUTPUT_IS_SEQUENCE {int(output_is_sequence)}  /* 1: predict returns one row of D per time step, 0: one row */
 #define {upper}_CAN_STREAM {int(can_stream)}  /* 1: {prefix}_step exists{stream_note} */
+#define {upper}_MIN_STEPS {min_steps}  /* the fewest time steps predict takes{min_note} */
 
-/* Everything a sequence carries from step to step: one carry per GRU direction. Plain data:
+/* Everything a sequence carries from step to step: the carries of each recurrent direction and,
+ * in a stream, the last inputs of each causal Conv1D (predict pads with zeros instead). Plain data:
  * memcpy saves and restores it, and instances are independent.{state_note} */
 struct {prefix}_state {{
 {fields}
@@ -361,12 +378,17 @@ void {prefix}_reset({prefix}_state *state);
 /* Floats of work buffer {prefix}_predict needs for `steps` time steps (0: too many steps for size_t). */
 size_t {prefix}_work_floats(size_t steps);
 
+/* Rows of D predict writes for `steps` time steps: {'the time steps left after the layers that resize the time axis' if output_is_sequence else '1'}
+   (0: fewer than {upper}_MIN_STEPS, and predict writes nothing). */
+size_t {prefix}_output_steps(size_t steps);
+
 /* y = Model.predict(x[None])[0]: x[steps * F] row-major (time, feature), from zero state;
    y[{rows} * D]; work[{prefix}_work_floats(steps)]. The inputs must be finite (and > 0 where the
-   bundle takes a log); nothing is checked here. */
+   bundle takes a log), steps >= {upper}_MIN_STEPS; nothing else is checked here. */
 void {prefix}_predict(const float *x, size_t steps, float *y, float *work);
 
-/* {prefix}_predict from the carries in *state (Keras initial_state), leaving the final carries there. */
+/* {prefix}_predict from the carries in *state (Keras initial_state), leaving the final carries there
+   (a causal Conv1D still pads with zeros: its history in *state is step's alone). */
 void {prefix}_predict_from({prefix}_state *state, const float *x, size_t steps, float *y, float *work);
 
 /* Replay the self-check stored with the model: 0 pass, 1 fail, -1 none stored.

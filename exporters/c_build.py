@@ -96,6 +96,9 @@ class CModel:
         self.output_is_sequence = _macro(header, name, "OUTPUT_IS_SEQUENCE") == "1"
         self._work_floats = getattr(library, f"{name}_work_floats")
         self._work_floats.restype, self._work_floats.argtypes = ctypes.c_size_t, [ctypes.c_size_t]
+        self.min_steps = int(_macro(header, name, "MIN_STEPS"))
+        self._output_steps = getattr(library, f"{name}_output_steps")
+        self._output_steps.restype, self._output_steps.argtypes = ctypes.c_size_t, [ctypes.c_size_t]
         self._predict_from = getattr(library, f"{name}_predict_from")
         self._predict_from.argtypes = [ctypes.c_char_p, FLOATS, ctypes.c_size_t, FLOATS, FLOATS]
         self._predict = getattr(library, f"{name}_predict")
@@ -113,14 +116,15 @@ class CModel:
         return np.full(self._work_floats(steps), np.nan, np.float32)  # NaN: reading unwritten scratch shows
 
     def output(self, steps: int) -> np.ndarray:
-        rows = steps if self.output_is_sequence else 1
-        return np.full(rows * self.output_features, np.nan, np.float32)
+        return np.full(self._output_steps(steps) * self.output_features, np.nan, np.float32)
 
     def _input(self, x, rank: int) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
         if x.ndim != rank or x.shape[-1] != self.features or x.size == 0 or not np.isfinite(x).all():
             shape = "(time, features)" if rank == 2 else "(features,)"
             raise InputError(f"x must be a finite {shape} array with {self.features} features, got {x.shape}")
+        if rank == 2 and len(x) < self.min_steps:
+            raise InputError(f"x has {len(x)} time steps; this model needs at least {self.min_steps}")
         return x
 
     def _state(self, state):
@@ -133,13 +137,13 @@ class CModel:
         x = self._input(x, 2)
         y = self.output(len(x))
         self._predict(x.ravel(), len(x), y, self.work(len(x)))
-        return y.reshape(len(x), -1) if self.output_is_sequence else y
+        return y.reshape(-1, self.output_features) if self.output_is_sequence else y
 
     def predict_from(self, state, x: np.ndarray) -> np.ndarray:
         x = self._input(x, 2)
         y = self.output(len(x))
         self._predict_from(self._state(state), x.ravel(), len(x), y, self.work(len(x)))
-        return y.reshape(len(x), -1) if self.output_is_sequence else y
+        return y.reshape(-1, self.output_features) if self.output_is_sequence else y
 
     def step(self, state, x_t: np.ndarray) -> np.ndarray:
         y = np.full(self.output_features, np.nan, np.float32)

@@ -1,7 +1,8 @@
 """The C writer's layer families: one entry per layer kind in ``FAMILIES``, each one C function
 plus the Python that declares a layer's weights and state and emits its call in the network's
 body. Here: the helpers every family calls, Masking and Dense; the recurrent kinds (GRU, LSTM,
-SimpleRNN, Bidirectional) are in ``c_recurrent``.
+SimpleRNN, Bidirectional) are in ``c_recurrent``, the front-end kinds (Conv1D, pooling,
+BatchNormalization) in ``c_frontends``.
 
 Adding a layer kind is one ``Family``: its C (types and one function; ``c_sources`` lists the
 parts a layer needs, each emitted once) and an ``emit(writer, index, layer, shape)`` that declares the layer's
@@ -18,6 +19,7 @@ from typing import Callable
 
 from gru_engine.spec import Layer, LayerShape
 
+from .c_frontends import FRONTEND_EMITTERS, FRONTEND_SOURCES
 from .c_recurrent import ACTIVATION_CODES, bidirectional, bidirectional_sources, c_sources, recurrent
 
 
@@ -221,4 +223,5 @@ FAMILIES: dict[str, Family] = {
     "simple_rnn": Family(lambda layer: c_sources("simple_rnn"), recurrent),
     "bidirectional": Family(bidirectional_sources, bidirectional),
     "dense": Family(lambda layer: (DENSE_C,), _dense),
+    **{kind: Family(lambda layer: FRONTEND_SOURCES[layer.kind], emit) for kind, emit in FRONTEND_EMITTERS.items()},
 }

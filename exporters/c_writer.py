@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gru_engine import frontends
+from gru_engine import transforms as transform_steps
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.fileio import atomic_write
-from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, sample_input, validate
+from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, sample_input, stream_blockers, validate
 
 from . import c_build
 from .c_api import (api_c, c_array, float_literal, header_c, header_comment, main_width_of, network_c,
@@ -63,15 +65,16 @@ def dequantized(spec: ModelSpec) -> ModelSpec:
     """The spec with every kernel replaced by its int8 reconstruction: what the int8 C code computes.
 
     The families pass exactly the tensors named ``*kernel`` to ``_Writer.matrix`` (the one place
-    that quantizes), so this is the same set.
+    that quantizes), after folding BatchNormalization as the C writer does, a Conv1D's as
+    (kernel_size * channels, filters); so this is the same set, quantized the same way.
     """
     layers = []
-    for layer in spec.layers:
+    for layer, _ in frontends.fold_batch_norms(spec.layers, validate(spec)):
         weights = {}
         for name, array in layer.weights.items():
             if name.endswith("kernel"):
-                values, scale = quantize(array)
-                array = (values.astype(np.float32) * scale).astype(np.float32)
+                values, scale = quantize(array.reshape(-1, array.shape[-1]))
+                array = (values.astype(np.float32) * scale).astype(np.float32).reshape(array.shape)
             weights[name] = array
         layers.append(Layer(layer.kind, layer.name, layer.config, weights))
     return dataclasses.replace(spec, layers=layers)
@@ -83,7 +86,7 @@ class _Flow:
 
     current: str = "a"
     masked: bool = False
-    streaming_read: bool = False  # some layer's output at masked steps differs between predict and step
+    streaming_read: bool = False  # some layer runs differently in step (masked steps, Conv1D history)
 
     def swap(self) -> str:
         """The layer writes its output to the other buffer, which becomes the current one."""
@@ -108,6 +111,10 @@ class _Writer:
         self.scratch_floats = 0
         self.back_units = 0
         self.masking = False
+        # The runtime's rule: no layer looks ahead or resizes the time axis, and the transforms stream.
+        self.blockers = stream_blockers(spec)
+        self.can_stream = not self.blockers and transform_steps.streamable(spec.transforms)
+        self.folds: set[str] = set()  # names of the layers a BatchNormalization was folded into
         self.max_width = max([spec.input_features] + [shape.output_dim for shape in shapes])
 
     # ----- what the families call -----
@@ -167,8 +174,17 @@ class _Writer:
 
     # ----- rendering -----
 
+    def folded(self, layer: Layer) -> bool:
+        return layer.name in self.folds
+
     def generate(self) -> None:
-        for index, (layer, shape) in enumerate(zip(self.spec.layers, self.shapes)):
+        names = [layer.name for layer in self.spec.layers]
+        pairs = frontends.fold_batch_norms(self.spec.layers, self.shapes)
+        kept = {layer.name for layer, _ in pairs}
+        self.folds = {names[index - 1] for index, layer in enumerate(self.spec.layers)
+                      if layer.kind == "batch_normalization" and layer.name not in kept}
+        for layer, shape in pairs:
+            index = names.index(layer.name)  # its place in the model, for comments and return_state
             family = FAMILIES[layer.kind]
             self.layer_index = index
             self.chunks += [chunk for chunk in family.c_sources(layer) if chunk not in self.chunks]
@@ -191,9 +207,6 @@ class CCode:
 def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", origin: str | None = None,
             tolerance: tuple[float, float] = (PARITY_ATOL, PARITY_RTOL)) -> CCode:
     """The two files' text for a spec (validated here); ``tolerance``: the self-check's (atol, rtol)."""
-    from gru_engine import transforms as transform_steps
-    from gru_engine.spec import backward_layers
-
     check_name(name)
     if weights not in WEIGHT_TYPES:
         raise ValueError(f"weights {weights!r} is not supported; use one of {list(WEIGHT_TYPES)}")
@@ -208,10 +221,9 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
     writer.generate()
     main_width = main_width_of(spec, shapes)
     transform_lines, centers = transforms_c(spec, main_width) if spec.transforms else ([], 0)
-    backward = backward_layers(spec)
-    can_stream = not backward and transform_steps.streamable(spec.transforms)
-    if backward:
-        stream_note = f" (0: layer '{backward[0]}' reads the sequence backwards)"
+    can_stream = writer.can_stream
+    if writer.blockers:
+        stream_note = f" (0: layer '{writer.blockers[0][0]}' {writer.blockers[0][1]})"
     elif not can_stream:
         stream_note = " (0: the bundle centers each window on its mean)"
     else:
@@ -236,7 +248,8 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
               "state_bytes": 4 * sum(field[1] for field in writer.fields),
               "work_floats_steps": check_steps, "work_floats": writer.work_floats(check_steps),
               "work_floats_per_step": writer.per_step_floats(), "work_floats_fixed": writer.scratch_floats,
-              "can_stream": can_stream}
+              "can_stream": can_stream,
+              "state_fields": [(field, floats, index) for field, floats, _, index in writer.fields]}
     return CCode(header, source, report)
 
 

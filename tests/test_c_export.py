@@ -2,7 +2,8 @@
 
 Every model of the parity matrix (tests/models.py), plus transform and masking variants, is
 written as C, compiled under strict warnings as C99 (and parsed as C++17), loaded through ctypes
-and compared with ``Model.predict`` and ``Stream.step``. No TensorFlow: the specs get random
+and compared with ``Model.predict`` and ``Stream.step``; so is every front-end case of the Conv1D,
+pooling and BatchNormalization tests (tests/test_conv.py). No TensorFlow: the specs get random
 weights (tests/reference.py), which is all the C writer reads.
 """
 
@@ -15,15 +16,16 @@ import subprocess
 import numpy as np
 import pytest
 
-from gru_engine import Model
+from gru_engine import Model, frontends
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.exporters import c_build, export_c
 from gru_engine.exporters.c_api import main_count
 from gru_engine.exporters.c_writer import INT8_MARGIN, CCode, build_c, dequantized
-from gru_engine.spec import RECURRENT_FAMILIES, Layer, max_excess
+from gru_engine.spec import RECURRENT_FAMILIES, Layer, ModelSpec, max_excess
 from c_harness import build_libraries, write_sources
 from models import FAMILY_MATRIX, PARITY_MATRIX, random_input
 from reference import gru_config, random_spec, recurrent_config
+from test_conv import CASES as FRONTEND_CASES
 
 pytestmark = pytest.mark.skipif(c_build.compiler() is None, reason="no C compiler")
 
@@ -55,6 +57,16 @@ def spec_layers(description: list[dict]) -> list[Layer]:
                                                 "use_bias": options.get("use_bias", True)}))
         elif kind == "masking":
             layers.append(Layer("masking", name, dict(options)))
+        elif kind == "conv1d":
+            layers.append(Layer(kind, name, {"strides": 1, "padding": "valid", "dilation_rate": 1, "groups": 1,
+                                             "activation": "linear", "use_bias": True, **options}))
+        elif kind in frontends.POOLING_KINDS:
+            layers.append(Layer(kind, name, {"padding": "valid", **options,
+                                             "strides": options.get("strides") or options["pool_size"]}))
+        elif kind == "batch_normalization":
+            layers.append(Layer(kind, name, {"epsilon": 1e-3, "center": True, "scale": True, **options}))
+        elif kind in frontends.GLOBAL_POOLING_KINDS:
+            layers.append(Layer(kind, name, {}))
     return layers
 
 
@@ -93,6 +105,11 @@ def _specs() -> dict:
     for index, (case, (layers, transforms)) in enumerate(EXTRA.items()):
         spec = random_spec(layers, FEATURES, seed=100 + index, check_shape=(2, 6), transforms=transforms)
         specs["x_" + case.replace("-", "_")] = spec
+    for index, (case, (description, features)) in enumerate(sorted(FRONTEND_CASES.items())):
+        layers = spec_layers(description)
+        check_steps = max(6, frontends.min_steps(ModelSpec(features, layers, {})))
+        specs["f_" + case.replace("-", "_")] = random_spec(layers, features, seed=200 + index,
+                                                           check_shape=(2, check_steps))
     return specs
 
 
@@ -100,10 +117,12 @@ SPECS = _specs()
 
 
 def case_input(name: str, steps: int = STEPS, seed: int = 1) -> np.ndarray:
-    """(steps, F): with Masking, some steps are padding; with a log transform, positive."""
+    """(steps, F), longer where 'valid' windows need it: with Masking, some steps are padding; with a
+    log transform, positive."""
     spec = SPECS[name]
+    steps = max(steps, frontends.min_steps(spec) + 3)
     mask_value = next((layer.config["mask_value"] for layer in spec.layers if layer.kind == "masking"), None)
-    x = random_input(1, steps, FEATURES, seed=seed, mask_value=mask_value)[0]
+    x = random_input(1, steps, spec.input_features, seed=seed, mask_value=mask_value)[0]
     if mask_value is not None:
         x[0] = mask_value  # a leading masked step: before any output, predict emits zeros, a stream the carry
     if any(step["kind"] == "log" for step in spec.transforms):
@@ -142,8 +161,16 @@ def test_c_predict_matches_the_engine(compiled, name):
     # From a non-zero initial state, which predict_from leaves holding the final carries.
     rng = np.random.default_rng(2)
     initial = [rng.standard_normal((1, units)).astype(np.float32) * 0.5 for units in model.state_shapes]
+    carries = np.concatenate([s[0] for s in initial])
+    fields, offset = [], 0
+    for _, floats, index in c_model.code.report["state_fields"]:
+        if spec.layers[index].kind == "conv1d":  # predict pads a causal Conv1D with zeros, whatever it streamed
+            fields.append(np.full(floats, 9.0, np.float32))
+        else:
+            fields.append(carries[offset:offset + floats])
+            offset += floats
     state = c_model.new_state()
-    state.raw = np.concatenate([s[0] for s in initial]).astype(np.float32).tobytes()
+    state.raw = np.concatenate(fields).astype(np.float32).tobytes()
     outputs = model.predict(x[None], initial_state=initial)
     assert_close(c_model.predict_from(state, x), main_output(spec, outputs)[0], "predict_from")
     finals = c_model.state_floats(state)
@@ -293,11 +320,19 @@ def test_export_c_refuses_a_name_that_is_not_a_c_identifier(tmp_path, name):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_c_writer_writes_every_kind_the_engine_runs():
+    from gru_engine.exporters.c_layers import FAMILIES
+    from gru_engine.spec import LAYER_KINDS
+    assert set(FAMILIES) == set(LAYER_KINDS + frontends.KINDS)
+    written = {layer.kind for name, spec in SPECS.items() for layer in spec.layers}
+    assert written == set(FAMILIES)
+
+
 def test_export_c_refuses_a_layer_kind_it_cannot_express_naming_it(tmp_path):
     spec = SPECS["m_airline"]
-    alien = Layer("conv1d", "my_conv", {}, {})
+    alien = Layer("attention", "my_attention", {}, {})
     broken = type(spec)(spec.input_features, [alien] + spec.layers, spec.source)
-    with pytest.raises(UnsupportedModelError, match="layer 0 'my_conv' is a 'conv1d' layer"):
+    with pytest.raises(UnsupportedModelError, match="layer 0 'my_attention' is a 'attention' layer"):
         export_c(broken, tmp_path / "out", name="model")
     assert not (tmp_path / "out").exists()
 
