@@ -206,7 +206,8 @@ def test_c_step_matches_the_engine_stream(compiled, name):
 # Every family, transform and output form, float32 and int8 (g++ parses big initialisers slowly).
 CPP_CASES = ["m_airline", "m_masking_bidirectional", "m_bidirectional_none", "m_dense_softmax",
              "m_lstm_masking_bidirectional", "m_mixed_simple_rnn_dense_lstm_gru",
-             "x_transforms_center", "x_transforms_affine_log", "x_masking_stream", "x_odd_layer_names"]
+             "x_transforms_center", "x_transforms_affine_log", "x_masking_stream", "x_odd_layer_names",
+             "f_causal_dilated_stack", "f_pool_2_s1", "f_masking_global_average", "f_bn_applied_after_relu_conv"]
 
 
 def test_c_compiles_as_cpp(compiled, compiled_int8):
@@ -247,7 +248,8 @@ int main(void)
 
 def test_c_runs_clean_under_address_and_undefined_behaviour_sanitizers(compiled, tmp_path):
     written, directory, _ = compiled
-    for name in ("m_mixed_masking_gru_bidirectional_simple_rnn", "x_transforms_center", "x_masking_stream"):
+    for name in ("m_mixed_masking_gru_bidirectional_simple_rnn", "x_transforms_center", "x_masking_stream",
+                 "f_conv_causal_s1_d2_g2_k24", "f_conv_same_s3_d1_g2_k13", "f_pool_3_s2", "f_bn_after_dense"):
         stream = "" if not written[name][0].report["can_stream"] else \
             f"for (i = 0; i < STEPS; i++) {name}_step(&state, x + i * {name.upper()}_INPUT_FEATURES, y);"
         main = tmp_path / f"main_{name}.c"
@@ -261,7 +263,7 @@ def test_c_runs_clean_under_address_and_undefined_behaviour_sanitizers(compiled,
 # ----- int8 -----
 
 INT8_CASES = ["m_airline", "m_masking_bidirectional", "x_transforms_affine_log", "m_dense_softmax",
-              "m_mixed_masking_gru_bidirectional_simple_rnn"]
+              "m_mixed_masking_gru_bidirectional_simple_rnn", "f_conv_causal_s1_d2_g2_k24", "f_bn_folded_after_conv"]
 
 
 @pytest.fixture(scope="session")
@@ -418,6 +420,24 @@ def test_export_c_takes_an_onnx_graph(tmp_path):
     x = case_input("m_bidirectional_concat")
     assert_close(models["from_onnx"].predict(x), Model(spec).predict(x[None])[0], "C from ONNX vs engine")
     assert models["from_onnx"].self_check()[0] == 0
+
+
+def test_c_output_rows_follow_the_time_axis_and_short_inputs_write_nothing(compiled):
+    """Strided Conv1D and pooling shorten the sequence: NAME_output_steps says by how much, and
+    below NAME_MIN_STEPS (a 'valid' window longer than the input) predict writes nothing."""
+    from gru_engine.errors import InputError
+    c_model = compiled[2]["f_conv_valid_s2_d1_g1_k35"]
+    spec = SPECS["f_conv_valid_s2_d1_g1_k35"]
+    assert c_model.min_steps == frontends.min_steps(spec) > 1
+    for steps in range(c_model.min_steps, c_model.min_steps + 5):
+        assert c_model._output_steps(steps) == frontends.output_steps(spec, steps) < steps
+    assert c_model._output_steps(c_model.min_steps - 1) == 0
+    y = np.full(4, 7.0, np.float32)
+    short = np.ones((c_model.min_steps - 1, spec.input_features), np.float32)
+    c_model._predict(short.ravel(), len(short), y, c_model.work(len(short)))
+    assert (y == 7.0).all()
+    with pytest.raises(InputError, match=f"needs at least {c_model.min_steps}"):
+        c_model.predict(short)
 
 
 def test_the_ctypes_binding_refuses_arrays_the_c_would_overrun(compiled):
