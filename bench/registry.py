@@ -256,7 +256,7 @@ void loop_predict(const float *x, size_t batch, size_t steps, float *y, float *w
 
 void loop_predict(const float *x, size_t batch, size_t steps, float *y, float *work, size_t n)
 {
-    const size_t rows = MODEL_OUTPUT_IS_SEQUENCE ? steps : 1;
+    const size_t rows = model_output_steps(steps);
     size_t i, s;
     for (i = 0; i < n; i++)
         for (s = 0; s < batch; s++)
@@ -337,7 +337,7 @@ def _c_export(subject: Subject, threads: int) -> Callable:
         def looped(self, x):
             x = np.ascontiguousarray(x, np.float32)  # (batch, steps, features)
             batch, steps = x.shape[:2]
-            rows = steps if c_model.output_is_sequence else 1
+            rows = c_model.output_steps(steps)
             y = np.empty((batch, rows * c_model.output_features), np.float32)
             work = c_model.work(steps)
 
@@ -346,7 +346,7 @@ def _c_export(subject: Subject, threads: int) -> Callable:
 
             def once():
                 loop(1)
-                return [y.reshape((batch, steps, -1) if c_model.output_is_sequence else (batch, -1)).copy()]
+                return [y.reshape((batch, rows, -1) if c_model.output_is_sequence else (batch, -1)).copy()]
             return Looped(once, loop)
     return Run()
 

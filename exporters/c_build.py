@@ -97,8 +97,8 @@ class CModel:
         self._work_floats = getattr(library, f"{name}_work_floats")
         self._work_floats.restype, self._work_floats.argtypes = ctypes.c_size_t, [ctypes.c_size_t]
         self.min_steps = int(_macro(header, name, "MIN_STEPS"))
-        self._output_steps = getattr(library, f"{name}_output_steps")
-        self._output_steps.restype, self._output_steps.argtypes = ctypes.c_size_t, [ctypes.c_size_t]
+        self.output_steps = getattr(library, f"{name}_output_steps")
+        self.output_steps.restype, self.output_steps.argtypes = ctypes.c_size_t, [ctypes.c_size_t]
         self._predict_from = getattr(library, f"{name}_predict_from")
         self._predict_from.argtypes = [ctypes.c_char_p, FLOATS, ctypes.c_size_t, FLOATS, FLOATS]
         self._predict = getattr(library, f"{name}_predict")
@@ -116,7 +116,7 @@ class CModel:
         return np.full(self._work_floats(steps), np.nan, np.float32)  # NaN: reading unwritten scratch shows
 
     def output(self, steps: int) -> np.ndarray:
-        return np.full(self._output_steps(steps) * self.output_features, np.nan, np.float32)
+        return np.full(self.output_steps(steps) * self.output_features, np.nan, np.float32)
 
     def _input(self, x, rank: int) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)

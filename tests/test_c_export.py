@@ -430,8 +430,8 @@ def test_c_output_rows_follow_the_time_axis_and_short_inputs_write_nothing(compi
     spec = SPECS["f_conv_valid_s2_d1_g1_k35"]
     assert c_model.min_steps == frontends.min_steps(spec) > 1
     for steps in range(c_model.min_steps, c_model.min_steps + 5):
-        assert c_model._output_steps(steps) == frontends.output_steps(spec, steps) < steps
-    assert c_model._output_steps(c_model.min_steps - 1) == 0
+        assert c_model.output_steps(steps) == frontends.output_steps(spec, steps) < steps
+    assert c_model.output_steps(c_model.min_steps - 1) == 0
     y = np.full(4, 7.0, np.float32)
     short = np.ones((c_model.min_steps - 1, spec.input_features), np.float32)
     c_model._predict(short.ravel(), len(short), y, c_model.work(len(short)))
