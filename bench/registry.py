@@ -189,11 +189,10 @@ def _keras_call(subject: Subject, threads: int) -> Run:
 
 # ----- the exported C, timed by a compiled loop -----------------------------------------------------
 
-C_LOOP = """#include "model.h"
+# n back-to-back calls with no Python in between: the benchmark's timed unit.
+C_LOOP_PREDICT = """#include "model.h"
 
-/* n back-to-back calls with no Python in between: the benchmark's timed unit. */
 void loop_predict(const float *x, size_t batch, size_t steps, float *y, float *work, size_t n);
-void loop_step(model_state *states, const float *x, size_t batch, float *y, size_t n);
 
 void loop_predict(const float *x, size_t batch, size_t steps, float *y, float *work, size_t n)
 {
@@ -203,6 +202,9 @@ void loop_predict(const float *x, size_t batch, size_t steps, float *y, float *w
         for (s = 0; s < batch; s++)
             model_predict(x + s * steps * MODEL_INPUT_FEATURES, steps, y + s * rows * MODEL_OUTPUT_FEATURES, work);
 }
+"""
+C_LOOP_STEP = """
+void loop_step(model_state *states, const float *x, size_t batch, float *y, size_t n);
 
 void loop_step(model_state *states, const float *x, size_t batch, float *y, size_t n)
 {
@@ -241,7 +243,7 @@ class Looped:
 
 @functools.cache
 def _compiled_c(subject: Subject):
-    """The subject exported with export_c and compiled with -O3 -march=native beside C_LOOP."""
+    """The subject exported with export_c and compiled with -O3 -march=native beside the C loops."""
     import ctypes
 
     from gru_engine.exporters import c_build
@@ -254,8 +256,7 @@ def _compiled_c(subject: Subject):
     code = build_c(subject.spec, "model", origin=f"benchmark model {subject.name}")
     (directory / "model.h").write_text(code.header)
     (directory / "model.c").write_text(code.source)
-    (directory / "loop.c").write_text(C_LOOP if code.report["can_stream"] else C_LOOP.split("void loop_step")[0]
-                                      + "\n")
+    (directory / "loop.c").write_text(C_LOOP_PREDICT + (C_LOOP_STEP if code.report["can_stream"] else ""))
     library_path = c_build.build([directory / "model.c", directory / "loop.c"], directory / "libmodel.so",
                                  flags=c_build.FAST_FLAGS, extra=("-shared", "-fPIC", f"-I{directory}"))
     library = ctypes.CDLL(str(library_path))

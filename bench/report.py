@@ -13,7 +13,8 @@ import math
 
 from gru_engine.fileio import atomic_write
 
-from .workloads import AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, threads_label
+from .workloads import (AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
+                        LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, threads_label)
 
 COLD_START_LIMIT_S = 0.5
 
@@ -36,6 +37,11 @@ RATIO_TARGETS = (
     RatioTarget(2, AIRLINE_THROUGHPUT, "ort-native", 1.5,
                 "airline batch 1024, all cores: engine / ort-native throughput"),
     RatioTarget(3, GFLOP_CASE, "ort-native", 1.5, "H=256 T=1000 batch 1, 1 thread: ort-native / engine"),
+    RatioTarget(5, LSTM_AIRLINE_B1, "ort-native", 2.0, "LSTM airline batch 1, 1 thread: ort-native / engine"),
+    RatioTarget(6, LSTM_AIRLINE_THROUGHPUT, "ort-native", 1.5,
+                "LSTM airline batch 1024, all cores: engine / ort-native throughput"),
+    RatioTarget(7, LSTM_AIRLINE_STEP, "ort-native-stream", 4.0,
+                "LSTM airline step, 1 thread: ort-native-stream / engine-stream"),
 )
 
 
@@ -62,7 +68,7 @@ def _verdict(passed: bool) -> str:
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's four targets, judged from this run's measurements (n/a when not measured)."""
+    """The speed targets, judged from this run's measurements (n/a when not measured), by number."""
     verdicts = []
     for target in RATIO_TARGETS:
         entry = {"number": target.number, "what": target.what, "target": f">= {target.minimum:g}x",
@@ -86,7 +92,7 @@ def evaluate_targets(results: dict) -> list[dict]:
     else:
         entry.update(measured=cold["difference_s"], verdict=_verdict(cold["difference_s"] <= COLD_START_LIMIT_S))
     verdicts.append(entry)
-    return verdicts
+    return sorted(verdicts, key=lambda verdict: verdict["number"])
 
 
 def _gflop_line(results: dict) -> str | None:
@@ -156,6 +162,9 @@ def format_table(results: dict) -> str:
             lines.append(f"cold start (median of {cold['runs']}): `gru-engine predict` on the airline bundle "
                          f"{format_seconds(cold['predict_s'])}, `python -c 'import numba'` "
                          f"{format_seconds(cold['import_numba_s'])}: difference {cold['difference_s']:+.3f} s")
+    if results.get("score"):
+        from .score import format_lines
+        lines += [""] + format_lines(results["score"])
     targets = results.get("targets") or evaluate_targets(results)
     if all(target["measured"] is None for target in targets):
         lines += ["", "targets: none measured in this run (they need the built-in workloads: gru-engine bench)"]
@@ -210,7 +219,8 @@ def write_chart(results: dict, path):
                          ha="right", fontsize=8)
     machine = results["machine"]
     axes.set_title(f"gru-engine bench: {machine['cpu']}, {machine['cores']} cores (lower is faster)", fontsize=10)
-    axes.legend(fontsize=8, ncol=2)
+    if labelled:  # a run of only the cold-start or score timings has no bars
+        axes.legend(fontsize=8, ncol=2)
     axes.grid(axis="y", which="both", alpha=0.3)
     figure.tight_layout()
 

@@ -45,6 +45,7 @@ import numpy as np
 from gru_engine.kernels.products import padded
 
 from . import machine, timing
+from . import score as score_bench
 from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
 from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
 from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
@@ -248,10 +249,11 @@ def _spawn_worker(job: dict, directory: Path) -> dict:
 
 
 def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, cold_start: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, score: bool = False) -> dict:
     """Measure ``workloads`` (default: the built-in set) with ``implementations`` (default: all).
 
-    See the module docstring for the returned dict. ``cold_start`` adds the fresh-process timing.
+    See the module docstring for the returned dict. ``cold_start`` adds the fresh-process timing,
+    ``score`` the Dask scoring comparison (``bench/score.py``).
     """
     started = time.perf_counter()
     workloads = builtin_workloads(quick) if workloads is None else list(workloads)
@@ -265,7 +267,7 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
     for workload in workloads:
         groups.setdefault(workload.threads, []).append(workload)
     results = {"schema": SCHEMA, "quick": quick, "machine": machine.describe(), "implementations": names,
-               "configs": [], "workers": [], "sgemm": {}, "weights_read": {}, "cold_start": None}
+               "configs": [], "workers": [], "sgemm": {}, "weights_read": {}, "cold_start": None, "score": None}
     parts = []
     with tempfile.TemporaryDirectory(prefix="gru-engine-bench-") as directory:
         for threads, group in sorted(groups.items()):
@@ -273,6 +275,8 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
                    "workloads": [workload.to_dict() for workload in group], "workdir": str(Path(directory) / "models"),
                    "cold_start": cold_start and threads == 1}
             parts.append(_spawn_worker(job, Path(directory)))
+        if score:
+            results["score"] = score_bench.run(quick, Path(directory))
     measured = {config["name"]: config for part in parts for config in part["configs"]}
     results["configs"] = [measured[workload.name] for workload in workloads]
     for part in parts:
@@ -332,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         for workload in catalogue:
             print(f"{workload.name:<16} {workload.title}")
         print(f"{COLD_START:<16} a fresh `gru-engine predict` process vs `python -c 'import numba'`")
+        print(f"{score_bench.SCORE:<16} {score_bench.ROWS:,} airline windows: Model.predict vs Dask on 1 and 2 "
+              "workers (not in the default set; needs the dask extra)")
         print("implementations: " + ", ".join(IMPLEMENTATIONS))
         return 0
-    names = [workload.name for workload in catalogue] + [COLD_START]
+    names = [workload.name for workload in catalogue] + [COLD_START, score_bench.SCORE]
     chosen = _select(args.configs, names)
     if not chosen and not args.model:
         chosen = [workload.name for workload in builtin_workloads(args.quick)] + [COLD_START]
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--steps goes with --model")
     implementations = _select(args.impls, list(IMPLEMENTATIONS)) or None
     results = run_benchmarks(workloads, quick=args.quick, implementations=implementations,
-                             cold_start=COLD_START in chosen)
+                             cold_start=COLD_START in chosen, score=score_bench.SCORE in chosen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_json(results, args.json or out / "bench.json")

@@ -20,7 +20,8 @@ from gru_engine.spec import max_excess
 THREADS = 1
 # Small latency workloads, so the smoke run stays quick: a window, a batch, a longer sequence, streams.
 WORKLOADS = [workload for workload in builtin_workloads(quick=False)
-             if workload.name in ("airline-b1", "airline-b32", "h32-t100", "airline-step", "causal-conv-step")]
+             if workload.name in ("airline-b1", "airline-b32", "h32-t100", "airline-step", "lstm-airline-b1",
+                                  "lstm-airline-step", "causal-conv-step")]
 CASES = [pytest.param(workload, name, id=f"{workload.name}-{name}")
          for workload in WORKLOADS for name, impl in IMPLEMENTATIONS.items() if impl.streaming == workload.per_step]
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gru_engine.bench import report, runner, timing
-from gru_engine.bench.workloads import AIRLINE_B1, GFLOP_CASE, Recipe, Workload, user_workloads
+from gru_engine.bench.workloads import (AIRLINE_B1, GFLOP_CASE, LSTM_AIRLINE_B1, LSTM_AIRLINE_STEP, Recipe, Workload,
+                                         user_workloads)
 from gru_engine.errors import InputError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +41,7 @@ def test_quick_run_writes_table_json_and_chart(tmp_path, capsys):
 
     cold = results["cold_start"]
     assert cold["difference_s"] == pytest.approx(cold["predict_s"] - cold["import_numba_s"])
-    assert {target["number"] for target in results["targets"]} == {1, 2, 3, 4}
+    assert {target["number"] for target in results["targets"]} == {1, 2, 3, 4, 5, 6, 7}
     assert "targets (measured in this run)" in table and "ratio = peer time / gru-engine time" in table
 
 
@@ -63,6 +64,16 @@ def test_targets_are_judged_from_the_measurements():
     assert [v["verdict"] for v in verdicts if v["number"] == 2] == ["n/a"]
     assert [v["verdict"] for v in verdicts if v["number"] == 3] == ["PASS"]  # the bound is inclusive
     assert [v["verdict"] for v in verdicts if v["number"] == 4] == ["MISS"]
+    assert [v["number"] for v in verdicts] == sorted(v["number"] for v in verdicts)
+
+
+def test_lstm_targets_are_judged_on_the_lstm_workloads():
+    verdicts = report.evaluate_targets(_results({(LSTM_AIRLINE_B1, "ort-native"): 1.9,
+                                                 (LSTM_AIRLINE_STEP, "ort-native-stream"): 4.5}, cold_difference=None))
+    by_number = {v["number"]: v for v in verdicts}
+    assert by_number[5]["verdict"] == "MISS" and by_number[5]["measured"] == 1.9
+    assert by_number[6]["verdict"] == "n/a"
+    assert by_number[7]["verdict"] == "PASS" and "stream" in by_number[7]["what"]
 
 
 def test_round_robin_times_every_call_and_reports_a_broken_one():

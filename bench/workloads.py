@@ -7,6 +7,7 @@ measures the same model:
 - ``airline``: GRU(50, return_sequences=True) -> GRU(50) -> Dense(1), one feature, T=10 (the
   airline-passengers forecaster).
 - ``gru<H>``:  GRU(H) -> Dense(1), one feature: the sweeps over hidden size and sequence length.
+- ``lstm-airline``: the airline shape with LSTM layers, LSTM(50) -> LSTM(50) -> Dense(1).
 - ``guitar``:  GuitarLSTM's shape, Conv1D(16, 12, strides 4, same) -> Conv1D(16, 12, strides 3, same)
   -> LSTM(36) -> Dense(1) over windows of 120 samples.
 - ``causal``:  Conv1D(16, 3, causal, dilation 2, tanh) -> GRU(32) -> Dense(1): a convolutional
@@ -40,6 +41,9 @@ AIRLINE_B1 = "airline-b1"
 AIRLINE_THROUGHPUT = f"airline-b{THROUGHPUT_BATCH}"
 GFLOP_CASE = f"h{GFLOP_UNITS}-t{GFLOP_STEPS}"
 AIRLINE_STEP = "airline-step"
+LSTM_AIRLINE_B1 = "lstm-airline-b1"
+LSTM_AIRLINE_THROUGHPUT = f"lstm-airline-b{THROUGHPUT_BATCH}"
+LSTM_AIRLINE_STEP = "lstm-airline-step"
 GUITAR_B1 = "guitar-b1"
 CAUSAL_CONV_STEP = "causal-conv-step"
 # Conv1D layers before the GRUs: (filters, kernel_size, strides, padding, dilation_rate, activation).
@@ -59,7 +63,7 @@ class Recipe:
 
     key: str                      # workloads with the same key share one model (and its exports)
     features: int = 1
-    units: tuple[int, ...] = ()   # GRU widths; every GRU but the last returns sequences; then Dense(1)
+    units: tuple[int, ...] = ()   # layer widths; every layer but the last returns sequences; then Dense(1)
     seed: int = 0
     keras_path: str | None = None
     front: tuple = ()             # Conv1D layers before the recurrent ones, see GUITAR_FRONT
@@ -128,6 +132,18 @@ def airline_recipe() -> Recipe:
     return Recipe("airline", 1, AIRLINE_UNITS)
 
 
+def lstm_airline_recipe() -> Recipe:
+    return Recipe("lstm-airline", 1, AIRLINE_UNITS, cell="lstm")
+
+
+def lstm_workloads(cores: int) -> list[Workload]:
+    """The airline shape with LSTM layers: batch 1, batch 1024 on every core, one streamed step."""
+    lstm = lstm_airline_recipe()
+    return [Workload(LSTM_AIRLINE_B1, lstm, 1, AIRLINE_STEPS, 1),
+            Workload(LSTM_AIRLINE_THROUGHPUT, lstm, THROUGHPUT_BATCH, AIRLINE_STEPS, cores),
+            Workload(LSTM_AIRLINE_STEP, lstm, 1, AIRLINE_STEPS, 1, per_step=True)]
+
+
 def _single(units: int) -> Recipe:
     return Recipe(f"gru{units}", 1, (units,))
 
@@ -151,7 +167,7 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
     front_ends = [Workload(GUITAR_B1, guitar_recipe(), 1, GUITAR_WINDOW, 1),
                   Workload(CAUSAL_CONV_STEP, causal_recipe(), 1, AIRLINE_STEPS, 1, per_step=True)]
     if quick:
-        return [airline_b1, throughput, gflop_case, stream] + front_ends
+        return [airline_b1, throughput, gflop_case, stream] + lstm_workloads(cores) + front_ends
     workloads = [airline_b1, Workload("airline-b32", airline, 32, AIRLINE_STEPS, 1), throughput]
     workloads += [Workload(f"h{units}-t{HIDDEN_SWEEP_STEPS}", _single(units), 1, HIDDEN_SWEEP_STEPS, 1)
                   for units in HIDDEN_SIZES]
@@ -159,7 +175,7 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
                   for steps in SEQUENCE_LENGTHS]
     workloads += [gflop_case, stream,
                   Workload(f"h{GFLOP_UNITS}-step", _single(GFLOP_UNITS), 1, 1, 1, per_step=True)]
-    return workloads + front_ends
+    return workloads + lstm_workloads(cores) + front_ends
 
 
 def user_workloads(model_path, steps: int | None = None) -> list[Workload]:

@@ -85,11 +85,12 @@ def transforms_c(spec: ModelSpec, main_width: int) -> tuple[list[str], int]:
             if step["invert_output"]:
                 inverse.append(f"    v = exp(v);  /* {index}: log */")
         else:
-            forward.append(f"    {guard}v -= means[{centers * features} + f];  /* {index}: center */")
+            base = f"{centers * features} + " if centers else ""  # this center step's row of means
+            forward.append(f"    {guard}v -= means[{base}f];  /* {index}: center */")
             if step["invert_output"]:
                 arrays.append(f"static const size_t transform{index}_features[{main_width}] = {{ "
                               f"{', '.join(str(v) for v in step['output_features'])} }};")
-                inverse.append(f"    v += means[{centers * features} + transform{index}_features[d]];"
+                inverse.append(f"    v += means[{base}transform{index}_features[d]];"
                                f"  /* {index}: center */")
             centers += 1
 
@@ -120,10 +121,12 @@ def main_count(spec: ModelSpec) -> int:
 
 
 def state_outputs(spec: ModelSpec, writer) -> list[tuple[str, int]]:
-    """(state field, units) of the final states predict returns after the main output(s)."""
-    count = spec.output_count - main_count(spec)
-    last_fields = writer.fields[len(writer.fields) - len(writer.shapes[-1].state_dims):]
-    return [(field, size) for field, size, _ in last_fields][:count]
+    """(state field, floats) holding the final states predict returns after the main output(s):
+    the last layer's carries (per direction: h, or h then c), when it has return_state."""
+    if spec.output_count == main_count(spec):
+        return []
+    last = len(spec.layers) - 1
+    return [(name, size) for name, size, _, index in writer.fields if index == last]
 
 
 def self_check_c(spec: ModelSpec, writer, prefix: str, tolerance: tuple[float, float]) -> list[str]:
@@ -239,15 +242,15 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
     step_flag = ", 1" if writer.flow.streaming_read else ""
     means = "means" if centers else "NULL"
 
-    def outputs(rows_expr: str) -> list[str]:
+    def outputs(rows_expr: str | None) -> list[str]:
+        """Copy out to y, undoing the transforms; rows_expr None: one row."""
         count = f"{rows_expr} * {width}" if rows_expr else width
         if not transforms:
             return [f"    memcpy(y, out, {count} * sizeof *y);"]
-        rows_expr = rows_expr or "1"
-        return [f"    for (t = 0; t < {rows_expr}; t++)",
-                f"        for (d = 0; d < {width}; d++)",
-                f"            y[t * {width} + d] = d < {main_width} "
-                f"? (float)transform_output((double)out[t * {width} + d], d, {means}) : out[t * {width} + d];"]
+        undo = "(float)transform_output((double)out[i], i % {w}, {m})".format(w=width, m=means)
+        if main_width != writer.shapes[-1].output_dim:  # merge_mode=None: only the forward half
+            undo = f"i % {width} < {main_width} ? {undo} : out[i]"
+        return [f"    for (i = 0; i < {count}; i++)", f"        y[i] = {undo};"]
 
     lines = [
         f"void {prefix}_reset({prefix}_state *state)",
@@ -268,7 +271,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
         "    const float *out;",
     ]
     if transforms:
-        lines.append("    size_t t, f, d;")
+        lines.append("    size_t t, f, i;")
         if centers:
             lines.append(f"    double means[{centers * features}];  /* per center step, per feature */")
             center_indices = [i for i, step in enumerate(spec.transforms) if step["kind"] == "center"]
@@ -278,7 +281,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
                           "        sum = 0.0;",
                           "        for (t = 0; t < steps; t++)",
                           f"            sum += transform_input((double)x[t * {features} + f], f, {index}, means);",
-                          f"        means[{k * features} + f] = sum / (double)steps;",
+                          f"        means[{f'{k * features} + ' if k else ''}f] = sum / (double)steps;",
                           "    }"]
         lines += ["    for (t = 0; t < steps; t++)",
                   f"        for (f = 0; f < {features}; f++)",
@@ -300,7 +303,7 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
                   "    float work[STEP_WORK_FLOATS];",
                   "    const float *out;"]
         if transforms:
-            lines += ["    size_t t = 0, f, d;",
+            lines += ["    size_t f, i;",
                       f"    for (f = 0; f < {features}; f++)",
                       f"        work[f] = (float)transform_input((double)x[f], f, {count}, NULL);"]
         else:
@@ -318,7 +321,7 @@ def header_c(spec: ModelSpec, writer, prefix: str, comment: str, output_is_seque
     if main_count(spec) == 2:
         units = writer.shapes[-1].state_dims
         split = f"; merge_mode=None: columns 0..{units[0] - 1} forward, then {units[1]} backward"
-    fields = "\n".join(f"    float {name}[{size}];  /* {text} */" for name, size, text in writer.fields)
+    fields = "\n".join(f"    float {name}[{size}];  /* {text} */" for name, size, text, _ in writer.fields)
     state_note = ""
     states = state_outputs(spec, writer)
     if states:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gru_engine.errors import InputError
+
 # What the generated code must compile cleanly under.
 STRICT_C_FLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-Wshadow", "-Wstrict-prototypes",
                   "-Wmissing-prototypes", "-Wdouble-promotion", "-Wfloat-conversion", "-Wvla", "-Wcast-qual")
@@ -49,7 +51,7 @@ def build(sources, output, flags=STRICT_C_FLAGS, extra=(), libraries=("-lm",)) -
 
 
 def object_sizes(source, flags=("-std=c99", "-O2")) -> dict | None:
-    """Bytes of text and rodata in the compiled object, or None without a compiler and ``size``."""
+    """Bytes of text, rodata, data and bss in the compiled object, or None without a compiler and ``size``."""
     size = shutil.which("size")
     if compiler() is None or size is None:
         return None
@@ -65,15 +67,24 @@ def object_sizes(source, flags=("-std=c99", "-O2")) -> dict | None:
         parts = line.split()
         if len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit():
             sections[parts[0]] = int(parts[1])
-    return {"text": sum(v for k, v in sections.items() if k.startswith(".text")),
-            "rodata": sum(v for k, v in sections.items() if k.startswith(".rodata"))}
+    # Constant tables of pointers sit in .data.rel.ro in position-independent code: read-only data.
+    kinds = {".text": "text", ".rodata": "rodata", ".data.rel.ro": "rodata", ".data": "data", ".bss": "bss"}
+    sizes = dict.fromkeys(("text", "rodata", "data", "bss"), 0)
+    for section, size in sections.items():
+        prefix = next((prefix for prefix in kinds if section.startswith(prefix)), None)
+        if prefix:
+            sizes[kinds[prefix]] += size
+    return sizes
 
 
 FLOATS = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 
 
 class CModel:
-    """One exported model inside a loaded library: predict, predict_from, step, self_check."""
+    """One exported model inside a loaded library: predict, predict_from, step, self_check.
+
+    The C checks nothing, so every array is checked here before it is handed over.
+    """
 
     def __init__(self, library, name: str, code):
         self.library, self.name, self.code = library, name, code
@@ -105,22 +116,34 @@ class CModel:
         rows = steps if self.output_is_sequence else 1
         return np.full(rows * self.output_features, np.nan, np.float32)
 
+    def _input(self, x, rank: int) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if x.ndim != rank or x.shape[-1] != self.features or x.size == 0 or not np.isfinite(x).all():
+            shape = "(time, features)" if rank == 2 else "(features,)"
+            raise InputError(f"x must be a finite {shape} array with {self.features} features, got {x.shape}")
+        return x
+
+    def _state(self, state):
+        if not isinstance(state, ctypes.Array) or ctypes.sizeof(state) != self.state_bytes:
+            raise InputError(f"state must be a buffer from new_state() ({self.state_bytes} bytes)")
+        return state
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """x (T, F) -> (T, D) or (D,)."""
-        x = np.ascontiguousarray(x, np.float32)
+        x = self._input(x, 2)
         y = self.output(len(x))
         self._predict(x.ravel(), len(x), y, self.work(len(x)))
         return y.reshape(len(x), -1) if self.output_is_sequence else y
 
     def predict_from(self, state, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, np.float32)
+        x = self._input(x, 2)
         y = self.output(len(x))
-        self._predict_from(state, x.ravel(), len(x), y, self.work(len(x)))
+        self._predict_from(self._state(state), x.ravel(), len(x), y, self.work(len(x)))
         return y.reshape(len(x), -1) if self.output_is_sequence else y
 
     def step(self, state, x_t: np.ndarray) -> np.ndarray:
         y = np.full(self.output_features, np.nan, np.float32)
-        self._step(state, np.ascontiguousarray(x_t, np.float32), y)
+        self._step(self._state(state), self._input(x_t, 1), y)
         return y
 
     def state_floats(self, state) -> np.ndarray:

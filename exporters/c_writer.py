@@ -28,8 +28,8 @@ from gru_engine.fileio import atomic_write
 from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, sample_input, validate
 
 from . import c_build
-from .c_api import (api_c, header_c, header_comment, main_width_of, network_c, self_check_c,
-                    transforms_c, c_array, float_literal)
+from .c_api import (api_c, c_array, float_literal, header_c, header_comment, main_width_of, network_c,
+                    self_check_c, transforms_c)
 from .c_layers import CORE_C, FAMILIES, MATRIX_FIELDS, MATVEC_FLOAT, MATVEC_INT8
 
 WEIGHT_TYPES = ("float32", "int8")
@@ -42,6 +42,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 INT8_MARGIN = 2.0
 # The longer random sequence the int8 deviation is measured on.
 INT8_PROBE_STEPS = 200
+
 
 def check_name(name) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in C_KEYWORDS:
@@ -59,7 +60,11 @@ def quantize(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantized(spec: ModelSpec) -> ModelSpec:
-    """The spec with every kernel replaced by its int8 reconstruction: what the int8 C code computes."""
+    """The spec with every kernel replaced by its int8 reconstruction: what the int8 C code computes.
+
+    The families pass exactly the tensors named ``*kernel`` to ``_Writer.matrix`` (the one place
+    that quantizes), so this is the same set.
+    """
     layers = []
     for layer in spec.layers:
         weights = {}
@@ -77,13 +82,12 @@ class _Flow:
     """Where the sequence is while the network's body is generated."""
 
     current: str = "a"
-    width: int = 0
     masked: bool = False
-    streaming_read: bool = False  # some GRU's masked output depends on predict vs step
+    streaming_read: bool = False  # some layer's output at masked steps differs between predict and step
 
-    def swap(self, width: int) -> str:
+    def swap(self) -> str:
+        """The layer writes its output to the other buffer, which becomes the current one."""
         self.current = "b" if self.current == "a" else "a"
-        self.width = width
         return self.current
 
 
@@ -92,12 +96,13 @@ class _Writer:
 
     def __init__(self, spec: ModelSpec, shapes, weights: str):
         self.spec, self.shapes, self.weight_type = spec, shapes, weights
-        self.flow = _Flow(width=spec.input_features)
+        self.flow = _Flow()
         self.arrays: list[str] = []
         self.tables: list[str] = []
-        self.fields: list[tuple[str, int, str]] = []
+        self.fields: list[tuple[str, int, str, int]] = []  # (name, floats, comment, layer index)
+        self.layer_index = 0
         self.body: list[str] = []
-        self.families: list[str] = []
+        self.chunks: list[str] = []  # the C the layers need, each part once
         self.idents: set[str] = set()
         self.weight_bytes = 0
         self.scratch_floats = 0
@@ -141,7 +146,7 @@ class _Writer:
         self.tables.append(text)
 
     def state_field(self, name: str, size: int, comment: str) -> str:
-        self.fields.append((name, size, comment))
+        self.fields.append((name, size, comment, self.layer_index))
         return name
 
     def scratch(self, floats: int) -> None:
@@ -165,9 +170,8 @@ class _Writer:
     def generate(self) -> None:
         for index, (layer, shape) in enumerate(zip(self.spec.layers, self.shapes)):
             family = FAMILIES[layer.kind]
-            for kind in family.needs + (layer.kind,):
-                if kind not in self.families:
-                    self.families.append(kind)
+            self.layer_index = index
+            self.chunks += [chunk for chunk in family.c_sources(layer) if chunk not in self.chunks]
             family.emit(self, index, layer, shape)
 
     def per_step_floats(self) -> int:
@@ -188,7 +192,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
             tolerance: tuple[float, float] = (PARITY_ATOL, PARITY_RTOL)) -> CCode:
     """The two files' text for a spec (validated here); ``tolerance``: the self-check's (atol, rtol)."""
     from gru_engine import transforms as transform_steps
-    from gru_engine.spec import backward_layers
+    from gru_engine.spec import backward_layers, recurrent_kind
 
     check_name(name)
     if weights not in WEIGHT_TYPES:
@@ -200,6 +204,11 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
                     f"layer {index} '{getattr(layer, 'name', '?')}' is a {getattr(layer, 'kind', '?')!r} layer, which "
                     f"the C writer cannot express; it writes {', '.join(FAMILIES)}")
     shapes = validate(spec)
+    for index, layer in enumerate(spec.layers):
+        cell = recurrent_kind(layer)
+        if cell is not None and cell not in FAMILIES:  # a Bidirectional wrapping an LSTM or SimpleRNN
+            raise UnsupportedModelError(f"layer {index} '{layer.name}' runs {cell!r} cells, which the C writer "
+                                        f"cannot express; it writes {', '.join(FAMILIES)}")
     writer = _Writer(spec, shapes, weights)
     writer.generate()
     main_width = main_width_of(spec, shapes)
@@ -219,7 +228,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
     network = network_c(writer, name)
     parts = [comment.replace(f"/* {name}:", f"/* {name}.c:", 1) + "\n",
              f'#include "{name}.h"', "", "#include <math.h>", "#include <stdint.h>", "#include <string.h>",
-             core.rstrip(), *[FAMILIES[kind].c_source.rstrip() for kind in writer.families], "",
+             core.rstrip(), *[chunk.rstrip() for chunk in writer.chunks], "",
              "/* ----- weights ----- */", "", "\n\n".join(writer.arrays), "", "\n\n".join(writer.tables),
              *transform_lines, "", *network, "", "/* ----- public API ----- */", "",
              *api_c(spec, writer, name, centers, main_width, output_is_sequence, can_stream), "",
@@ -229,7 +238,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
                      can_stream, stream_note)
     check_steps = spec.self_check_input.shape[1] if spec.self_check_input is not None else 1
     report = {"weights": weights, "weight_bytes": writer.weight_bytes,
-              "state_bytes": 4 * sum(size for _, size, _ in writer.fields),
+              "state_bytes": 4 * sum(field[1] for field in writer.fields),
               "work_floats_steps": check_steps, "work_floats": writer.work_floats(check_steps),
               "work_floats_per_step": writer.per_step_floats(), "work_floats_fixed": writer.scratch_floats,
               "can_stream": can_stream}

@@ -405,6 +405,12 @@ class Model:
         # threads never share a buffer, and a tight loop of predict() allocates only its output.
         self._scratch = threading.local()
 
+    def __reduce__(self):
+        """Pickle as the bundle's bytes: weights copied, not the file mapping (the receiving process
+        may not see the file). Unpickling validates them and replays the self-check, as ``load`` does."""
+        from . import bundle, loads
+        return loads, (bundle.to_bytes(self.spec), self.spec.self_check_input is not None)
+
     @property
     def input_features(self) -> int:
         return self._features

@@ -214,7 +214,8 @@ def test_load_and_predict_never_import_tensorflow_or_onnx(tmp_path):
         model.predict(np.ones((2, 4, 2), np.float32))
         stream = model.stream()
         stream.step(np.ones(2))
-        heavy = ("tensorflow", "keras", "onnx", "onnxruntime", "tf2onnx", "jax", "torch")
+        heavy = ("tensorflow", "keras", "onnx", "onnxruntime", "tf2onnx", "jax", "torch", "dask", "distributed",
+                 "zarr", "pyarrow")
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

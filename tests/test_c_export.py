@@ -8,6 +8,7 @@ weights (tests/reference.py), which is all the C writer reads.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import numpy as np
@@ -17,11 +18,11 @@ from gru_engine import Model
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.exporters import c_build, export_c
 from gru_engine.exporters.c_api import main_count
-from gru_engine.exporters.c_writer import INT8_MARGIN, build_c, dequantized
-from gru_engine.spec import Layer, max_excess
+from gru_engine.exporters.c_writer import INT8_MARGIN, CCode, build_c, dequantized
+from gru_engine.spec import RECURRENT_FAMILIES, Layer, max_excess
 from c_harness import build_libraries, write_sources
-from models import PARITY_MATRIX, random_input
-from reference import gru_config, random_spec
+from models import FAMILY_MATRIX, PARITY_MATRIX, random_input
+from reference import gru_config, random_spec, recurrent_config
 
 pytestmark = pytest.mark.skipif(c_build.compiler() is None, reason="no C compiler")
 
@@ -34,17 +35,19 @@ def spec_layers(description: list[dict]) -> list[Layer]:
     layers = []
     for index, entry in enumerate(description):
         kind = entry["kind"]
-        options = {k: v for k, v in entry.items() if k not in ("kind", "merge_mode")}
+        options = {k: v for k, v in entry.items() if k not in ("kind", "merge_mode", "layer")}
         name = f"{kind}_{index}"
-        if kind == "gru":
-            options.setdefault("zero_output_for_mask", options.get("return_sequences", False))
-            layers.append(Layer("gru", name, gru_config(options.pop("units"), **options)))
-        elif kind == "bidirectional":
+        if kind in RECURRENT_FAMILIES or kind == "bidirectional":
             options.setdefault("zero_output_for_mask", options.get("return_sequences", False))
             units = options.pop("units")
-            layers.append(Layer("bidirectional", name, {
-                "merge_mode": entry.get("merge_mode", "concat"), "forward": gru_config(units, **options),
-                "backward": gru_config(units, **dict(options, go_backwards=True))}))
+        if kind in RECURRENT_FAMILIES:
+            layers.append(Layer(kind, name, recurrent_config(kind, units, **options)))
+        elif kind == "bidirectional":
+            wrapped = entry.get("layer", "gru")
+            config = {"merge_mode": entry.get("merge_mode", "concat"),
+                      "forward": recurrent_config(wrapped, units, **options),
+                      "backward": recurrent_config(wrapped, units, **dict(options, go_backwards=True))}
+            layers.append(Layer("bidirectional", name, config if wrapped == "gru" else dict(config, layer=wrapped)))
         elif kind == "dense":
             layers.append(Layer("dense", name, {"units": options["units"],
                                                 "activation": options.get("activation", "linear"),
@@ -83,7 +86,7 @@ EXTRA = {
 
 def _specs() -> dict:
     specs = {}
-    for index, (case, description) in enumerate(sorted(PARITY_MATRIX.items())):
+    for index, (case, description) in enumerate(sorted({**PARITY_MATRIX, **FAMILY_MATRIX}.items())):
         name = "m_" + case.replace("-", "_").lower()
         specs[name] = random_spec(spec_layers(description), FEATURES, seed=index, check_shape=(2, 6))
     for index, (case, (layers, transforms)) in enumerate(EXTRA.items()):
@@ -174,6 +177,7 @@ def test_c_step_matches_the_engine_stream(compiled, name):
 
 # Every family, transform and output form, float32 and int8 (g++ parses big initialisers slowly).
 CPP_CASES = ["m_airline", "m_masking_bidirectional", "m_bidirectional_none", "m_dense_softmax",
+             "m_lstm_masking_bidirectional", "m_mixed_simple_rnn_dense_lstm_gru",
              "x_transforms_center", "x_transforms_affine_log", "x_masking_stream", "x_odd_layer_names"]
 
 
@@ -228,7 +232,8 @@ def test_c_runs_clean_under_address_and_undefined_behaviour_sanitizers(compiled,
 
 # ----- int8 -----
 
-INT8_CASES = ["m_airline", "m_masking_bidirectional", "x_transforms_affine_log", "m_dense_softmax"]
+INT8_CASES = ["m_airline", "m_masking_bidirectional", "x_transforms_affine_log", "m_dense_softmax",
+              "m_mixed_masking_gru_bidirectional_simple_rnn"]
 
 
 @pytest.fixture(scope="session")
@@ -267,7 +272,12 @@ def test_export_c_writes_both_files_and_reports_sizes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["airline.c", "airline.h"]
     header = result.header.read_text()
     assert "bundle airline.gru.safetensors" in header and "gru-engine" in header and 'extern "C"' in header
+    source = result.source.read_text()
+    # Portable C99 with no allocation and no mutable globals: the object has no data or bss at all.
+    assert set(re.findall(r"#include <([^>]+)>", source + header)) == {"stddef.h", "stdint.h", "string.h", "math.h"}
+    assert "malloc" not in source
     report = result.report
+    assert report["object"]["data"] == report["object"]["bss"] == 0
     assert report["object"]["rodata"] >= report["weight_bytes"] > 0
     # int8: a byte per weight plus a float scale per column, about a quarter of float32.
     assert report["weight_bytes"] < 0.3 * build_c(SPECS["m_airline"], "f").report["weight_bytes"]
@@ -284,10 +294,21 @@ def test_export_c_refuses_a_name_that_is_not_a_c_identifier(tmp_path, name):
 
 def test_export_c_refuses_a_layer_kind_it_cannot_express_naming_it(tmp_path):
     spec = SPECS["m_airline"]
-    alien = Layer("lstm", "my_lstm", {}, {})
+    alien = Layer("conv1d", "my_conv", {}, {})
     broken = type(spec)(spec.input_features, [alien] + spec.layers, spec.source)
-    with pytest.raises(UnsupportedModelError, match="layer 0 'my_lstm' is a 'lstm' layer"):
+    with pytest.raises(UnsupportedModelError, match="layer 0 'my_conv' is a 'conv1d' layer"):
         export_c(broken, tmp_path / "out", name="model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_c_refuses_a_bidirectional_over_a_cell_it_cannot_express(tmp_path):
+    from reference import random_spec, recurrent_config
+
+    spec = random_spec([Layer("bidirectional", "bi_lstm", {
+        "merge_mode": "sum", "layer": "lstm", "forward": recurrent_config("lstm", 3),
+        "backward": recurrent_config("lstm", 3, go_backwards=True)})], 2)
+    with pytest.raises(UnsupportedModelError, match="layer 0 'bi_lstm' runs 'lstm' cells"):
+        export_c(spec, tmp_path / "out", name="model")
     assert not (tmp_path / "out").exists()
 
 
@@ -330,3 +351,45 @@ def test_cli_export_c_prints_the_report_and_refuses_bad_names(tmp_path, capsys):
     assert cli.main(["export-c", str(path), "--out", str(tmp_path / "d"), "--name", "no-dash"]) == 1
     assert "not a usable C identifier" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def readme_example() -> str:
+    """The complete C program in the README's "Embedded: export to C" section."""
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Embedded: export to C", 1)[1]
+    return next(block.split("\n", 1)[1] for block in section.split("```c")[1:] if "int main" in block).split("```")[0]
+
+
+def test_the_readme_c_example_compiles_and_runs_an_airline_model(tmp_path):
+    from gru_engine.spec import Layer as L
+    # The demo's tutorial shape: GRU(50) -> GRU(50) -> Dense(1), min-max scaling declared as transforms.
+    scaling = {"kind": "affine", "scale": [1 / 500], "offset": [-0.2], "output_scale": [1 / 500], "output_offset": [-0.2]}
+    spec = random_spec([L("gru", "gru", gru_config(50, return_sequences=True)), L("gru", "gru_1", gru_config(50)),
+                        L("dense", "dense", {"units": 1, "activation": "linear", "use_bias": True})], 1, seed=3,
+                       check_shape=(2, 10), transforms=[scaling])
+    export_c(spec, tmp_path, name="airline", object_report=False)
+    (tmp_path / "main.c").write_text(readme_example())
+    binary = c_build.build([tmp_path / "main.c", tmp_path / "airline.c"], tmp_path / "example",
+                           extra=(f"-I{tmp_path}",))
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    months = np.float32([419, 461, 472, 535, 622, 606, 508, 461, 390, 432])[None, :, None]
+    expected = float(Model(spec).predict(months)[0, 0])
+    printed = [float(value) for value in re.findall(r"(-?\d+\.\d)", done.stdout)]
+    assert len(printed) == 2 and all(abs(value - expected) <= 0.05 + 1e-4 * abs(expected) for value in printed), \
+        (done.stdout, expected)
+
+
+def test_export_c_takes_an_onnx_graph(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from gru_engine.exporters import export_onnx
+    spec = SPECS["m_bidirectional_concat"]
+    path = export_onnx(spec, tmp_path / "model.onnx")
+    result = export_c(path, tmp_path / "c", name="from_onnx", object_report=False)
+    assert "ONNX file model.onnx" in result.header.read_text()
+    code = CCode(result.header.read_text(), result.source.read_text(), result.report)
+    models = build_libraries({"from_onnx": (code, result.source)}, tmp_path / "c", "onnx")
+    x = case_input("m_bidirectional_concat")
+    assert_close(models["from_onnx"].predict(x), Model(spec).predict(x[None])[0], "C from ONNX vs engine")
+    assert models["from_onnx"].self_check()[0] == 0
