@@ -263,6 +263,12 @@ def _compiled_c(subject: Subject):
     return c_build.CModel(library, "model", code)
 
 
+def c_expressible(spec) -> bool:
+    """Whether the C writer has every layer kind of the model (it has no convolution or pooling yet)."""
+    from gru_engine.exporters.c_layers import FAMILIES
+    return all(layer.kind in FAMILIES for layer in spec.layers)
+
+
 def _c_export(subject: Subject, threads: int) -> Callable:
     import ctypes
 
@@ -338,8 +344,9 @@ IMPLEMENTATIONS = {
         Implementation("keras-predict", "Keras model.predict", _keras_predict, ("keras",)),
         Implementation("keras-call", "Keras model(x)", _keras_call, ("keras",)),
         Implementation("c-export", "export_c's C99 predict, -O3 -march=native, timed in a C loop, 1 thread",
-                       _c_export, ("numpy",)),
+                       _c_export, ("numpy",), applies=lambda subject: c_expressible(subject.spec)),
         Implementation("c-export-stream", "export_c's C99 step, -O3 -march=native, timed in a C loop",
-                       _c_export_stream, ("numpy",), applies=lambda subject: subject.streamable, streaming=True),
+                       _c_export_stream, ("numpy",),
+                       applies=lambda subject: subject.streamable and c_expressible(subject.spec), streaming=True),
     ]
 }

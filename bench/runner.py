@@ -83,7 +83,7 @@ def unavailable_reason(impl: Implementation, subject: Subject) -> tuple[str, str
     if missing:
         return "unavailable", "not installed: " + ", ".join(missing)
     if not impl.applies(subject):
-        return "not-applicable", "the model reads sequences backwards; it cannot stream"
+        return "not-applicable", "the model cannot stream here, or has a layer this implementation cannot express"
     return None
 
 
