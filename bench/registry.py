@@ -106,7 +106,8 @@ class Implementation:
     description: str
     prepare: Callable[[Subject, int], Run]  # (subject, threads) -> run; a Streaming when streaming
     requires: tuple[str, ...] = ()          # importable modules it needs
-    applies: Callable[[Subject], bool] = lambda subject: True
+    # Why it cannot run the subject's model (None: it can).
+    does_not_apply: Callable[[Subject], str | None] = lambda subject: None
     streaming: bool = False                 # one time step per call, state carried between calls
 
     def available(self) -> bool:
@@ -263,12 +264,6 @@ def _compiled_c(subject: Subject):
     return c_build.CModel(library, "model", code)
 
 
-def c_expressible(spec) -> bool:
-    """Whether the C writer has every layer kind of the model (it has no convolution or pooling yet)."""
-    from gru_engine.exporters.c_layers import FAMILIES
-    return all(layer.kind in FAMILIES for layer in spec.layers)
-
-
 def _c_export(subject: Subject, threads: int) -> Callable:
     import ctypes
 
@@ -326,17 +321,30 @@ def _c_export_stream(subject: Subject, threads: int) -> Streaming:
     return Streaming(Step, subject.sequence_output)
 
 
+def _cannot_stream(subject: Subject) -> str | None:
+    return None if subject.streamable else "the model reads sequences backwards; it cannot stream"
+
+
+def _cannot_write_c(subject: Subject) -> str | None:
+    from gru_engine.exporters.c_layers import FAMILIES
+    others = sorted({layer.kind for layer in subject.spec.layers} - set(FAMILIES))
+    return f"the C writer does not write {', '.join(others)} layers yet" if others else None
+
+
+def _cannot_stream_c(subject: Subject) -> str | None:
+    return _cannot_write_c(subject) or _cannot_stream(subject)
+
 
 IMPLEMENTATIONS = {
     impl.name: impl for impl in [
         Implementation("engine", "gru-engine Model.predict", _engine, ("numba",)),
         Implementation("engine-stream", "gru-engine Stream.step, one step per call", _engine_stream, ("numba",),
-                       applies=lambda subject: subject.streamable, streaming=True),
+                       does_not_apply=_cannot_stream, streaming=True),
         Implementation("ort-native", "onnxruntime, native ONNX GRU graph", _onnxruntime("native"),
                        ("onnxruntime", "onnx")),
         Implementation("ort-native-stream", "onnxruntime, native GRU graph, T=1 per call, state fed back",
                        _ort_native_stream, ("onnxruntime", "onnx"),
-                       applies=lambda subject: subject.streamable, streaming=True),
+                       does_not_apply=_cannot_stream, streaming=True),
         Implementation("ort-tf2onnx", "onnxruntime, tf2onnx graph", _onnxruntime("tf2onnx"),
                        ("onnxruntime", "tf2onnx", "tensorflow")),
         Implementation("tf-function", "TensorFlow tf.function", _tf_function(False), ("tensorflow",)),
@@ -344,9 +352,8 @@ IMPLEMENTATIONS = {
         Implementation("keras-predict", "Keras model.predict", _keras_predict, ("keras",)),
         Implementation("keras-call", "Keras model(x)", _keras_call, ("keras",)),
         Implementation("c-export", "export_c's C99 predict, -O3 -march=native, timed in a C loop, 1 thread",
-                       _c_export, ("numpy",), applies=lambda subject: c_expressible(subject.spec)),
+                       _c_export, ("numpy",), does_not_apply=_cannot_write_c),
         Implementation("c-export-stream", "export_c's C99 step, -O3 -march=native, timed in a C loop",
-                       _c_export_stream, ("numpy",),
-                       applies=lambda subject: subject.streamable and c_expressible(subject.spec), streaming=True),
+                       _c_export_stream, ("numpy",), does_not_apply=_cannot_stream_c, streaming=True),
     ]
 }

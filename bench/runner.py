@@ -82,9 +82,8 @@ def unavailable_reason(impl: Implementation, subject: Subject) -> tuple[str, str
     missing = [module for module in impl.requires if importlib.util.find_spec(module) is None]
     if missing:
         return "unavailable", "not installed: " + ", ".join(missing)
-    if not impl.applies(subject):
-        return "not-applicable", "the model cannot stream here, or has a layer this implementation cannot express"
-    return None
+    why = impl.does_not_apply(subject)
+    return ("not-applicable", why) if why else None
 
 
 def prepare_call(impl: Implementation, subject: Subject, workload: Workload, x: np.ndarray) -> timing.Call:

@@ -6,7 +6,7 @@
 
 Each way is timed ``REPEATS`` times (median); clusters are started before the clock starts and
 their start-up is reported apart, with the first chunk's latency on fresh workers (which load the
-kernels from Numba's cache, warmed here first) and, with ``cold``, on a worker whose Numba cache is
+kernels from Numba's cache, warmed here first) and, in a full run, on a worker whose Numba cache is
 empty. The cluster overhead per chunk is the worker time beyond one-thread ``Model.predict``:
 (workers x median - predict on 1 thread) / chunks.
 
@@ -15,8 +15,10 @@ Runs in its own process (``python -m gru_engine.bench.score OUT.json [--quick]``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,22 +54,39 @@ def _median(call, repeats: int, reference) -> float:
     return float(np.median(times))
 
 
-def _first_chunk(bundle_path, source, workers: int, env=None) -> tuple[float, float]:
-    """(cluster start-up s, first chunk s) on a fresh local cluster."""
+@contextlib.contextmanager
+def _environment(**variables):
+    """Variables set in this process while workers are spawned. LocalCluster's ``env`` would set them
+    too late: a spawned worker re-imports this module, and with it Numba, before applying ``env``."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _first_chunk(bundle_path, source, workers: int, **environment) -> tuple[float, float]:
+    """(cluster start-up s, first chunk s) on a fresh local cluster whose workers get ``environment``."""
     from distributed import Client, LocalCluster
 
     import gru_engine.dask as gru_dask
     from gru_engine.score import input_array
     started = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR, env=env or {}) as cluster, Client(cluster):
+    with _environment(**environment), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                   dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster):
         startup = time.perf_counter() - started
         first, _ = _timed(lambda: gru_dask.predict(bundle_path, input_array(source, ROWS_PER_CHUNK)[:ROWS_PER_CHUNK])
                           .compute())
     return startup, first
 
 
-def measure(quick: bool, workdir: Path, cold: bool = True) -> dict:
+def measure(quick: bool, workdir: Path) -> dict:
     import numba
     from distributed import Client, LocalCluster
 
@@ -109,9 +128,9 @@ def measure(quick: bool, workdir: Path, cold: bool = True) -> dict:
         entry["rows_per_s"] = ROWS / entry["median_s"]
     result = {"rows": ROWS, "steps": AIRLINE_STEPS, "rows_per_chunk": ROWS_PER_CHUNK, "chunks": chunks,
               "repeats": repeats, "ways": ways, "cold_first_chunk_s": None}
-    if cold:
+    if not quick:  # compiling takes minutes on a busy machine
         with tempfile.TemporaryDirectory(prefix="numba-cold-") as empty:
-            result["cold_first_chunk_s"] = _first_chunk(bundle_path, source, 1, {"NUMBA_CACHE_DIR": empty})[1]
+            result["cold_first_chunk_s"] = _first_chunk(bundle_path, source, 1, NUMBA_CACHE_DIR=empty)[1]
     return result
 
 

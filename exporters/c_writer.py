@@ -192,7 +192,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
             tolerance: tuple[float, float] = (PARITY_ATOL, PARITY_RTOL)) -> CCode:
     """The two files' text for a spec (validated here); ``tolerance``: the self-check's (atol, rtol)."""
     from gru_engine import transforms as transform_steps
-    from gru_engine.spec import backward_layers, recurrent_kind
+    from gru_engine.spec import backward_layers
 
     check_name(name)
     if weights not in WEIGHT_TYPES:
@@ -204,11 +204,6 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
                     f"layer {index} '{getattr(layer, 'name', '?')}' is a {getattr(layer, 'kind', '?')!r} layer, which "
                     f"the C writer cannot express; it writes {', '.join(FAMILIES)}")
     shapes = validate(spec)
-    for index, layer in enumerate(spec.layers):
-        cell = recurrent_kind(layer)
-        if cell is not None and cell not in FAMILIES:  # a Bidirectional wrapping an LSTM or SimpleRNN
-            raise UnsupportedModelError(f"layer {index} '{layer.name}' runs {cell!r} cells, which the C writer "
-                                        f"cannot express; it writes {', '.join(FAMILIES)}")
     writer = _Writer(spec, shapes, weights)
     writer.generate()
     main_width = main_width_of(spec, shapes)

@@ -71,6 +71,7 @@ SUPPORTED = ("GRU, LSTM and RNN nodes with Transpose/Squeeze/Unsqueeze/Reshape/G
              "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers, "
              "Conv (+ Relu/Sigmoid/Tanh), MaxPool, AveragePool, GlobalMaxPool, GlobalAveragePool, "
              "BatchNormalization")
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")  # never folded, even with every input constant
 GRU_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
                   "layout", "linear_before_reset"}
 # ONNX activation (lower case) -> (Keras name, alpha, beta) of the ones the engine computes exactly.
@@ -298,7 +299,7 @@ class _Reader:
     def _evaluate(self, node, operands, attributes) -> list:
         if node.domain not in ("", "ai.onnx"):
             self.fail(f"custom operator domain '{node.domain}'")
-        if node.op_type not in ("GRU", "LSTM", "RNN") and all(isinstance(value, (_Const, type(None))) for value in operands):
+        if node.op_type not in RECURRENT_OPS and all(isinstance(value, (_Const, type(None))) for value in operands):
             return self._fold(node, operands)
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is None:
@@ -457,7 +458,8 @@ class _Reader:
             return _Recurrent(value.directions, axes, sequence=False)
         chain = self.chain(value)
         recurrent = [i for i, layer in enumerate(chain.layers) if layer.kind != "dense"]
-        if position != (0 if chain.flipped else -1) or not recurrent or chain.layers[recurrent[-1]].kind == "bidirectional":
+        if position != (0 if chain.flipped else -1) or not recurrent \
+                or chain.layers[recurrent[-1]].kind == "bidirectional":
             self.fail("takes a time step other than the last one a (unidirectional) GRU processed")
         index = recurrent[-1]
         layer = chain.layers[index]

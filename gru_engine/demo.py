@@ -520,7 +520,7 @@ def main(argv: list[str]) -> int:
     if args.no_lstm:
         skipped["gru-vs-lstm"] = "--no-lstm was given"
     else:
-        comparison = demo_compare.compare(outcomes[1], outcomes[2], scores, out, measure=not args.no_bench)
+        comparison = demo_compare.compare(outcomes[1], outcomes[2], scores, out, not args.no_bench, WINDOW)
         files["comparison.png"] = out / "comparison.png"
 
     print("\n[7] writing forecast.png, last-window.csv, report.json")

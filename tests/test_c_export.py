@@ -301,17 +301,6 @@ def test_export_c_refuses_a_layer_kind_it_cannot_express_naming_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_c_refuses_a_bidirectional_over_a_cell_it_cannot_express(tmp_path):
-    from reference import random_spec, recurrent_config
-
-    spec = random_spec([Layer("bidirectional", "bi_lstm", {
-        "merge_mode": "sum", "layer": "lstm", "forward": recurrent_config("lstm", 3),
-        "backward": recurrent_config("lstm", 3, go_backwards=True)})], 2)
-    with pytest.raises(UnsupportedModelError, match="layer 0 'bi_lstm' runs 'lstm' cells"):
-        export_c(spec, tmp_path / "out", name="model")
-    assert not (tmp_path / "out").exists()
-
-
 def test_export_c_refuses_an_unwritable_directory_and_unknown_weights(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -156,6 +156,26 @@ def test_demo_compares_gru_and_lstm_and_gives_a_verdict(demo_run):
     assert ("HOLDS" in comparison["verdict"]) != ("does NOT hold" in comparison["verdict"])
 
 
+@pytest.mark.parametrize("times, expected", [
+    ((20e-6, 30e-6, 5e-6, 7e-6), '"GRU is cheaper than LSTM" HOLDS on this run'),
+    ((20e-6, 21e-6, 5e-6, 7e-6), "HOLDS in parameters and in part in time"),
+    ((20e-6, 21e-6, 5e-6, 5.2e-6), "HOLDS in parameters only (the run times are the same within noise)"),
+    ((20e-6, 15e-6, 5e-6, 7e-6), "does NOT hold"),
+    (None, "HOLDS in parameters only on this run"),
+])
+def test_the_verdict_weighs_time_beyond_noise(times, expected):
+    from gru_engine import demo_compare
+
+    def model(parameters, window, step):
+        latency = None if times is None else {"engine per window": window, "engine per step": step}
+        return {"parameters": parameters, "training_seconds": 1.0, "held_out_rmse": 30.0, "latency_s": latency}
+    window_gru, window_lstm, step_gru, step_lstm = times or (None,) * 4
+    data = {"models": {"gru": model(3, window_gru, step_gru), "lstm": model(4, window_lstm, step_lstm)},
+            "seasonal_naive_rmse": 40.0}
+    text = demo_compare.verdict(data, "gru", "lstm")
+    assert expected in text and "25% fewer parameters" in text
+
+
 def test_two_runs_with_one_seed_agree_and_no_lstm_skips_the_comparison(demo_run, tmp_path):
     out, _, report = demo_run
     again = _gru_engine("demo", "--epochs", "2", "--out", str(tmp_path), "--no-bench", "--no-lstm")
