@@ -9,7 +9,12 @@ Streaming implementations (``streaming=True``: engine-stream, ort-native-stream)
 ``Streaming`` run instead: ``start(batch)`` opens a stream with zero state and returns its
 ``step(x_t) -> (batch, D)``, which carries the state from call to call. Called on a window it
 steps through it from zero state, so parity tests compare it like any other run; the benchmarks
-time ``step`` itself, one time step per call.
+time ``step`` itself, one time step per call. Chunked ones (``chunk > 0``: engine-run-<chunk>)
+return a ``Chunked`` run: ``start(batch)`` returns ``feed(x (batch, chunk, features)) -> (batch,
+chunk, D)``, timed per call and reported per step.
+
+Implementations with ``named_only`` run only on workloads that list them (``Workload.runs``): the
+chunked streams, and the engine without a bundle's transforms (``*-untransformed``).
 
 Compiled implementations (c-export, c-export-stream) hand the runner a ``Looped`` call: besides
 one call, it can repeat itself n times inside a compiled loop, so the time per call excludes the
@@ -26,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+# Steps per call of the chunked streams (engine-run-<chunk>): a sensor's sample up to a long block.
+CHUNKS = (1, 16, 64, 256, 4096)
 Run = Callable[[np.ndarray], list]
 Step = Callable[[np.ndarray], np.ndarray]  # x_t (batch, features) -> output (batch, D); state carried
 
@@ -37,6 +44,7 @@ class Subject:
     keras_model: object
     name: str = "model"
     workdir: Path | None = None
+    transforms: list = dataclasses.field(default_factory=list)  # the bundle's, see gru_engine.transforms
 
     def __post_init__(self):
         if self.workdir is None:
@@ -48,7 +56,9 @@ class Subject:
     @functools.cached_property
     def spec(self):
         from gru_engine.exporters import read_keras
-        return read_keras(self.keras_model)
+        spec = read_keras(self.keras_model)
+        spec.transforms = list(self.transforms)
+        return spec
 
     @functools.cached_property
     def bundle_path(self) -> Path:
@@ -101,6 +111,21 @@ class Streaming:
 
 
 @dataclasses.dataclass(frozen=True)
+class Chunked:
+    """What a chunked implementation's ``prepare`` returns (see the module docstring)."""
+
+    start: Callable[[int], Callable[[np.ndarray], np.ndarray]]  # batch -> feed of a fresh zero-state stream
+    chunk: int
+    sequence_output: bool
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        feed = self.start(x.shape[0])
+        outputs = np.concatenate([feed(np.ascontiguousarray(x[:, t:t + self.chunk])).copy()
+                                  for t in range(0, x.shape[1], self.chunk)], axis=1)  # (batch, T, D)
+        return [outputs if self.sequence_output else outputs[:, -1]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Implementation:
     name: str
     description: str
@@ -109,6 +134,9 @@ class Implementation:
     # Why it cannot run the subject's model (None: it can).
     does_not_apply: Callable[[Subject], str | None] = lambda subject: None
     streaming: bool = False                 # one time step per call, state carried between calls
+    chunk: int = 0                          # time steps per call of a chunked stream (streaming too)
+    named_only: bool = False                # runs only on workloads that name it
+    same_output: bool = True                # its output is comparable with gru-engine's (same units)
 
     def available(self) -> bool:
         import importlib.util
@@ -128,6 +156,37 @@ def _engine_stream(subject: Subject, threads: int) -> Streaming:
     import gru_engine
     model = gru_engine.load(subject.bundle_path)
     return Streaming(lambda batch: model.stream(batch=batch).step, subject.sequence_output)
+
+
+def _untransformed(subject: Subject):
+    """The subject's network without the bundle's transforms: what they cost is measured against it."""
+    import gru_engine
+    return gru_engine.Model(dataclasses.replace(gru_engine.load(subject.bundle_path).spec, transforms=[]))
+
+
+def _engine_untransformed(subject: Subject, threads: int) -> Run:
+    import numba
+    numba.set_num_threads(threads)
+    model = _untransformed(subject)
+    return lambda x: as_list(model.predict(x))
+
+
+def _engine_stream_untransformed(subject: Subject, threads: int) -> Streaming:
+    model = _untransformed(subject)
+    return Streaming(lambda batch: model.stream(batch=batch).step, subject.sequence_output)
+
+
+def _engine_run(chunk: int) -> Callable[[Subject, int], Chunked]:
+    def prepare(subject: Subject, threads: int) -> Chunked:
+        import gru_engine
+        model = gru_engine.load(subject.bundle_path)
+
+        def start(batch: int):
+            stream = model.stream(batch=batch)
+            out = np.empty((batch, chunk, model.shapes[-1].output_dim), np.float32)  # reused, as a user would
+            return lambda x: stream.run(x, out=out if x.shape[1] == chunk else None)
+        return Chunked(start, chunk, subject.sequence_output)
+    return prepare
 
 
 def _session(path: Path, threads: int):
@@ -340,6 +399,15 @@ IMPLEMENTATIONS = {
         Implementation("engine", "gru-engine Model.predict", _engine, ("numba",)),
         Implementation("engine-stream", "gru-engine Stream.step, one step per call", _engine_stream, ("numba",),
                        does_not_apply=_cannot_stream, streaming=True),
+        Implementation("engine-untransformed", "gru-engine Model.predict, the same network without transforms",
+                       _engine_untransformed, ("numba",), named_only=True, same_output=False),
+        Implementation("engine-stream-untransformed", "gru-engine Stream.step, the same network without "
+                       "transforms", _engine_stream_untransformed, ("numba",),
+                       does_not_apply=_cannot_stream, streaming=True, named_only=True,
+                       same_output=False),
+        *(Implementation(f"engine-run-{chunk}", f"gru-engine Stream.run on chunks of {chunk} steps, per step",
+                         _engine_run(chunk), ("numba",), does_not_apply=_cannot_stream,
+                         streaming=True, chunk=chunk, named_only=True) for chunk in CHUNKS),
         Implementation("ort-native", "onnxruntime, native ONNX GRU graph", _onnxruntime("native"),
                        ("onnxruntime", "onnx")),
         Implementation("ort-native-stream", "onnxruntime, native GRU graph, T=1 per call, state fed back",

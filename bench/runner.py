@@ -15,7 +15,7 @@ API, for ``gru-engine demo`` and notebooks::
 returns a JSON-ready dict: ``machine``, ``configs`` (one per workload: ``implementations`` maps each
 registry name to its ``status`` and, when ``ok``, ``median_s``, ``p10_s``, ``p90_s``,
 ``throughput_per_s``, ``gflops``, ``ratio``), ``sgemm``, ``weights_read`` (the H=256 recurrent kernel
-read once: the floor under its step), ``cold_start``, ``targets``.
+read once: the floor under its step), ``cold_start``, ``targets`` (the project's performance targets).
 
 How it measures. Workloads are grouped by thread count (1 for latency, every core for batch
 throughput) and each group runs in a fresh worker process whose numba, TensorFlow and BLAS pools
@@ -87,8 +87,13 @@ def unavailable_reason(impl: Implementation, subject: Subject) -> tuple[str, str
 
 
 def prepare_call(impl: Implementation, subject: Subject, workload: Workload, x: np.ndarray) -> timing.Call:
-    """The zero-argument call that is timed: one window, or one ``step`` of a stream opened here."""
+    """The zero-argument call that is timed: one window, one ``step`` of a stream opened here, or
+    one chunk of ``impl.chunk`` steps (every step the first step of x)."""
     run = impl.prepare(subject, workload.threads)
+    if impl.chunk:
+        feed = run.start(workload.batch)
+        chunk = np.ascontiguousarray(np.repeat(x[:, :1], impl.chunk, axis=1))  # (batch, chunk, features)
+        return lambda: feed(chunk)
     if impl.streaming:
         run = run.start(workload.batch)
         x = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
@@ -112,7 +117,7 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
     entries, calls, outputs = {}, {}, {}
     for name in names:
         impl = IMPLEMENTATIONS[name]
-        if impl.streaming != workload.per_step:
+        if not workload.runs(impl):
             continue
         entry = {"description": impl.description}
         reason = unavailable_reason(impl, subject)
@@ -129,7 +134,8 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
             entries[name] = dict(entry, status="failed", note=timing.describe_error(exc))
             continue
         entries[name] = dict(entry, status="ok", first_call_s=first_s)
-        calls[name], outputs[name] = call, _first_output(result)
+        # A chunk's first step is a stream's first step; the rest repeat it.
+        calls[name], outputs[name] = call, _first_output(result)[:, 0] if impl.chunk else _first_output(result)
     # A Looped call is timed as n calls made inside its compiled loop (see registry.Looped).
     repeats = {}
     for name, call in calls.items():
@@ -140,7 +146,9 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
         entries[name].update(status="failed", note=error)
     for name, values in samples.items():
         entry = entries[name]
-        entry.update(timing.summarize([value / repeats.get(name, 1) for value in values]))
+        # A Looped call's time covers its loop; a chunked stream's is reported per step.
+        per_call = repeats.get(name, 1) * (IMPLEMENTATIONS[name].chunk or 1)
+        entry.update(timing.summarize([value / per_call for value in values]))
         entry["throughput_per_s"] = workload.items_per_call / entry["median_s"]
         entry["gflops"] = finite(flops / entry["median_s"] / 1e9) if flops else None
     if baseline in samples:  # ratios and agreement need gru-engine's own measurement
@@ -148,6 +156,8 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
         for name in samples:
             entry, output = entries[name], outputs[name]
             entry["ratio"] = entry["median_s"] / entries[baseline]["median_s"]
+            if not IMPLEMENTATIONS[name].same_output:
+                continue
             same_shape = output.shape == reference.shape
             entry["max_abs_diff"] = finite(float(np.max(np.abs(output - reference)))) if same_shape else None
             entry["agrees"] = same_shape and max_excess(output, reference) <= 0
@@ -201,6 +211,8 @@ def measure_cold_start(bundle_path: Path, workdir: Path, runs: int) -> dict:
 
 def run_worker(job: dict) -> dict:
     """One thread count's share of a run, in this (fresh) process."""
+    from gru_engine.exporters.tensorflow_quiet import import_tensorflow
+    import_tensorflow()  # first, so its start-up lines are not printed: see there
     pinned = machine.pin_threads(job["threads"])  # before TensorFlow builds anything
     budget = timing.QUICK if job["quick"] else timing.FULL
     workdir = Path(job["workdir"])
@@ -209,7 +221,8 @@ def run_worker(job: dict) -> dict:
 
     def subject_for(recipe) -> Subject:
         if recipe.key not in subjects:
-            subjects[recipe.key] = Subject(recipe.build(), name=recipe.key, workdir=workdir / recipe.key)
+            subjects[recipe.key] = Subject(recipe.build(), name=recipe.key, workdir=workdir / recipe.key,
+                                           transforms=recipe.transform_steps())
         return subjects[recipe.key]
 
     # First, while no peer's thread pool exists yet to spin on the cores it needs.
@@ -304,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gru-engine bench",
         description="Compare gru-engine with onnxruntime, TensorFlow and Keras in one run: median and p10/p90 "
-                    "latency, throughput, ratios, the issue's targets; writes JSON and a PNG chart.",
+                    "latency, throughput, ratios, the project's performance targets; writes JSON and a PNG chart.",
         epilog="examples: gru-engine bench --quick | gru-engine bench --configs 'airline-*,cold-start' | "
                "gru-engine bench --model my.keras --steps 24")
     parser.add_argument("--quick", action="store_true", help="fewer workloads and shorter sampling (CI)")

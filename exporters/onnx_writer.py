@@ -65,12 +65,9 @@ from gru_engine.fileio import atomic_write_bytes
 from gru_engine.spec import Layer, ModelSpec, recurrent_configs, recurrent_kind, validate
 
 from . import onnx_conv
+from .onnx_interface import (DEFAULT_OPSET, INPUT, MIN_OPSET, carried_state_dims, initial_state_name, main_names,
+                             output_names, returned_states, state_name)
 
-DEFAULT_OPSET = 17
-# Squeeze/Unsqueeze take their axes as inputs from opset 13 on; this writer uses that form.
-MIN_OPSET = 13
-INPUT = "input"
-OUTPUT = "output"
 
 # Keras activation -> (ONNX activation, alpha, beta). Keras 3 hard_sigmoid is clip(x / 6 + 0.5, 0, 1).
 RECURRENT_ACTIVATIONS = {
@@ -84,14 +81,6 @@ DENSE_ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "soft
 # Keras's LSTM gate blocks i, f, c, o, in ONNX's order i, o, f, c.
 LSTM_GATES_TO_ONNX = (0, 3, 1, 2)
 MERGE_OPS = {"sum": "Add", "mul": "Mul", "ave": "Add"}
-
-
-def initial_state_name(k: int) -> str:
-    return f"initial_state_{k}"
-
-
-def state_name(k: int) -> str:
-    return f"state_{k}"
 
 
 class _Graph:
@@ -152,39 +141,6 @@ class _Graph:
             node.input[:] = [name if value == tensor else value for value in node.input]
             node.output[:] = [name if value == tensor else value for value in node.output]
         self._renamed[tensor] = name
-
-
-def _main_names(spec: ModelSpec) -> list[str]:
-    last = spec.layers[-1]
-    if last.kind == "bidirectional" and last.config["merge_mode"] is None:
-        return [f"{OUTPUT}_forward", f"{OUTPUT}_backward"]
-    return [OUTPUT]
-
-
-def _state_dims(spec: ModelSpec, shapes, state_io: bool) -> list[list[int]]:
-    """Per carried state k, its dims after batch: (units,) per GRU direction and, with state_io, the
-    (steps, channels) history of each causal Conv1D, in layer order (as ``Stream.state``)."""
-    dims = []
-    for layer, shape in zip(spec.layers, shapes):
-        if state_io and onnx_conv.carries_history(layer):
-            dims.append([frontends.history_steps(layer), shape.input_dim])
-        dims += [[units] for units in shape.state_dims]
-    return dims
-
-
-def _returned_states(spec: ModelSpec, shapes, state_io: bool) -> range:
-    """Which carried states the graph returns (k counts them in layer order, see ``_state_dims``)."""
-    count = len(_state_dims(spec, shapes, state_io))
-    if state_io:
-        return range(count)
-    if spec.output_count > len(_main_names(spec)):  # Keras return_state: the last layer's carries
-        return range(count - len(shapes[-1].state_dims), count)
-    return range(0)
-
-
-def output_names(spec: ModelSpec, state_io: bool = False) -> list[str]:
-    """The graph's output names, in order (see the module docstring)."""
-    return _main_names(spec) + [state_name(k) for k in _returned_states(spec, validate(spec), state_io)]
 
 
 def _refuse_unexpressible(spec: ModelSpec) -> None:
@@ -370,7 +326,7 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     _check_opset(opset)
     shapes = validate(spec)
     _refuse_unexpressible(spec)
-    state_dims = _state_dims(spec, shapes, state_io)
+    state_dims = carried_state_dims(spec, shapes, state_io)
     g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(len(state_dims))])
     inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "time", spec.input_features])]
     x = g.add("Transpose", [INPUT], "time_major", perm=[1, 0, 2])  # (T, B, F): the recurrent nodes' layout
@@ -398,7 +354,7 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
                 initial.append(initial_state_name(len(finals) + len(initial)))
                 inputs.append(helper.make_tensor_value_info(initial[-1], TensorProto.FLOAT, ["batch", units]))
         is_last = index == len(layers) - 1
-        need_carries = state_io or (is_last and spec.output_count > len(_main_names(spec)))
+        need_carries = state_io or (is_last and spec.output_count > len(main_names(spec)))
         outputs = _recurrent(g, layer, x, initial, need_carries)
         finals += [final for _, carries in outputs for final in carries] if need_carries \
             else [None] * len(shape.state_dims)
@@ -415,13 +371,13 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     graph_outputs = []
     # Strided or 'valid' windows return fewer steps than they read.
     time = "time" if all(frontends.window(layer) is None for layer in spec.layers) else "output_time"
-    for name, tensor, width in zip(_main_names(spec), main, widths):
+    for name, tensor, width in zip(main_names(spec), main, widths):
         if last.output_is_sequence:
             tensor = onnx_conv.batch_major(g, tensor, channels_first, f"{name}.batch_major")  # (B, T, width)
         g.name_output(tensor, name)
         graph_outputs.append(helper.make_tensor_value_info(
             name, TensorProto.FLOAT, ["batch", time, width] if last.output_is_sequence else ["batch", width]))
-    for k in _returned_states(spec, shapes, state_io):
+    for k in returned_states(spec, shapes, state_io):
         g.name_output(finals[k], state_name(k))
         graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch"] + state_dims[k]))
     graph = helper.make_graph(g.nodes, "gru_engine", inputs, graph_outputs, g.initializers)

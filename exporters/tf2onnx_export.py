@@ -4,7 +4,7 @@
 ``tf.function`` with an input signature (batch dynamic; time dynamic unless the Keras Input fixes
 it) and converted with ``tf2onnx.convert.from_function``. TensorFlow's GRU loop becomes an ONNX
 Loop, so this path also reproduces Keras masking. Inputs and outputs get the names the native
-graph uses (``input``, ``output`` ..., see ``onnx_writer``), so callers can swap one for the other.
+graph uses (``input``, ``output`` ..., see ``onnx_interface``), so callers can swap one for the other.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from gru_engine.errors import UnsupportedModelError
 from gru_engine.spec import ModelSpec, recurrent_configs
 
 from .keras_reader import load_keras, read_keras
-from .onnx_writer import DEFAULT_OPSET, INPUT, output_names
+from .onnx_interface import DEFAULT_OPSET, INPUT, output_names
 
 
 def _rename_outputs(model, names: list[str]) -> None:

@@ -483,7 +483,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     out = _output_folder(args.out)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .exporters.tensorflow_quiet import import_tensorflow
+    import_tensorflow()  # before anything else imports it: see there
 
     months, series = load_series()
     windows = make_windows(months, series)

@@ -6,14 +6,16 @@ feature count, dtype, sizes, state shapes. Finite values are checked inside the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 
 import numba
 import numpy as np
 
-from . import frontends, transforms
+from . import folding, frontends, transforms
 from .kernels import activations, lstm, plan, products, recurrent
+from .kernels.transforms import S_FIRST, S_SECOND, S_SLOT, S_WIDTH
 from .errors import InputError
 from .spec import RECURRENT_FAMILIES, ModelSpec, output_shapes, recurrent_kind, stream_blockers, validate
 
@@ -143,9 +145,13 @@ def aligned_empty(shape) -> np.ndarray:
 
 
 class _Program:
-    """A plan and packed weights; ``streaming`` makes every recurrent layer emit each step's output."""
+    """A plan and packed weights; ``streaming`` makes every recurrent layer emit each step's output.
 
-    def __init__(self, spec: ModelSpec, shapes, streaming: bool):
+    The bundle's transforms are folded into the weights or become steps of the plan (see
+    ``folding``); ``fold=False`` runs every one of them as a step.
+    """
+
+    def __init__(self, spec: ModelSpec, shapes, streaming: bool, fold: bool = True):
         rows, chunks = [], []
         offset = 0
 
@@ -214,8 +220,23 @@ class _Program:
                 scale, shift = frontends.batch_norm_affine(layer)
                 row[plan.COL_NORM_SCALE], row[plan.COL_NORM_SHIFT] = put(scale), put(shift)
 
+        def step_rows(steps, dim, width) -> list[np.ndarray]:
+            """Plan rows of transform steps applied to the leading ``width`` of ``dim`` values."""
+            step_rows = []
+            for step in steps:
+                row = np.zeros(plan.PLAN_WIDTH, np.int64)
+                row[plan.COL_KIND], row[plan.COL_IN], row[plan.COL_OUT] = step.kind, dim, dim
+                row[plan.COL_STEP + S_WIDTH], row[plan.COL_STEP + S_SLOT] = width, step.slot
+                for column, values in ((S_FIRST, step.first), (S_SECOND, step.second)):
+                    if values is not None:
+                        row[plan.COL_STEP + column] = put(values)
+                step_rows.append(row)
+            return step_rows
+
+        layers, input_steps, output_steps = folding.compile_steps(spec.transforms, spec.layers, fold)
+        rows += step_rows(input_steps, spec.input_features, spec.input_features)
         # A BatchNormalization right after a linear Conv1D or Dense is folded into its weights.
-        for layer, shape in frontends.fold_batch_norms(spec.layers, shapes):
+        for layer, shape in frontends.fold_batch_norms(layers, shapes):
             row = np.zeros(plan.PLAN_WIDTH, np.int64)
             row[plan.COL_IN], row[plan.COL_OUT] = shape.input_dim, shape.output_dim
             max_dim = max(max_dim, shape.output_dim)
@@ -242,11 +263,14 @@ class _Program:
                 row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(layer.kind, layer.config, layer.weights, "")
                 row[plan.COL_KIND] = row[plan.COL_FORWARD + recurrent.B_CELL]
             rows.append(row)
+        # Output steps undo the transforms on the main output: for merge_mode=None, the forward half.
+        rows += step_rows(output_steps, shapes[-1].output_dim, output_shapes(spec, shapes, 1, 1)[0][-1])
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         packed = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
         self.weights = aligned_empty(packed.shape)  # (W,)
         self.weights[:] = packed
         self.spec = spec
+        self.means_size = int(plan.kept_means(self.plan, spec.input_features))
         self.carry_dims = carry_dims
         self.carry_shapes = carry_shapes  # per carry: (units,), or (steps, channels) for a Conv1D history
         self.carry_size = sum(carry_dims)
@@ -263,7 +287,8 @@ class _Program:
     def workspace_shape(self, batch: int, steps: int, parallel: bool) -> tuple[int, int]:
         """(blocks, K): one block's scratch, or one per block when blocks run in parallel."""
         blocks = -(-batch // products.BLOCK) if parallel else 1
-        return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width)
+        return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width,
+                                           self.means_size)
 
     def check_size(self, batch: int, steps: int) -> None:
         """Refuse a call too short for a 'valid' window, or whose scratch, carries and output would
@@ -285,6 +310,12 @@ class _Program:
         """(B, rows * D), rows = the last sequence's steps when the last layer returns sequences, else 1."""
         rows = frontends.output_steps(self.spec, steps) if self.output_is_sequence else 1
         return batch, rows * self.output_dim
+
+    def returned_shape(self, batch: int, steps: int) -> tuple[int, ...]:
+        """The main output as predict returns it: output_shape's (B, rows * D) as (B, rows, D) for
+        sequences."""
+        batch, width = self.output_shape(batch, steps)
+        return (batch, width // self.output_dim, self.output_dim) if self.output_is_sequence else (batch, width)
 
     def output(self, batch: int, steps: int) -> np.ndarray:
         return np.empty(self.output_shape(batch, steps), np.float32)
@@ -320,9 +351,13 @@ class _Program:
         return run
 
     def _refuse(self, bad: int, x) -> None:
-        if bad < 0:
+        if bad == plan.WRONG_WIDTH:
             raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
                              f"{self.plan[0, plan.COL_IN]}")
+        if bad == plan.TRANSFORM_NOT_FINITE:
+            raise InputError("the bundle's input transforms turn this input into NaN or infinite values: "
+                             "a 'log' step needs every value it receives > 0, and an 'affine' step must not "
+                             "overflow float32")
         raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
                          "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 
@@ -389,13 +424,27 @@ def fill_carry(states, batch: int, program: _Program, carry=None) -> np.ndarray:
     return carry
 
 
-class Model:
-    """A model ready to run. Build it with ``gru_engine.load`` or ``Model(spec)``."""
+def check_out(out, shape) -> None:
+    """Refuse an ``out=`` array the kernel cannot write the result into as it is."""
+    if type(out) is not np.ndarray or out.dtype is not FLOAT32 or out.shape != shape \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise InputError(f"out must be a writable C-contiguous float32 array of shape {shape}, got {got}")
 
-    def __init__(self, spec: ModelSpec):
+
+class Model:
+    """A model ready to run. Build it with ``gru_engine.load`` or ``Model(spec)``.
+
+    ``fold_transforms=False`` runs every transform step in the compiled call instead of folding
+    affine steps into the weights (to check that folding changes nothing beyond rounding).
+    """
+
+    def __init__(self, spec: ModelSpec, fold_transforms: bool = True):
         self.spec = spec
         self.shapes = validate(spec)
-        self._program = _Program(spec, self.shapes, streaming=False)
+        self._fold = fold_transforms
+        self._program = _Program(spec, self.shapes, streaming=False, fold=fold_transforms)
+        self._raw = None if spec.transforms else self  # predict_raw's model, made when first needed
         # Inputs are checked against what the plan was built for, not a spec field that could change.
         self._features = spec.input_features
         self._single_output = spec.output_count == 1
@@ -425,19 +474,22 @@ class Model:
         (see ``state_shapes``), in layer order."""
         return fill_carry(initial_state, batch, self._program, carry)
 
-    def predict(self, x, initial_state=None):
-        """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
-        x = as_input(x, self._features, self._program.check_size)
-        if not self.spec.transforms:
-            return self._run(x, initial_state)
-        x, context = transforms.apply_input(self.spec.transforms, x)
-        return self._finish(self._run(x, initial_state), context)
+    def predict(self, x, initial_state=None, out=None):
+        """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns.
+
+        ``out``: a float32 array of the returned shape to write the result into (then returned),
+        for a model with one output; a call with ``out`` allocates nothing once the input shape
+        has been seen.
+        """
+        return self._run(as_input(x, self._features, self._program.check_size), initial_state, out)
 
     def predict_raw(self, x, initial_state=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
-        return self._run(as_input(x, self._features, self._program.check_size), initial_state)
+        if self._raw is None:
+            self._raw = Model(dataclasses.replace(self.spec, transforms=[]))
+        return self._raw.predict(x, initial_state)
 
-    def _run(self, x, initial_state):
+    def _run(self, x, initial_state, out=None):
         batch, steps = x.shape[0], x.shape[1]
         program = self._program
         scratch = self._scratch
@@ -448,14 +500,24 @@ class Model:
             scratch.work = program.workspace(batch, steps, parallel)
             scratch.carry = np.empty((batch, program.carry_size), np.float32)
             scratch.output_shape = program.output_shape(batch, steps)
+            scratch.returned_shape = program.returned_shape(batch, steps)
             scratch.key = key
         carry = scratch.carry
+        if out is not None:
+            if not self._single_output:
+                raise InputError("out= needs a model with one output; this one returns "
+                                 f"{self.spec.output_count}")
+            check_out(out, scratch.returned_shape)
+            result = out
+            out = out.reshape(scratch.output_shape)  # a view: (B, rows * D), the kernel's layout
         if initial_state is not None:
             self._initial_carry(initial_state, batch, carry)
-        out = np.empty(scratch.output_shape, FLOAT32)
+        if out is None:
+            out = np.empty(scratch.output_shape, FLOAT32)
+            result = out if self._plain_output else None
         program.run(x, carry, scratch.work, out, zero_carry=initial_state is None)
-        if self._plain_output:
-            return out
+        if result is not None:
+            return result
         return self._outputs(out, carry, batch, steps)
 
     def _outputs(self, out, carry, batch, steps):
@@ -476,12 +538,6 @@ class Model:
             outputs.append(carry[:, start:start + units].copy())
             start += units
         return outputs
-
-    def _finish(self, outputs, context):
-        if isinstance(outputs, list):
-            outputs[0] = transforms.invert_output(self.spec.transforms, outputs[0], context)
-            return outputs
-        return transforms.invert_output(self.spec.transforms, outputs, context)
 
     def stream(self, batch: int = 1) -> "Stream":
         """A stateful stream: feed one time step at a time, the carries kept between calls."""
@@ -520,9 +576,8 @@ class Stream:
             raise InputError("this bundle's transforms look at whole windows (per-window centering); "
                              "use predict on complete windows instead of a stream")
         self.model = model
-        self._transforms = model.spec.transforms
         self.batch = int(batch)
-        self._program = _Program(model.spec, model.shapes, streaming=True)
+        self._program = _Program(model.spec, model.shapes, streaming=True, fold=model._fold)
         features = model.input_features
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
         self._parallel = self._program.parallel(self.batch)
@@ -536,6 +591,9 @@ class Stream:
         if self.batch == 1:
             self._shapes[(features,)] = (self._x_rows[0], self._out[0])     # (F,), (D,)
         self._advance = self._program.bind(self._x, self._carry, self._work, self._out)
+        # run's scratch, kept across calls and grown to the longest chunk so far.
+        self._chunk_work, self._chunk_steps = self._work, 1
+        self._chunk_shapes, self._shapes_steps = None, 0
         self._lock = threading.Lock()
         self.steps = 0
 
@@ -577,34 +635,40 @@ class Stream:
         if views is None or x_t.dtype.kind not in ACCEPTED_KINDS:
             raise InputError(f"x_t must be a numeric array of shape {sorted(self._shapes, key=len)}, "
                              f"got {x_t.dtype} {x_t.shape}")
-        if out is not None and (type(out) is not np.ndarray or out.shape != views[1].shape
-                                or out.dtype.kind != "f" or not out.flags.writeable):
-            raise InputError(f"out must be a writable float array of shape {views[1].shape}")
-        transform = self._transforms
-        if transform:
-            x_t, _ = transforms.apply_input(transform, x_t.reshape(self._x.shape))
-            x_t = x_t.reshape(views[0].shape)
         x_view, result = views
+        if out is not None:
+            check_out(out, result.shape)
         with self._lock:
             x_view[...] = x_t
             self._advance()
             self.steps += 1
-            if transform:
-                result = transforms.invert_output(transform, result, None)
             if out is None:
                 return result.copy()
             out[...] = result
             return out
 
-    def run(self, x):
-        """Feed a chunk x (batch, time, features); return every step's output (batch, time, D)."""
+    def run(self, x, out=None):
+        """Feed a chunk x (batch, time, features); return every step's output (batch, time, D).
+
+        ``out``: a float32 (batch, time, D) array to write the outputs into (then returned); a call
+        with ``out`` allocates nothing once a chunk this long has been seen.
+        """
         x = as_input(x, self.model.input_features, self._program.check_size)
-        if x.shape[0] != self.batch:
-            raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")
-        x, context = transforms.apply_input(self._transforms, x)
-        work = self._program.workspace(self.batch, x.shape[1], self._parallel)
-        out = self._program.output(self.batch, x.shape[1])
+        batch, steps = x.shape[0], x.shape[1]
+        if batch != self.batch:
+            raise InputError(f"this stream has batch {self.batch}; the chunk has batch {batch}")
+        if steps != self._shapes_steps:  # the shapes of the last chunk length, kept
+            self._chunk_shapes = (self._program.returned_shape(batch, steps), self._program.output_shape(batch, steps))
+            self._shapes_steps = steps
+        returned, kernel_shape = self._chunk_shapes
+        if out is None:
+            out = np.empty(returned, FLOAT32)
+        else:
+            check_out(out, returned)
         with self._lock:
-            self._program.run(x, self._carry, work, out)
-            self.steps += x.shape[1]
-        return self.model._finish(out.reshape(self.batch, x.shape[1], -1), context)
+            if steps > self._chunk_steps:
+                self._chunk_work = self._program.workspace(batch, steps, self._parallel)
+                self._chunk_steps = steps
+            self._program.run(x, self._carry, self._chunk_work, out.reshape(kernel_shape))
+            self.steps += steps
+        return out

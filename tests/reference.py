@@ -219,7 +219,7 @@ def batch_normalization(config, weights, x):
     return y + w["beta"] if config["center"] else y
 
 
-def _apply_transforms(steps, x):
+def apply_transforms(steps, x):
     """The documented input steps; returns x and what each step needs to invert the output."""
     context = []
     for step in steps:
@@ -236,7 +236,7 @@ def _apply_transforms(steps, x):
     return x, context
 
 
-def _invert_transforms(steps, y, context):
+def invert_transforms(steps, y, context):
     for step, saved in reversed(list(zip(steps, context))):
         if step["kind"] == "affine":
             if step["output_scale"] is not None:
@@ -258,7 +258,7 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
     values = np.asarray(x, np.float64)  # (B, T, F)
     context = []
     if transforms:
-        values, context = _apply_transforms(spec.transforms, values)
+        values, context = apply_transforms(spec.transforms, values)
     batch = values.shape[0]
     pending = list(initial_state) if initial_state is not None else None
     carries = []
@@ -330,7 +330,7 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
         if layer.kind not in CELLS and layer.kind != "bidirectional":
             outputs = [values]
     if transforms and spec.transforms:
-        outputs[0] = _invert_transforms(spec.transforms, outputs[0], context)
+        outputs[0] = invert_transforms(spec.transforms, outputs[0], context)
     return outputs, carries
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gru_engine import demo, transforms
+from reference import apply_transforms, invert_transforms
 
 EXPECTED_FILES = {
     "forecast.png", "latency.png", "comparison.png", "report.json", "last-window.csv",
@@ -47,10 +48,10 @@ def test_declared_transforms_do_what_the_python_encoding_does(windows, make):
     approach = make(windows)
     transforms.validate(approach.transforms, input_features=1, output_dim=1)
     x = windows.x[..., None]  # (N, WINDOW, 1) passengers
-    network_x, context = transforms.apply_input(approach.transforms, x)
+    network_x, context = apply_transforms(approach.transforms, x)
     np.testing.assert_allclose(network_x[..., 0], approach.encode(windows.x, windows.x), rtol=1e-6, atol=1e-6)
     network_y = np.random.default_rng(0).uniform(-0.5, 1.5, (len(x), 1)).astype(np.float32)  # (N, 1)
-    np.testing.assert_allclose(transforms.invert_output(approach.transforms, network_y, context),
+    np.testing.assert_allclose(invert_transforms(approach.transforms, network_y, context),
                                approach.decode(windows.x, network_y), rtol=1e-6)
 
 
