@@ -49,7 +49,8 @@ BATCH_NORMALIZATION_CONFIG_KEYS = {"epsilon": float, "center": bool, "scale": bo
 
 
 def padding_code(padding: str) -> int:
-    return CONV_PADDINGS.index(padding)
+    """The kernels' code for a padding name."""
+    return {"valid": conv_kernels.PAD_VALID, "same": conv_kernels.PAD_SAME, "causal": conv_kernels.PAD_CAUSAL}[padding]
 
 
 def window(layer) -> tuple[int, int, str] | None:

@@ -20,7 +20,7 @@ from gru_engine.exporters.onnx_reader import read_onnx
 from gru_engine.runtime import Model
 from gru_engine.spec import Layer, max_excess
 from models import build_model, random_input
-from reference import gru_config, random_spec, reference_predict
+from reference import gru_config, random_spec, recurrent_config, reference_predict
 
 BATCHES = (1, 5, 9)
 
@@ -71,6 +71,12 @@ def _cases() -> dict[str, tuple[list, int]]:
     cases["guitar-shaped"] = ([_conv(8, 12, strides=4, padding="same", activation="tanh"),
                                _conv(8, 12, strides=3, padding="same", activation="tanh"), _gru(12),
                                {"kind": "dense", "units": 1}], 1)
+    cases["guitar-lstm"] = ([_conv(8, 12, strides=4, padding="same"), _conv(8, 12, strides=3, padding="same"),
+                             {"kind": "lstm", "units": 12}, {"kind": "dense", "units": 1}], 1)
+    cases["lstm-conv-rnn-pooled"] = ([{"kind": "lstm", "units": 6, "return_sequences": True},
+                                      _conv(4, 3, padding="causal", activation="relu"), {"kind": "batch_normalization"},
+                                      {"kind": "simple_rnn", "units": 5, "return_sequences": True},
+                                      {"kind": "global_average_pooling1d"}], 2)
     cases["causal-dilated-stack"] = ([_conv(6, 2, padding="causal", dilation_rate=1, activation="tanh"),
                                       _conv(6, 2, padding="causal", dilation_rate=2, activation="tanh"),
                                       _conv(6, 2, padding="causal", dilation_rate=4, activation="tanh"),
@@ -84,7 +90,7 @@ MASKED = {"masking-global-average", "masking-conv-drops-mask"}
 
 def _input(name: str, index: int, features: int) -> np.ndarray:
     batch = BATCHES[index % len(BATCHES)]
-    x = random_input(batch, 41 if name == "guitar-shaped" else 23, features, seed=200 + index,
+    x = random_input(batch, 41 if name.startswith("guitar") else 23, features, seed=200 + index,
                      mask_value=0.0 if name in MASKED else None)
     if name in MASKED:
         x[-1, :] = 0.0
@@ -147,7 +153,8 @@ def _conv_config(filters, kernel_size, padding="causal", strides=1, dilation_rat
 
 STREAMED = [("conv1d", _conv_config(4, 3, dilation_rate=2)), ("batch_normalization",
             {"epsilon": 1e-3, "center": True, "scale": True}), ("conv1d", _conv_config(3, 2)),
-            ("conv1d", _conv_config(3, 1)), ("gru", gru_config(5, return_sequences=True))]
+            ("conv1d", _conv_config(3, 1)), ("gru", gru_config(5, return_sequences=True)),
+            ("lstm", recurrent_config("lstm", 4, return_sequences=True))]
 
 
 def test_causal_conv_stream_matches_predict_on_every_prefix_and_restores_its_state(tmp_path):
@@ -155,8 +162,8 @@ def test_causal_conv_stream_matches_predict_on_every_prefix_and_restores_its_sta
     model = gru_engine.load(bundle.save(spec, tmp_path / "causal.gru.safetensors"))
     x = random_input(3, 14, 2, seed=5)
     stream = model.stream(batch=3)
-    # Kernel size 1 keeps no history: the carries are the first two convolutions' and the GRU's.
-    assert [state.shape for state in stream.state] == [(3, 4, 2), (3, 1, 4), (3, 5)]
+    # Kernel size 1 keeps no history: the carries are the first two convolutions', the GRU's, the LSTM's h and c.
+    assert [state.shape for state in stream.state] == [(3, 4, 2), (3, 1, 4), (3, 5), (3, 4), (3, 4)]
     saved = None
     for t in range(x.shape[1]):
         y = stream.step(x[:, t])
@@ -172,7 +179,7 @@ def test_causal_conv_stream_matches_predict_on_every_prefix_and_restores_its_sta
     np.testing.assert_array_equal(continued, fresh.run(x[:, 7:]))
     assert_close([continued[:, -1]], [reference_predict(spec, x)[0][:, -1]], "restored stream vs reference")
     with pytest.raises(InputError, match=r"shape \(3, 4, 2\)"):
-        restored.state = [np.zeros((3, 5))] * 3
+        restored.state = [np.zeros((3, 5))] * 5
 
 
 @pytest.mark.parametrize("layer, why", [
