@@ -360,7 +360,7 @@ extern "C" {{
 
 #define {upper}_INPUT_FEATURES {spec.input_features}  /* F: features per time step */
 #define {upper}_OUTPUT_FEATURES {output_dim}  /* D: features per step of the main output{split} */
-#define {upper}_OUTPUT_IS_SEQUENCE {int(output_is_sequence)}  /* 1: predict returns one row of D per time step, 0: one row */
+#define {upper}_OUTPUT_IS_SEQUENCE {int(output_is_sequence)}  /* 1: predict returns {prefix}_output_steps(steps) rows of D, 0: one row */
 #define {upper}_CAN_STREAM {int(can_stream)}  /* 1: {prefix}_step exists{stream_note} */
 #define {upper}_MIN_STEPS {min_steps}  /* the fewest time steps predict takes{min_note} */
 

@@ -429,6 +429,9 @@ def test_c_output_rows_follow_the_time_axis_and_short_inputs_write_nothing(compi
     c_model = compiled[2]["f_conv_valid_s2_d1_g1_k35"]
     spec = SPECS["f_conv_valid_s2_d1_g1_k35"]
     assert c_model.min_steps == frontends.min_steps(spec) > 1
+    # It cannot stream, and the header says which layer keeps it from it, in the runtime's words.
+    assert "_CAN_STREAM 0  /* 1: f_conv_valid_s2_d1_g1_k35_step exists (0: layer 'conv1d_0' has padding 'valid'" \
+        in c_model.code.header
     for steps in range(c_model.min_steps, c_model.min_steps + 5):
         assert c_model.output_steps(steps) == frontends.output_steps(spec, steps) < steps
     assert c_model.output_steps(c_model.min_steps - 1) == 0
