@@ -15,7 +15,7 @@ import numpy as np
 from . import transforms
 from .kernels import activations, gru, plan, products, recurrent
 from .errors import InputError
-from .spec import ModelSpec, backward_layers, output_shapes, validate
+from .spec import ModelSpec, activation_parameters, backward_layers, output_shapes, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -24,6 +24,8 @@ MAX_CALL_FLOATS = 1 << 31
 FLOAT32 = np.dtype(np.float32)
 # Numeric dtypes accepted and cast to float32.
 ACCEPTED_KINDS = "fiub"
+# ``lengths`` left out: the kernels take an empty array for "every step of every sample".
+NO_LENGTHS = np.zeros(0, np.int64)
 
 
 def pad_columns(matrix, width):
@@ -133,8 +135,16 @@ class _Program:
                 "input_bias": put(input_bias),
                 "recurrent_bias": put(recurrent_bias),
                 "carry": carry_offset,
+                "params": gru_params(config),
             }
             return [block[name] for name in gru.GRU_BLOCK]
+
+        def gru_params(config) -> int:
+            """Five floats for ONNX activation parameters and clip, only when a direction has them."""
+            parameters = activation_parameters(config)
+            if parameters is None:
+                return gru.NO_PARAMS
+            return put(np.float32(parameters))
 
         for layer, shape in zip(spec.layers, shapes):
             row = np.zeros(plan.PLAN_WIDTH, np.int64)
@@ -203,13 +213,15 @@ class _Program:
     def output(self, batch: int, steps: int) -> np.ndarray:
         return np.empty(self.output_shape(batch, steps), np.float32)
 
-    def run(self, x, carry, work, out, zero_carry=False) -> None:
-        """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``."""
+    def run(self, x, carry, work, out, zero_carry=False, lengths=NO_LENGTHS) -> None:
+        """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``;
+        ``lengths`` (B,) int64 masks each sample's steps from its length on."""
         if work.shape[0] == 1:
-            bad = plan.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
-                                    zero_carry, out)
+            bad = plan.run_batch(self.plan, self.weights, x, lengths, carry, work, self.max_dim,
+                                 self.max_gate_width, zero_carry, out)
         else:
-            args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, zero_carry, out)
+            args = (self.plan, self.weights, x, lengths, carry, work, self.max_dim, self.max_gate_width, zero_carry,
+                    out)
             if parallel_launch_is_thread_safe():
                 bad = plan.run_batch_parallel(*args)
             else:
@@ -223,7 +235,7 @@ class _Program:
         and the Python between it and the kernel is most of a step's overhead."""
         if work.shape[0] != 1:
             return functools.partial(self.run, x, carry, work, out)
-        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
+        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, NO_LENGTHS, carry, work, self.max_dim,
                                    self.max_gate_width, False, out)
 
         def run():
@@ -273,6 +285,18 @@ def as_input(x, features: int, check_size=None) -> np.ndarray:
     if check_size is not None:
         check_size(x.shape[0], x.shape[1])
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def as_lengths(lengths, batch: int, steps: int) -> np.ndarray:
+    """Check per-sample lengths: integers in [1, steps], one per sample; as a (batch,) int64 array."""
+    lengths = as_array(lengths, "lengths")
+    if lengths.dtype.kind not in "iu" or lengths.shape != (batch,):
+        raise InputError(f"lengths must be an integer array of shape ({batch},), one length per sample, "
+                         f"got {lengths.dtype} {lengths.shape}")
+    if batch and (lengths.min() < 1 or lengths.max() > steps):
+        raise InputError(f"lengths must lie between 1 and the {steps} time steps of x, got values from "
+                         f"{lengths.min()} to {lengths.max()}")
+    return np.ascontiguousarray(lengths, np.int64)
 
 
 class Model:
@@ -325,19 +349,24 @@ class Model:
             offset += units
         return carry
 
-    def predict(self, x, initial_state=None):
-        """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns."""
+    def predict(self, x, initial_state=None, lengths=None):
+        """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns.
+
+        ``lengths`` (batch,) ints: sample s is x[s, :lengths[s]], the rest trailing padding. As with
+        a Keras mask, the recurrent layers skip padded steps (carrying the state through), and their
+        sequences there are zero, or repeat the last output, per ``zero_output_for_mask``.
+        """
         x = as_input(x, self._features, self._program.check_size)
         if not self.spec.transforms:
-            return self._run(x, initial_state)
+            return self._run(x, initial_state, lengths)
         x, context = transforms.apply_input(self.spec.transforms, x)
-        return self._finish(self._run(x, initial_state), context)
+        return self._finish(self._run(x, initial_state, lengths), context)
 
-    def predict_raw(self, x, initial_state=None):
+    def predict_raw(self, x, initial_state=None, lengths=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
-        return self._run(as_input(x, self._features, self._program.check_size), initial_state)
+        return self._run(as_input(x, self._features, self._program.check_size), initial_state, lengths)
 
-    def _run(self, x, initial_state):
+    def _run(self, x, initial_state, lengths=None):
         batch, steps = x.shape[0], x.shape[1]
         program = self._program
         scratch = self._scratch
@@ -353,7 +382,8 @@ class Model:
         if initial_state is not None:
             self._initial_carry(initial_state, batch, carry)
         out = np.empty(scratch.output_shape, FLOAT32)
-        program.run(x, carry, scratch.work, out, zero_carry=initial_state is None)
+        lengths = NO_LENGTHS if lengths is None else as_lengths(lengths, batch, steps)
+        program.run(x, carry, scratch.work, out, zero_carry=initial_state is None, lengths=lengths)
         if self._plain_output:
             return out
         return self._outputs(out, carry, batch, steps)

@@ -10,12 +10,16 @@ GRU step (Keras; gates z, r, h; ``x_*`` the input projection, ``R_*`` the recurr
 
 where ``x_g = x @ kernel_g + input_bias_g`` and ``b_g`` is the recurrent bias (zero when reset_after
 is False, where Keras has a single bias on the input side).
+
+Graphs from ONNX may give the activations parameters (alpha, beta) and a cell clip, applied to the
+pre-activations of z, r and hh: a block's ``params`` column then points at five floats
+[recurrent alpha, recurrent beta, alpha, beta, clip] (see ``activations.activate_with``).
 """
 
 from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
-from .activations import ONE, ZERO, activate
+from .activations import ONE, ZERO, activate, activate_with
 from .products import accumulate_rows, padded, project
 from .recurrent import MASKED_CARRY, MASKED_ZERO, PROJECT_AHEAD
 
@@ -23,16 +27,19 @@ from .recurrent import MASKED_CARRY, MASKED_ZERO, PROJECT_AHEAD
 GRU_BLOCK = (
     "units", "activation", "recurrent_activation", "reset_after", "go_backwards", "return_sequences",
     "masked_output", "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry",
+    "params",  # ONNX activation parameters and clip: weight offset of 5 floats, or NO_PARAMS
 )
 BLOCK_WIDTH = len(GRU_BLOCK)
 (G_UNITS, G_ACT, G_REC_ACT, G_RESET_AFTER, G_GO_BACKWARDS, G_RETURN_SEQUENCES, G_MASKED_OUTPUT,
- G_KERNEL, G_RECURRENT_KERNEL, G_INPUT_BIAS, G_RECURRENT_BIAS, G_CARRY) = range(BLOCK_WIDTH)
+ G_KERNEL, G_RECURRENT_KERNEL, G_INPUT_BIAS, G_RECURRENT_BIAS, G_CARRY, G_PARAMS) = range(BLOCK_WIDTH)
+NO_PARAMS = -1
+PARAMS_SIZE = 5
 
 
 @njit(**KERNEL_FLAGS)
 def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias, recurrent_bias, activation,
               recurrent_activation, reset_after, go_backwards, masked_output, mask, masked,
-              h, xw, gates, candidate, out, time_ordered_output):
+              h, xw, gates, candidate, out, time_ordered_output, params):
     """Run one GRU direction over ``steps`` time steps of ``samples`` samples in lockstep.
 
     x:                (S, >=steps, >=I) layer input in time order
@@ -51,6 +58,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     candidate:        (S, >=H)       scratch: r * h (reset_after=False)
     out:              (S, >=steps, >=H) output after each step: in processing order (Keras
                                      go_backwards), or in time order when ``time_ordered_output``
+    params:           (5,) or (0,)   [recurrent alpha, recurrent beta, alpha, beta, clip], or none
     """
     prefer_wide_vectors()
     row_width = kernel.shape[1]    # P
@@ -89,7 +97,10 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
             g = gates[s]          # (>=P,)
             z_r = g[:two]         # (2H,)
             x_t = xw[s, t - first]  # (>=P,)
-            activate(z_r, recurrent_activation)
+            if params.shape[0]:
+                activate_with(z_r, recurrent_activation, params[0], params[1], params[4])
+            else:
+                activate(z_r, recurrent_activation)
             # Slices, not offset indices (see activate): these loops vectorise only so (measured 3-11%).
             r = g[units:two]          # (H,)
             hh = g[two:three]         # (H,) recurrent h sum, then the candidate's pre-activation
@@ -118,7 +129,10 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
                 emitted |= 1 << s
             g = gates[s]
             hh = g[two:three]     # (H,)
-            activate(hh, activation)
+            if params.shape[0]:
+                activate_with(hh, activation, params[2], params[3], params[4])
+            else:
+                activate(hh, activation)
             for j in range(units):
                 z = g[j]
                 hs[j] = z * hs[j] + (ONE - z) * hh[j]
@@ -140,6 +154,8 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
     ib = row[col + G_INPUT_BIAS]
     rb = row[col + G_RECURRENT_BIAS]
     c = row[col + G_CARRY]
+    p = row[col + G_PARAMS]
+    params = weights[p:p + PARAMS_SIZE] if p != NO_PARAMS else weights[:0]  # (5,) or (0,)
     for s in range(samples):
         carried = carry[s, c:c + units]  # (H,)
         for j in range(units):
@@ -151,7 +167,7 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
         weights[ib:ib + width], weights[rb:rb + width],
         row[col + G_ACT], row[col + G_REC_ACT], row[col + G_RESET_AFTER] != 0,
         row[col + G_GO_BACKWARDS] != 0, row[col + G_MASKED_OUTPUT], mask, masked,
-        hidden, xw, gates, candidate, out, time_ordered_output,
+        hidden, xw, gates, candidate, out, time_ordered_output, params,
     )
     for s in range(samples):
         carried = carry[s, c:c + units]  # (H,)

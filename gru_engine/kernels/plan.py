@@ -13,7 +13,7 @@ from .._flags import KERNEL_FLAGS, PARALLEL_KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO
 from .dense import dense_layer
 from .gru import BLOCK_WIDTH, gru_block
-from .masking import mask_steps
+from .masking import mask_lengths, mask_steps
 from .products import BLOCK, padded
 from .recurrent import PROJECT_AHEAD, merge_directions
 
@@ -36,12 +36,13 @@ COL_FORWARD, COL_BACKWARD = 4, 4 + BLOCK_WIDTH
 
 
 @njit(**KERNEL_FLAGS)
-def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
+def run_block(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, out):
     """Run the whole chain on a block of up to BLOCK samples in lockstep.
 
     plan:    (L, PLAN_WIDTH) int64
     weights: (W,)            float32, every layer's tensors packed
     x:       (S, T, F)       input
+    lengths: (S,) or (0,)    int64 valid steps per sample (trailing padding is masked), or none
     carry:   (S, C)          every GRU direction's carry, read as initial state, left as final state
     work:    (K,)            scratch, see ``workspace_size``
     out:     (S, rows * D)   the last layer's output, rows = T for sequences, else 1
@@ -73,7 +74,10 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
             for f in range(features):
                 current[s, t, f] = x[s, t, f]
     rows = steps
-    masked = False
+    limited = lengths.shape[0] > 0
+    if limited:
+        mask_lengths(lengths, samples, rows, mask, False)
+    masked = limited
     for layer in range(plan.shape[0]):
         row = plan[layer]
         kind = row[COL_KIND]
@@ -81,6 +85,8 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
         output_dim = row[COL_OUT]
         if kind == KIND_MASKING:
             mask_steps(current, samples, rows, input_dim, weights[row[COL_MASK_VALUE]], mask)
+            if limited and masked:
+                mask_lengths(lengths, samples, rows, mask, True)
             masked = True
             continue
         if kind == KIND_DENSE:
@@ -143,10 +149,10 @@ def admit(plan, x, carry, zero_carry):
 
 
 @njit(**KERNEL_FLAGS)
-def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
+def run_batch(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_block over the batch, BLOCK samples after BLOCK samples.
 
-    x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
+    x: (B, T, F), lengths: (B,) or (0,), carry: (B, C), work: (1, K), out: (B, rows * D)
     zero_carry: start from zero state instead of carry's contents.
     Returns ``admit``'s verdict: anything but 0 means nothing ran.
     """
@@ -155,13 +161,13 @@ def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry
     if bad == 0:
         for start in range(0, x.shape[0], BLOCK):
             stop = min(start + BLOCK, x.shape[0])
-            run_block(plan, weights, x[start:stop], carry[start:stop], work[0], max_dim, max_gate_width,
-                      out[start:stop])
+            run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[0], max_dim,
+                      max_gate_width, out[start:stop])
     return bad
 
 
 @njit(**PARALLEL_KERNEL_FLAGS)
-def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
+def run_batch_parallel(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_batch with blocks spread over Numba's threads: samples are independent sequences.
 
     work: (ceil(B / BLOCK), K), one scratch per block.
@@ -172,8 +178,8 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, z
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             stop = min(start + BLOCK, x.shape[0])
-            run_block(plan, weights, x[start:stop], carry[start:stop], work[block], max_dim, max_gate_width,
-                      out[start:stop])
+            run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[block], max_dim,
+                      max_gate_width, out[start:stop])
     return bad
 
 
