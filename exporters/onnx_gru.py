@@ -26,10 +26,11 @@ GRU_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", 
 ACTIVATIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "hardsigmoid": "hard_sigmoid",
                "affine": "affine", "leakyrelu": "leaky_relu", "thresholdedrelu": "thresholded_relu",
                "scaledtanh": "scaled_tanh", "elu": "elu", "softsign": "softsign", "softplus": "softplus"}
-# The parameters each function consumes from activation_alpha / activation_beta, and the values
-# onnxruntime uses when those lists run out (ONNX's defaults).
-ONNX_PARAMETERS = {"hard_sigmoid": (0.2, 0.5), "affine": (1.0, 0.0), "leaky_relu": (0.01, None),
-                   "thresholded_relu": (1.0, None), "scaled_tanh": (1.0, 1.0), "elu": (1.0, None)}
+# The parameters each function consumes from activation_alpha / activation_beta (each list in order,
+# separately), and the values onnxruntime uses when a list runs out: ONNX's defaults where the
+# operators have them (LeakyRelu, HardSigmoid, Elu), else 0.
+ONNX_PARAMETERS = {"hard_sigmoid": (0.2, 0.5), "affine": (0.0, 0.0), "leaky_relu": (0.01, None),
+                   "thresholded_relu": (0.0, None), "scaled_tanh": (0.0, 0.0), "elu": (1.0, None)}
 # Parameter values at which a function is one of Keras's, run on the plain path.
 KERAS_EQUIVALENT = {("hard_sigmoid", np.float32(1 / 6), np.float32(0.5)): "hard_sigmoid",
                     ("affine", np.float32(1.0), np.float32(0.0)): "linear"}

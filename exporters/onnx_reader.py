@@ -488,8 +488,11 @@ def read_onnx(onnx_path) -> ModelSpec:
     validate(spec)
     states, lengths = constants(spec.interface)
     dims = {axis: dim for axis, dim in zip(reader.input_axes, spec.interface["inputs"][0]["shape"])}
-    fixed = [len(lengths)] if lengths is not None else [len(s) for s in states if s is not None]
-    batch = dims[BATCH] if isinstance(dims[BATCH], int) else (fixed[0] if fixed else SELF_CHECK_BATCH)
+    # The batch is fixed by any input with a fixed batch axis, or by constant lengths or initial_h.
+    fixed = [entry["shape"][entry["axes"].index(BATCH)] for entry in spec.interface["inputs"]]
+    fixed = [size for size in fixed if isinstance(size, int)] + [len(s) for s in states if s is not None]
+    fixed += [len(lengths)] if lengths is not None else []
+    batch = fixed[0] if fixed else SELF_CHECK_BATCH
     gates = [config["recurrent_activation"] for layer in spec.layers for config in gru_configs(layer)]
     steps = SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES) else EXPANDING_SELF_CHECK_STEPS
     steps = dims[TIME] if isinstance(dims[TIME], int) else max(steps, max(lengths, default=1) if lengths is not None

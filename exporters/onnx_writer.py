@@ -47,7 +47,7 @@ import numpy as np
 
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.fileio import atomic_write_bytes
-from gru_engine.spec import Layer, ModelSpec, validate
+from gru_engine.spec import ACTIVATION_PARAMETERS, Layer, ModelSpec, validate
 
 DEFAULT_OPSET = 17
 # Squeeze/Unsqueeze take their axes as inputs from opset 13 on; this writer uses that form.
@@ -55,14 +55,12 @@ MIN_OPSET = 13
 INPUT = "input"
 OUTPUT = "output"
 
-# Keras activation -> (ONNX activation, alpha, beta). Keras 3 hard_sigmoid is clip(x / 6 + 0.5, 0, 1).
-GRU_ACTIVATIONS = {
-    "sigmoid": ("Sigmoid", None, None),
-    "tanh": ("Tanh", None, None),
-    "relu": ("Relu", None, None),
-    "hard_sigmoid": ("HardSigmoid", 1.0 / 6.0, 0.5),
-    "linear": ("Affine", 1.0, 0.0),
-}
+# Spec activation -> ONNX activation. Keras 3 hard_sigmoid is HardSigmoid(1/6, 0.5), linear Affine(1, 0);
+# parameters come from the config, or the defaults in spec.ACTIVATION_PARAMETERS.
+GRU_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hard_sigmoid": "HardSigmoid",
+                   "linear": "Affine", "affine": "Affine", "leaky_relu": "LeakyRelu",
+                   "thresholded_relu": "ThresholdedRelu", "scaled_tanh": "ScaledTanh", "elu": "Elu",
+                   "softsign": "Softsign", "softplus": "Softplus"}
 DENSE_ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax"}  # else linear
 MERGE_OPS = {"sum": "Add", "mul": "Mul", "ave": "Add"}
 
@@ -164,6 +162,9 @@ def _refuse_unexpressible(spec: ModelSpec) -> None:
                 f"layer '{layer.name}' (Masking): the native ONNX export cannot reproduce Keras masking exactly "
                 "(Keras skips masked steps anywhere in a sequence; an ONNX GRU's sequence_lens only drops "
                 "trailing steps). Export this model with method='tf2onnx', or remove the Masking layer")
+        if layer.kind == "bidirectional" and layer.config["forward"].get("clip") != layer.config["backward"].get("clip"):
+            raise UnsupportedModelError(f"layer '{layer.name}': its two directions clip differently, and one ONNX "
+                                        "GRU node has one clip")
 
 
 def _onnx_bias(config: dict, weights: dict, prefix: str) -> np.ndarray:
@@ -178,18 +179,25 @@ def _onnx_bias(config: dict, weights: dict, prefix: str) -> np.ndarray:
 
 
 def _activation_attributes(configs: list[dict]) -> dict:
-    """activations [f, g] per direction; onnxruntime hands alpha/beta only to functions that take them."""
+    """activations [f, g] per direction; onnxruntime hands each alpha (beta) only to the functions that
+    take one, in order. Also the cell clip, when the configs have one."""
     names, alphas, betas = [], [], []
     for config in configs:
-        for keras_name in (config["recurrent_activation"], config["activation"]):
-            onnx_name, alpha, beta = GRU_ACTIVATIONS[keras_name]
-            names.append(onnx_name)
+        for field in ("recurrent_activation", "activation"):
+            name = config[field]
+            names.append(GRU_ACTIVATIONS[name])
+            alpha, beta = (1.0, 0.0) if name == "linear" else ACTIVATION_PARAMETERS.get(name, (None, None))
             if alpha is not None:
-                alphas.append(alpha)
-                betas.append(beta)
+                alphas.append(float(config.get(f"{field}_alpha", alpha)))
+            if beta is not None:
+                betas.append(float(config.get(f"{field}_beta", beta)))
     attributes = {"activations": names}
     if alphas:
-        attributes.update(activation_alpha=alphas, activation_beta=betas)
+        attributes["activation_alpha"] = alphas
+    if betas:
+        attributes["activation_beta"] = betas
+    if "clip" in configs[0]:
+        attributes["clip"] = float(configs[0]["clip"])
     return attributes
 
 

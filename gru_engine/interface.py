@@ -144,11 +144,15 @@ def validate_interface(spec, shapes) -> None:
             continue
         if isinstance(state, dict) and set(state) == {"input", "index"}:
             source = by_name.get(state["input"]) if isinstance(state["input"], str) else None
-            if source is None or source["role"] != "initial_h" or not _is_int(state["index"]):
+            if source is None or source["role"] != "initial_h":
                 _fail(f"initial_state {index} names no initial_h input")
             axes, dims = source["axes"], source["shape"]
-            count = dims[axes.index(DIRECTION)] if DIRECTION in axes else 1
-            if not 0 <= state["index"] < (count if _is_int(count) else 0) or dims[axes.index(FEATURE)] != units:
+            # The direction index along the input's direction axis; null for a (batch, units) input.
+            count = dims[axes.index(DIRECTION)] if DIRECTION in axes else None
+            position = state["index"]
+            in_range = position is None if count is None else _is_int(position) and _is_int(count) \
+                and 0 <= position < count
+            if not in_range or dims[axes.index(FEATURE)] != units:
                 _fail(f"initial_state {index} reads direction {state['index']} of '{source['name']}' "
                       f"(shape {dims}); the carry has {units} units")
         elif isinstance(state, dict) and set(state) == {"values"}:
