@@ -100,6 +100,8 @@ class GlueOps:
         value, target = operands[0], operands[1]
         if isinstance(value, _Zeros):
             return value
+        if isinstance(value, _Shape) and self.ints(target, "the target shape") in ([-1], [len(value.dims)]):
+            return _Shape(value.dims)
         if not isinstance(value, (_Chain, _Recurrent)):
             self.fail(f"reshapes {_describe(value)}")
         if isinstance(target, _Shape):
@@ -110,6 +112,8 @@ class GlueOps:
         target = [sizes[i] if size == 0 and not attributes.get("allowzero") and i < len(sizes) else size
                   for i, size in enumerate(target)]
         axes = list(value.axes)
+        if isinstance(value, _Recurrent) and len(value.directions) == 1:  # one direction: a size-1 axis
+            axes = [ONE if a == DIRECTION else a for a in axes]
         if isinstance(value, _Recurrent) and DIRECTION in axes and axes.index(DIRECTION) + 1 < len(axes) \
                 and axes[axes.index(DIRECTION) + 1] == FEATURE and len(value.directions) == 2:
             # (..., direction, features) -> (..., direction * features), as PyTorch writes a bidirectional output
@@ -190,6 +194,12 @@ class GlueOps:
         value = operands[0]
         if isinstance(value, _Zeros):
             return value
+        if isinstance(value, _Shape):  # shape arithmetic, as PyTorch's dynamo exporter writes it
+            starts, ends, axes, steps = (self.attribute_or_input(operands, i, name, attributes)
+                                         for i, name in enumerate(("starts", "ends", "axes", "steps"), 1))
+            if len(starts) != 1 or (axes or [0]) not in ([0], [-1]) or (steps or [1]) != [1]:
+                self.fail("slices a shape vector other than by a plain [start:end]")
+            return _Shape(value.dims[starts[0]:ends[0]])
         if not isinstance(value, (_Chain, _Recurrent, _StateInput)):
             self.fail(f"slices {_describe(value)}")
         starts = self.attribute_or_input(operands, 1, "starts", attributes)

@@ -9,7 +9,8 @@ import numpy as np
 
 from gru_engine.spec import Layer
 
-from .onnx_values import BATCH, DIRECTION, FEATURE, _Chain, _Const, _describe, _Recurrent, _Shape, _StateInput, _Zeros
+from .onnx_values import (BATCH, DIRECTION, FEATURE, _Chain, _Const, _describe, _Recurrent, _Shape, _StateInput,
+                          _States, _Zeros)
 
 
 class HeadOps:
@@ -49,6 +50,12 @@ class HeadOps:
             return _Shape(dims)
         if all(isinstance(v, _Zeros) for v in operands):
             return operands[0]
+        if all(isinstance(v, _States) or (isinstance(v, _Recurrent) and v.state) for v in operands) \
+                and len({v.axes for v in operands}) == 1 \
+                and operands[0].axes[self.axis(operands[0], attributes.get("axis", 0))] == DIRECTION:
+            # PyTorch's h_n: every layer's Y_h, stacked.
+            keys = sum((v.keys if isinstance(v, _States) else tuple(d.key for d in v.directions) for v in operands), ())
+            return _States(keys, operands[0].axes)
         if all(isinstance(v, _StateInput) and v.axes[0] == DIRECTION for v in operands) \
                 and attributes.get("axis") in (0, -3):
             return _StateInput(operands[0].axes, sum((v.sources for v in operands), ()))
@@ -86,6 +93,10 @@ class HeadOps:
         return None
 
     def _op_Mul(self, operands, attributes):
+        if all(isinstance(v, _Shape) for v in operands):  # directions x units, in PyTorch's shape arithmetic
+            if not all(len(v.dims) == 1 and isinstance(v.dims[0], int) for v in operands):
+                self.fail("multiplies sizes that are not fixed")
+            return _Shape((operands[0].dims[0] * operands[1].dims[0],), operands[0].scalar)
         if all(isinstance(v, _Recurrent) for v in operands):
             return self._merge(operands[0], operands[1], "mul")
         average = self._average(operands, 0.5)

@@ -61,7 +61,7 @@ from .onnx_gru import GruOps
 from .onnx_heads import HeadOps
 from .onnx_gru import SwappedInput
 from .onnx_values import (BATCH, DIRECTION, FEATURE, MAX_FOLDED_ELEMENTS, ONE, SUPPORTED, TIME, _Chain, _Const,
-                          _describe, _is_sequence, _Lengths, _Recurrent, _StateInput, _text)
+                          _describe, _is_sequence, _Lengths, _Recurrent, _StateInput, _States, _text)
 
 # With an update gate z outside [0, 1] (recurrent activation tanh, relu or linear), h' = z h + (1 - z) hh
 # can grow the carry, and float32 rounding grows with it: onnxruntime and the engine order their sums
@@ -331,14 +331,24 @@ class _Reader(GlueOps, HeadOps, GruOps):
             self.fail("the graph returns its input unchanged")
         core = (BATCH, TIME, FEATURE) if _is_sequence(chain) else (BATCH, FEATURE)
         records = [self._output_record(chain, [0], core, chain.flipped)]
-        for value in values[1:]:
-            if not (isinstance(value, _Recurrent) and value.state and chain.layers[-1].kind != "dense"
-                    and all(d.key in chain.origin for d in value.directions)):
-                self.fail("besides the model's output, a graph may only return Y_h of its last GRU (no layer "
-                          "after it)")
-            parts = [1 + chain.origin.index(d.key) for d in value.directions]
-            records.append(self._output_record(value, parts, (BATCH, FEATURE), False))
-        return _finish_layers(chain.layers, len(values) > 1), chain.keys, records
+        extras = values[1:]
+        if all(isinstance(v, _Recurrent) and v.state and chain.layers[-1].kind != "dense"
+               and all(d.key in chain.origin for d in v.directions) for v in extras):
+            # The final states of the last layer: Keras's return_state.
+            for value in extras:
+                parts = [1 + chain.origin.index(d.key) for d in value.directions]
+                records.append(self._output_record(value, parts, (BATCH, FEATURE), False))
+            return _finish_layers(chain.layers, len(extras)), chain.keys, records
+        # Final states of any layers (PyTorch's h_n): the model's carries, after its one output.
+        carries = [key for layer_keys in chain.keys for key in layer_keys]
+        for value in extras:
+            keys = value.keys if isinstance(value, _States) else tuple(d.key for d in value.directions) \
+                if isinstance(value, _Recurrent) and value.state else ()
+            if not keys or not all(key in carries for key in keys):
+                self.fail("besides the model's output, a graph may only return final states (Y_h) of its GRUs")
+            records.append(self._output_record(value, [1 + carries.index(key) for key in keys], (BATCH, FEATURE),
+                                               False))
+        return _finish_layers(chain.layers, 0), chain.keys, records
 
     def interface(self, records) -> dict:
         """The graph's inputs and outputs for ``gru_engine.InferenceSession``."""

@@ -54,6 +54,14 @@ class _StateInput:
 
 
 @dataclasses.dataclass(eq=False)
+class _States:
+    """Final states (Y_h) of GRU directions of several nodes, stacked along DIRECTION (PyTorch's h_n)."""
+
+    keys: tuple
+    axes: tuple
+
+
+@dataclasses.dataclass(eq=False)
 class _Lengths:
     """The graph input holding sequence_lens."""
 
@@ -98,6 +106,8 @@ def _describe(value) -> str:
         return f"a constant of shape {value.array.shape}"
     if isinstance(value, _Lengths):
         return "sequence lengths"
+    if isinstance(value, _States):
+        return "stacked final states"
     if isinstance(value, (_Chain, _Recurrent, _StateInput)):
         return f"a tensor with axes ({', '.join(value.axes)})"
     return {_Shape: "a shape vector", _Zeros: "a zero tensor"}.get(type(value), "an unknown value")

@@ -12,7 +12,8 @@ so that ``gru_engine.InferenceSession`` answers exactly as onnxruntime does on t
 
 Axis labels: batch, time, features, direction (the GRU directions, stacked), "1" (a size-1 axis).
 An output stacks ``predict``'s outputs ``parts`` along its direction axis (one part without one),
-reversed in time first when ``reverse_time``; ``initial_state`` has one entry per carry of the
+reversed in time first when ``reverse_time``; a part numbered past predict's outputs is a final
+carry (output count + k: the carry of GRU direction k, in layer order); ``initial_state`` has one entry per carry of the
 model (each GRU direction, in layer order): zero (null), a slice of a graph input along its
 direction axis, or constant values (batch, units); ``lengths`` feeds ``predict(lengths=...)``.
 """
@@ -60,6 +61,10 @@ def _check_axes(axes, allowed: tuple, what: str) -> None:
         _fail(f"{what} axes {axes} must be a permutation of {list(allowed)}, with size-1 axes ('1') between")
 
 
+def _has_direction(axes) -> bool:
+    return isinstance(axes, list) and DIRECTION in axes
+
+
 def _constant(values, shape: tuple, kind: str, what: str) -> np.ndarray:
     if not isinstance(values, list) or len(values) > MAX_CONSTANT_VALUES:
         _fail(f"{what} must be a (nested) list of numbers")
@@ -92,17 +97,17 @@ def validate_interface(spec, shapes) -> None:
     by_name = {}
     for index, entry in enumerate(inputs):
         _check_fields(entry, {"name", "role", "axes", "shape"}, f"input {index}")
+        if not isinstance(entry["name"], str) or not entry["name"] or entry["name"] in names:
+            _fail("input names must be unique non-empty strings")
         if entry["role"] not in ROLES:
             _fail(f"input {index} role {entry['role']!r:.40} is not one of {list(ROLES)}")
         allowed = {"x": (BATCH, TIME, FEATURE), "lengths": (BATCH,),
-                   "initial_h": (DIRECTION, BATCH, FEATURE) if DIRECTION in (entry["axes"] or ())
+                   "initial_h": (DIRECTION, BATCH, FEATURE) if _has_direction(entry["axes"])
                    else (BATCH, FEATURE)}[entry["role"]]
         _check_axes(entry["axes"], allowed, f"input {index}")
         _check_shape(entry["shape"], len(entry["axes"]), f"input {index}")
         by_name[entry["name"]] = entry
         names.add(entry["name"])
-    if len(names) != len(inputs) or not all(isinstance(n, str) and n for n in names):
-        _fail("input names must be unique non-empty strings")
     roles = [entry["role"] for entry in inputs]
     if roles.count("x") != 1 or roles.count("lengths") > 1:
         _fail("the graph needs exactly one 'x' input and at most one 'lengths' input")
@@ -111,22 +116,23 @@ def validate_interface(spec, shapes) -> None:
     if feature_dim != spec.input_features:
         _fail(f"input '{x_entry['name']}' has {feature_dim} features; the model takes {spec.input_features}")
 
-    main_shapes = output_shapes(spec, shapes, 1, 2)
+    carries = [units for shape in shapes for units in shape.state_dims]
+    main_shapes = output_shapes(spec, shapes, 1, 2) + [(1, units) for units in carries]
     out_names = set()
     for index, entry in enumerate(outputs):
         _check_fields(entry, {"name", "parts", "axes", "reverse_time", "shape"}, f"output {index}")
         parts = entry["parts"]
-        if not isinstance(parts, list) or not 1 <= len(parts) <= 2 or not all(
+        if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_ENTRIES or not all(
                 _is_int(p) and 0 <= p < len(main_shapes) for p in parts):
-            _fail(f"output {index} parts must be 1 or 2 indices below {len(main_shapes)}, got {str(parts)[:80]}")
+            _fail(f"output {index} parts must be a list of indices below {len(main_shapes)}, got {str(parts)[:80]}")
         ranks = {len(main_shapes[p]) for p in parts}
         widths = {main_shapes[p][-1] for p in parts}
-        if len(ranks) != 1 or (len(parts) == 2 and len(widths) != 1):
+        if len(ranks) != 1 or (len(parts) > 1 and len(widths) != 1):
             _fail(f"output {index} stacks outputs of different shapes")
         core = (BATCH, TIME, FEATURE) if ranks == {3} else (BATCH, FEATURE)
-        stacked = DIRECTION in (entry["axes"] or ())
-        if len(parts) == 2 and not stacked:
-            _fail(f"output {index} has two parts and no direction axis to stack them on")
+        stacked = _has_direction(entry["axes"])
+        if len(parts) > 1 and not stacked:
+            _fail(f"output {index} has several parts and no direction axis to stack them on")
         _check_axes(entry["axes"], core + ((DIRECTION,) if stacked else ()), f"output {index}")
         _check_shape(entry["shape"], len(entry["axes"]), f"output {index}")
         if type(entry["reverse_time"]) is not bool or (entry["reverse_time"] and ranks != {3}):
@@ -135,7 +141,6 @@ def validate_interface(spec, shapes) -> None:
             _fail("output names must be unique non-empty strings")
         out_names.add(entry["name"])
 
-    carries = [units for shape in shapes for units in shape.state_dims]
     states = interface["initial_state"]
     if not isinstance(states, list) or len(states) != len(carries):
         _fail(f"initial_state must list {len(carries)} entries, one per GRU direction")
@@ -200,7 +205,7 @@ def part_axes(rank: int) -> tuple:
 
 
 def graph_output(entry: dict, outputs: list) -> np.ndarray:
-    """One graph output built from ``predict``'s outputs."""
+    """One graph output built from ``predict``'s outputs followed by the final carries."""
     parts = [outputs[p] for p in entry["parts"]]
     core = part_axes(parts[0].ndim)
     if entry["reverse_time"]:
@@ -220,5 +225,7 @@ def predict_outputs(interface: dict, graph_outputs: list, count: int) -> list:
         core = part_axes(rank)
         data = canonical(array, axes, (DIRECTION,) + core) if stacked else canonical(array, axes, core)[None]
         for part, piece in zip(entry["parts"], data):
+            if part >= count:  # a carry: not among predict's outputs
+                continue
             found[part] = np.ascontiguousarray(piece[:, ::-1] if entry["reverse_time"] else piece, np.float32)
     return found

@@ -366,6 +366,15 @@ class Model:
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
         return self._run(as_input(x, self._features, self._program.check_size), initial_state, lengths)
 
+    def predict_states(self, x, initial_state=None, lengths=None):
+        """``predict_raw``, and the final carry of every GRU direction in layer order, (batch, units) each."""
+        outputs = self.predict_raw(x, initial_state, lengths)
+        carry, carries, offset = self._scratch.carry, [], 0
+        for units in self._program.carry_dims:
+            carries.append(carry[:, offset:offset + units].copy())
+            offset += units
+        return outputs, carries
+
     def _run(self, x, initial_state, lengths=None):
         batch, steps = x.shape[0], x.shape[1]
         program = self._program

@@ -82,10 +82,10 @@ class InferenceSession:
         x_entry = next(entry for entry in self._inputs if entry["role"] == "x")
         x = canonical(feeds[x_entry["name"]], x_entry["axes"], (BATCH, TIME, FEATURE))
         batch, steps = x.shape[0], x.shape[1]
-        outputs = self.model.predict_raw(np.ascontiguousarray(x), self._initial_state(feeds, batch),
-                                         self._lengths_of(feeds, batch, steps))
+        outputs, carries = self.model.predict_states(np.ascontiguousarray(x), self._initial_state(feeds, batch),
+                                                     self._lengths_of(feeds, batch, steps))
         outputs = outputs if isinstance(outputs, list) else [outputs]
-        return [graph_output(self._outputs[index], outputs) for index in wanted]
+        return [graph_output(self._outputs[index], outputs + carries) for index in wanted]
 
     def _check_feeds(self, input_feed) -> dict[str, np.ndarray]:
         if not isinstance(input_feed, dict):
