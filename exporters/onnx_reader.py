@@ -6,19 +6,28 @@ interpreted node by node: every tensor is known as a constant, a shape vector, a
 state input, GRU outputs not yet turned into a layer, or "the model input after these layers, with
 these axes"; each node extends that chain of layers or is refused with an error naming it.
 
-Accepted:
-- GRU, direction forward, reverse or bidirectional, linear_before_reset 0 or 1, activations
-  Sigmoid, Tanh, Relu, HardSigmoid(alpha=1/6, beta=0.5) (Keras 3 hard_sigmoid) and
-  Affine(alpha=1, beta=0) (linear); as in onnxruntime, activation_alpha/beta values are consumed
-  only by the functions that take them.
-- initial_h absent, all zeros (a constant, or ConstantOfShape/Expand of zeros sized from the
-  input's Shape, as PyTorch exports it), or fed by graph inputs (see below).
+Accepted (the modules: onnx_values the kinds of tensor, onnx_glue layout operators, onnx_heads
+merges and Dense layers, onnx_gru the GRU node):
+- GRU (opset 7 on), direction forward, reverse or bidirectional, linear_before_reset 0 or 1,
+  layout 0 or 1, every ONNX RNN activation with activation_alpha/beta (consumed as onnxruntime
+  does: each list in order, by the functions that take it), clip; stacked nodes.
+- X in the node's own layout: the model input may be (time, batch, features) or (batch, time,
+  features), decided by the first GRU that reads it.
+- sequence_lens: a graph input (int32, (batch,)) or a constant, the same for every GRU node; it
+  becomes ``Model.predict(lengths=...)``: Y zero past a sample's length, Y_h its state at its last
+  valid step, a reverse direction reading each sample backwards from there.
+- initial_h: absent or zeros (also ConstantOfShape/Expand of zeros sized from the input's Shape, as
+  PyTorch writes it), a non-zero constant, or graph inputs (sliced, unsqueezed, concatenated).
 - Glue: Transpose, Squeeze, Unsqueeze, Reshape, Identity, Cast; Gather/Slice to pick a direction,
   reverse time (step -1) or take the last time step; Concat/Add/Mul (and Mul 0.5 or Div 2 after the
-  Add) of the two directions of a bidirectional GRU: Keras merge modes concat, sum, mul, ave.
+  Add) of the two directions of a bidirectional GRU: Keras merge modes concat, sum, mul, ave;
+  Shape/Slice/Mul/Concat arithmetic on shape vectors.
 - Dense: MatMul, or Gemm on 2-D data, with a constant weight; Add of a constant bias; then Relu,
   Sigmoid, Tanh or Softmax over the feature axis.
-- Constants: initializers, Constant nodes, and any node whose inputs are all constant (folded).
+- Constants: initializers, Constant nodes, and any node whose inputs are all constant (folded,
+  such as PyTorch's Slice/Concat/Unsqueeze reordering of its gates).
+- Outputs: Y and/or Y_h of the last GRU in any layout (with their direction axis), or the chain's
+  output (any axis order) and the final states (Y_h, also PyTorch's h_n of every layer).
 
 Mapping, the inverse of ``onnx_writer``'s: kernel = W[d].T (I, 3H), recurrent_kernel = R[d].T
 (H, 3H); linear_before_reset=1 is reset_after=True with bias = [Wb, Rb] (2, 3H);
@@ -26,23 +35,18 @@ linear_before_reset=0 is reset_after=False with bias = Wb + Rb (3H,): every bias
 added before its activation. A GRU reading its input from the end (a reverse direction, or a
 forward GRU over a time-reversed input) is Keras go_backwards=True.
 
-A graph input feeding initial_h (directly as (directions, batch, units), sliced along its first
-axis, or unsqueezed from (batch, units)) becomes the engine's ``initial_state``: pass
-``Model.predict(x, initial_state=[...])`` one (batch, units) array per GRU direction in layer
-order, the slice of initial_h for that direction. Left out, it is zero, which is also what the
-bundle's self-check feeds onnxruntime.
-
-The first graph input (not an initializer) is the model input, float32 (batch, time, features)
-with a fixed feature count. The graph outputs must be what a Keras model of these layers returns:
-the main output(s), (batch, time, D) or (batch, D), then optionally the final states of the last
-layer's directions.
+The bundle records the graph's interface (``gru_engine.interface``): which input is X and in which
+layout, which is sequence_lens, how initial_h feeds each direction's ``initial_state``, and how each
+graph output is built from ``predict``'s outputs, so that ``gru_engine.InferenceSession`` answers
+as onnxruntime does. Its self-check feeds onnxruntime zeros for initial_h inputs and full lengths
+(constants as they are); a layout=1 GRU, which onnxruntime refuses, is checked as the equivalent
+layout=0 node between Transposes.
 
 Refused (UnsupportedModelError naming the node or tensor): other operators, among them the Loop
-that tf2onnx writes for a Keras GRU (import the native export instead); GRU clip,
-sequence_lens or layout=1 (onnxruntime cannot run it); a non-zero constant initial_h; other
-activations or alpha/beta; a time-major or non-float32 model input; outputs that are not the
-chain's. Malformed files (unreadable, failing onnx.checker, a GRU weight that is not a constant or
-has the wrong shape) raise BundleError.
+that tf2onnx writes for a Keras GRU (import the native export instead); other activations; GRUs
+with different sequence_lens; outputs that are not the chain's, its GRUs' final states, or one
+GRU's Y/Y_h; a non-float32 model input. Malformed files (unreadable, failing onnx.checker, a GRU
+weight that is not a constant or has the wrong shape, bad attributes) raise BundleError.
 """
 
 from __future__ import annotations
