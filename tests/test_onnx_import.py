@@ -278,12 +278,29 @@ def _residual_add():
     return nodes, inputs, [_value("output", ["batch", "time", FEATURES])], initializers
 
 
-def _unmerged_directions():
+def _direction_axis_output():
     """Both directions of a bidirectional GRU returned as (batch, time, 2, units)."""
     nodes, inputs, _, initializers = _single_gru(attributes={"direction": "bidirectional"},
                                                  weights=_gru_weights(9, 2, UNITS, FEATURES))
     nodes[2:] = [helper.make_node("Transpose", ["Y"], ["output"], perm=[2, 0, 1, 3])]
     return nodes, inputs, [_value("output", ["batch", "time", 2, UNITS])], initializers
+
+
+def _time_major_input():
+    """No Transpose before the GRU: the model input is (time, batch, features), as the node reads it."""
+    nodes, inputs, outputs, initializers = _single_gru(gru_inputs=("input", "W", "R", "B"))
+    return nodes[1:], [_value("input", ["time", "batch", FEATURES])], outputs, initializers
+
+
+@pytest.mark.parametrize("build", [_direction_axis_output, _time_major_input])
+def test_graph_layouts_run_through_the_session(tmp_path, build):
+    """Graphs once refused: a stacked direction axis in the output, a time-major input."""
+    path = _save(tmp_path, *build())
+    session = gru_engine.InferenceSession(import_onnx(path, tmp_path / "g.gru.safetensors"))
+    x = np.random.default_rng(0).standard_normal((5, 2, FEATURES)).astype(np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    for actual, wanted in zip(session.run(None, {"input": x}), expected):
+        assert max_excess(actual, wanted) <= 0
 
 
 BAD_GRAPHS = {

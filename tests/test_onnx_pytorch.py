@@ -27,7 +27,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from gru_engine.exporters.onnx_reader import onnx_session
+from gru_engine.exporters import onnx_session
 from gru_engine.spec import max_excess
 
 FEATURES, UNITS, OUTPUTS = 3, 4, 2

@@ -19,8 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import gru_engine
 from gru_engine import BundleError, InputError, bundle, spec as spec_module
-from gru_engine.exporters import import_onnx
-from gru_engine.exporters.onnx_reader import onnx_session
+from gru_engine.exporters import import_onnx, onnx_session
 from gru_engine.spec import Layer, max_excess
 
 from reference import gru_config, onnx_gru, random_spec, reference_predict
