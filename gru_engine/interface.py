@@ -211,7 +211,8 @@ def graph_output(entry: dict, outputs: list) -> np.ndarray:
     if entry["reverse_time"]:
         parts = [part[:, ::-1] for part in parts]
     if DIRECTION in entry["axes"]:
-        return arrange(np.stack(parts), (DIRECTION,) + core, entry["axes"])
+        stacked = parts[0][None] if len(parts) == 1 else np.stack(parts)  # a view when there is one
+        return arrange(stacked, (DIRECTION,) + core, entry["axes"])
     return arrange(parts[0], core, entry["axes"])
 
 
