@@ -13,9 +13,13 @@ import math
 
 from gru_engine.fileio import atomic_write
 
-from .workloads import AIRLINE_B1, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, threads_label
+from .registry import IMPLEMENTATIONS
+from .workloads import (AIRLINE_B1, AIRLINE_CHUNKS, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
+                        LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, TRANSFORM_CASES, threads_label)
 
 COLD_START_LIMIT_S = 0.5
+# Width of the implementation column: the longest registry name.
+NAME_WIDTH = max(len(name) for name in IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +33,18 @@ class RatioTarget:
     what: str
 
 
+@dataclasses.dataclass(frozen=True)
+class CostTarget:
+    """On workload ``config``, ``slow``'s median time is at most ``maximum`` times ``fast``'s."""
+
+    number: int
+    config: str
+    slow: str
+    fast: str
+    maximum: float
+    what: str
+
+
 RATIO_TARGETS = (
     RatioTarget(1, AIRLINE_B1, "ort-native", 2.0, "airline batch 1, 1 thread: ort-native / engine"),
     RatioTarget(1, AIRLINE_B1, "ort-tf2onnx", 30.0, "airline batch 1, 1 thread: ort-tf2onnx / engine"),
@@ -36,6 +52,22 @@ RATIO_TARGETS = (
     RatioTarget(2, AIRLINE_THROUGHPUT, "ort-native", 1.5,
                 "airline batch 1024, all cores: engine / ort-native throughput"),
     RatioTarget(3, GFLOP_CASE, "ort-native", 1.5, "H=256 T=1000 batch 1, 1 thread: ort-native / engine"),
+    RatioTarget(5, LSTM_AIRLINE_B1, "ort-native", 2.0, "LSTM airline batch 1, 1 thread: ort-native / engine"),
+    RatioTarget(6, LSTM_AIRLINE_THROUGHPUT, "ort-native", 1.5,
+                "LSTM airline batch 1024, all cores: engine / ort-native throughput"),
+    RatioTarget(7, LSTM_AIRLINE_STEP, "ort-native-stream", 4.0,
+                "LSTM airline step, 1 thread: ort-native-stream / engine-stream"),
+)
+# What a bundle's transforms and feeding a stream in small chunks may cost.
+TRANSFORM_LIMIT, CHUNK_LIMIT, SINGLE_CHUNK_LIMIT = 1.1, 1.25, 1.2
+COST_TARGETS = (
+    *(CostTarget(8, config, engine, f"{engine}-untransformed", TRANSFORM_LIMIT,
+                 f"{config}: with the demo's transforms / without")
+      for config, engine in zip(TRANSFORM_CASES, ("engine", "engine-stream", "engine"))),
+    CostTarget(9, AIRLINE_CHUNKS, "engine-run-16", "engine-run-4096", CHUNK_LIMIT,
+               "stream per step: Stream.run on chunks of 16 / of 4096"),
+    CostTarget(9, AIRLINE_CHUNKS, "engine-run-1", "engine-stream", SINGLE_CHUNK_LIMIT,
+               "stream: a Stream.run call on a chunk of 1 / a Stream.step"),
 )
 
 
@@ -61,12 +93,18 @@ def _verdict(passed: bool) -> str:
     return "PASS" if passed else "MISS"
 
 
+def _command(config: str) -> str:
+    """The command that measures one target again, alone."""
+    return f"gru-engine bench --configs {config}"
+
+
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's four targets, judged from this run's measurements (n/a when not measured)."""
+    """The project's performance targets, judged from this run's measurements (n/a when not measured),
+    by number."""
     verdicts = []
     for target in RATIO_TARGETS:
         entry = {"number": target.number, "what": target.what, "target": f">= {target.minimum:g}x",
-                 "measured": None, "verdict": "n/a"}
+                 "measured": None, "verdict": "n/a", "command": _command(target.config)}
         config = _config(results, target.config)
         peer = config["implementations"].get(target.peer) if config else None
         if config is None:
@@ -78,7 +116,8 @@ def evaluate_targets(results: dict) -> list[dict]:
         verdicts.append(entry)
     cold = results.get("cold_start")
     entry = {"number": 4, "what": "cold start: fresh `gru-engine predict` - `python -c 'import numba'`",
-             "target": f"<= {COLD_START_LIMIT_S:g} s", "measured": None, "verdict": "n/a"}
+             "target": f"<= {COLD_START_LIMIT_S:g} s", "measured": None, "verdict": "n/a",
+             "command": "gru-engine bench --configs cold-start"}
     if not cold:
         entry["note"] = "cold start not measured in this run"
     elif cold.get("difference_s") is None:
@@ -86,7 +125,20 @@ def evaluate_targets(results: dict) -> list[dict]:
     else:
         entry.update(measured=cold["difference_s"], verdict=_verdict(cold["difference_s"] <= COLD_START_LIMIT_S))
     verdicts.append(entry)
-    return verdicts
+    for target in COST_TARGETS:
+        entry = {"number": target.number, "what": target.what, "target": f"<= {target.maximum:g}x",
+                 "measured": None, "verdict": "n/a", "command": _command(target.config)}
+        config = _config(results, target.config)
+        implementations = config["implementations"] if config else {}
+        slow, fast = (implementations.get(name, {}).get("median_s") for name in (target.slow, target.fast))
+        if config is None:
+            entry["note"] = f"{target.config} not measured in this run"
+        elif not slow or not fast:
+            entry["note"] = f"{target.slow} or {target.fast} not measured"
+        else:
+            entry.update(measured=slow / fast, verdict=_verdict(slow / fast <= target.maximum))
+        verdicts.append(entry)
+    return sorted(verdicts, key=lambda verdict: verdict["number"])
 
 
 def _gflop_line(results: dict) -> str | None:
@@ -120,13 +172,13 @@ def _weights_line(results: dict) -> str | None:
 
 def _implementation_row(name: str, entry: dict, unit: str) -> str:
     if entry["status"] != "ok":
-        return f"  {name:<18} {entry['status']}: {entry.get('note', '')}"
+        return f"  {name:<{NAME_WIDTH}} {entry['status']}: {entry.get('note', '')}"
     spread = f"{format_seconds(entry['p10_s'])} .. {format_seconds(entry['p90_s'])}"
     gflops = f"{entry['gflops']:.3g}" if entry.get("gflops") is not None else "-"
     ratio = f"{entry['ratio']:.2f}x" if entry.get("ratio") is not None else "-"
     flag = "" if entry.get("agrees") in (True, None) else \
         f"  (output differs from gru-engine by {entry['max_abs_diff']:.3g})"
-    return (f"  {name:<18} {format_seconds(entry['median_s']):>9}  {spread:<22} "
+    return (f"  {name:<{NAME_WIDTH}} {format_seconds(entry['median_s']):>9}  {spread:<22} "
             f"{format_rate(entry['throughput_per_s'], unit):>16} {gflops:>8} {ratio:>9}{flag}")
 
 
@@ -137,7 +189,7 @@ def format_table(results: dict) -> str:
              f"{machine['cores']} cores; "
              + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
              "median time per call [p10 .. p90]; ratio = peer time / gru-engine time (> 1: gru-engine faster)"]
-    header = (f"  {'implementation':<18} {'median':>9}  {'p10 .. p90':<22} {'throughput':>16} "
+    header = (f"  {'implementation':<{NAME_WIDTH}} {'median':>9}  {'p10 .. p90':<22} {'throughput':>16} "
               f"{'GFLOP/s':>8} {'ratio':>9}")
     for config in results["configs"]:
         lines += ["", f"{config['name']}: {config['title']} (vs {config['baseline']})", header]
@@ -156,17 +208,22 @@ def format_table(results: dict) -> str:
             lines.append(f"cold start (median of {cold['runs']}): `gru-engine predict` on the airline bundle "
                          f"{format_seconds(cold['predict_s'])}, `python -c 'import numba'` "
                          f"{format_seconds(cold['import_numba_s'])}: difference {cold['difference_s']:+.3f} s")
+    if results.get("score"):
+        from .score import format_lines
+        lines += [""] + format_lines(results["score"])
     targets = results.get("targets") or evaluate_targets(results)
     if all(target["measured"] is None for target in targets):
-        lines += ["", "targets: none measured in this run (they need the built-in workloads: gru-engine bench)"]
+        lines += ["", "the project's performance targets: none measured in this run (they need the built-in "
+                  "workloads: gru-engine bench)"]
         return "\n".join(lines)
-    lines += ["", "targets (measured in this run)"]
+    lines += ["", "the project's performance targets, measured in this run (each line ends with the command "
+                  "that checks it alone)"]
     for target in targets:
         measured = target["measured"]
         shown = "-" if measured is None else (f"{measured:.3g} s" if target["number"] == 4 else f"{measured:.3g}x")
         note = f"  ({target['note']})" if target.get("note") else ""
         lines.append(f"  {target['number']} {target['what']:<66} {shown:>9}  target {target['target']:<8} "
-                     f"{target['verdict']}{note}")
+                     f"{target['verdict']}{note}  [{target['command']}]")
         if target["number"] == 3:
             lines += [line for line in (_gflop_line(results), _weights_line(results)) if line]
     return "\n".join(lines)
@@ -210,7 +267,8 @@ def write_chart(results: dict, path):
                          ha="right", fontsize=8)
     machine = results["machine"]
     axes.set_title(f"gru-engine bench: {machine['cpu']}, {machine['cores']} cores (lower is faster)", fontsize=10)
-    axes.legend(fontsize=8, ncol=2)
+    if labelled:  # a run of only the cold-start or score timings has no bars
+        axes.legend(fontsize=8, ncol=2)
     axes.grid(axis="y", which="both", alpha=0.3)
     figure.tight_layout()
 

@@ -15,7 +15,7 @@ API, for ``gru-engine demo`` and notebooks::
 returns a JSON-ready dict: ``machine``, ``configs`` (one per workload: ``implementations`` maps each
 registry name to its ``status`` and, when ``ok``, ``median_s``, ``p10_s``, ``p90_s``,
 ``throughput_per_s``, ``gflops``, ``ratio``), ``sgemm``, ``weights_read`` (the H=256 recurrent kernel
-read once: the floor under its step), ``cold_start``, ``targets``.
+read once: the floor under its step), ``cold_start``, ``targets`` (the project's performance targets).
 
 How it measures. Workloads are grouped by thread count (1 for latency, every core for batch
 throughput) and each group runs in a fresh worker process whose numba, TensorFlow and BLAS pools
@@ -45,7 +45,8 @@ import numpy as np
 from gru_engine.kernels.products import padded
 
 from . import machine, timing
-from .registry import IMPLEMENTATIONS, Implementation, Subject
+from . import score as score_bench
+from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
 from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
 from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
 
@@ -64,12 +65,14 @@ GFLOP_RECURRENT_BYTES = GFLOP_UNITS * int(padded(3 * GFLOP_UNITS)) * 4
 
 
 def gru_flops_per_step(spec) -> float:
-    """Multiply-adds x 2 of the GRU layers for one time step of one sample: 2*3*H*(I+H) per direction."""
-    from gru_engine.spec import validate
+    """Multiply-adds x 2 of the recurrent layers for one time step of one sample: 2*G*H*(I+H) per
+    direction, G gate blocks (GRU 3, LSTM 4, SimpleRNN 1)."""
+    from gru_engine.spec import RECURRENT_FAMILIES, recurrent_configs, recurrent_kind, validate
     flops = 0.0
     for layer, shape in zip(spec.layers, validate(spec)):
-        for units in shape.state_dims if layer.kind in ("gru", "bidirectional") else ():
-            flops += 2 * 3 * units * (shape.input_dim + units)
+        for config in recurrent_configs(layer):
+            units = config["units"]
+            flops += 2 * RECURRENT_FAMILIES[recurrent_kind(layer)].gates * units * (shape.input_dim + units)
     return flops
 
 
@@ -79,18 +82,23 @@ def unavailable_reason(impl: Implementation, subject: Subject) -> tuple[str, str
     missing = [module for module in impl.requires if importlib.util.find_spec(module) is None]
     if missing:
         return "unavailable", "not installed: " + ", ".join(missing)
-    if not impl.applies(subject):
-        return "not-applicable", "the model reads sequences backwards; it cannot stream"
-    return None
+    why = impl.does_not_apply(subject)
+    return ("not-applicable", why) if why else None
 
 
 def prepare_call(impl: Implementation, subject: Subject, workload: Workload, x: np.ndarray) -> timing.Call:
-    """The zero-argument call that is timed: one window, or one ``step`` of a stream opened here."""
+    """The zero-argument call that is timed: one window, one ``step`` of a stream opened here, or
+    one chunk of ``impl.chunk`` steps (every step the first step of x)."""
     run = impl.prepare(subject, workload.threads)
+    if impl.chunk:
+        feed = run.start(workload.batch)
+        chunk = np.ascontiguousarray(np.repeat(x[:, :1], impl.chunk, axis=1))  # (batch, chunk, features)
+        return lambda: feed(chunk)
     if impl.streaming:
-        step = run.start(workload.batch)
-        x_t = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
-        return lambda: step(x_t)
+        run = run.start(workload.batch)
+        x = np.ascontiguousarray(x[:, 0])  # (batch, features): every call feeds the same step
+    if hasattr(run, "looped"):  # compiled: a Looped call, timed in its own loop
+        return run.looped(x)
     return lambda: run(x)
 
 
@@ -109,7 +117,7 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
     entries, calls, outputs = {}, {}, {}
     for name in names:
         impl = IMPLEMENTATIONS[name]
-        if impl.streaming != workload.per_step:
+        if not workload.runs(impl):
             continue
         entry = {"description": impl.description}
         reason = unavailable_reason(impl, subject)
@@ -126,13 +134,21 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
             entries[name] = dict(entry, status="failed", note=timing.describe_error(exc))
             continue
         entries[name] = dict(entry, status="ok", first_call_s=first_s)
-        calls[name], outputs[name] = call, _first_output(result)
+        # A chunk's first step is a stream's first step; the rest repeat it.
+        calls[name], outputs[name] = call, _first_output(result)[:, 0] if impl.chunk else _first_output(result)
+    # A Looped call is timed as n calls made inside its compiled loop (see registry.Looped).
+    repeats = {}
+    for name, call in calls.items():
+        if isinstance(call, Looped):
+            calls[name], repeats[name] = call.timed(budget.sample_s)
     samples, failures = timing.round_robin(calls, budget)
     for name, error in failures.items():
         entries[name].update(status="failed", note=error)
     for name, values in samples.items():
         entry = entries[name]
-        entry.update(timing.summarize(values))
+        # A Looped call's time covers its loop; a chunked stream's is reported per step.
+        per_call = repeats.get(name, 1) * (IMPLEMENTATIONS[name].chunk or 1)
+        entry.update(timing.summarize([value / per_call for value in values]))
         entry["throughput_per_s"] = workload.items_per_call / entry["median_s"]
         entry["gflops"] = finite(flops / entry["median_s"] / 1e9) if flops else None
     if baseline in samples:  # ratios and agreement need gru-engine's own measurement
@@ -140,6 +156,8 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
         for name in samples:
             entry, output = entries[name], outputs[name]
             entry["ratio"] = entry["median_s"] / entries[baseline]["median_s"]
+            if not IMPLEMENTATIONS[name].same_output:
+                continue
             same_shape = output.shape == reference.shape
             entry["max_abs_diff"] = finite(float(np.max(np.abs(output - reference)))) if same_shape else None
             entry["agrees"] = same_shape and max_excess(output, reference) <= 0
@@ -193,6 +211,8 @@ def measure_cold_start(bundle_path: Path, workdir: Path, runs: int) -> dict:
 
 def run_worker(job: dict) -> dict:
     """One thread count's share of a run, in this (fresh) process."""
+    from gru_engine.exporters.tensorflow_quiet import import_tensorflow
+    import_tensorflow()  # first, so its start-up lines are not printed: see there
     pinned = machine.pin_threads(job["threads"])  # before TensorFlow builds anything
     budget = timing.QUICK if job["quick"] else timing.FULL
     workdir = Path(job["workdir"])
@@ -201,7 +221,8 @@ def run_worker(job: dict) -> dict:
 
     def subject_for(recipe) -> Subject:
         if recipe.key not in subjects:
-            subjects[recipe.key] = Subject(recipe.build(), name=recipe.key, workdir=workdir / recipe.key)
+            subjects[recipe.key] = Subject(recipe.build(), name=recipe.key, workdir=workdir / recipe.key,
+                                           transforms=recipe.transform_steps())
         return subjects[recipe.key]
 
     # First, while no peer's thread pool exists yet to spin on the cores it needs.
@@ -240,10 +261,11 @@ def _spawn_worker(job: dict, directory: Path) -> dict:
 
 
 def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, cold_start: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, score: bool = False) -> dict:
     """Measure ``workloads`` (default: the built-in set) with ``implementations`` (default: all).
 
-    See the module docstring for the returned dict. ``cold_start`` adds the fresh-process timing.
+    See the module docstring for the returned dict. ``cold_start`` adds the fresh-process timing,
+    ``score`` the Dask scoring comparison (``bench/score.py``).
     """
     started = time.perf_counter()
     workloads = builtin_workloads(quick) if workloads is None else list(workloads)
@@ -257,7 +279,7 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
     for workload in workloads:
         groups.setdefault(workload.threads, []).append(workload)
     results = {"schema": SCHEMA, "quick": quick, "machine": machine.describe(), "implementations": names,
-               "configs": [], "workers": [], "sgemm": {}, "weights_read": {}, "cold_start": None}
+               "configs": [], "workers": [], "sgemm": {}, "weights_read": {}, "cold_start": None, "score": None}
     parts = []
     with tempfile.TemporaryDirectory(prefix="gru-engine-bench-") as directory:
         for threads, group in sorted(groups.items()):
@@ -265,6 +287,8 @@ def run_benchmarks(workloads=None, *, quick: bool = True, implementations=None, 
                    "workloads": [workload.to_dict() for workload in group], "workdir": str(Path(directory) / "models"),
                    "cold_start": cold_start and threads == 1}
             parts.append(_spawn_worker(job, Path(directory)))
+        if score:
+            results["score"] = score_bench.run(quick, Path(directory))
     measured = {config["name"]: config for part in parts for config in part["configs"]}
     results["configs"] = [measured[workload.name] for workload in workloads]
     for part in parts:
@@ -293,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gru-engine bench",
         description="Compare gru-engine with onnxruntime, TensorFlow and Keras in one run: median and p10/p90 "
-                    "latency, throughput, ratios, the issue's targets; writes JSON and a PNG chart.",
+                    "latency, throughput, ratios, the project's performance targets; writes JSON and a PNG chart.",
         epilog="examples: gru-engine bench --quick | gru-engine bench --configs 'airline-*,cold-start' | "
                "gru-engine bench --model my.keras --steps 24")
     parser.add_argument("--quick", action="store_true", help="fewer workloads and shorter sampling (CI)")
@@ -324,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         for workload in catalogue:
             print(f"{workload.name:<16} {workload.title}")
         print(f"{COLD_START:<16} a fresh `gru-engine predict` process vs `python -c 'import numba'`")
+        print(f"{score_bench.SCORE:<16} {score_bench.ROWS:,} airline windows: Model.predict vs Dask on 1 and 2 "
+              "workers (not in the default set; needs the dask extra)")
         print("implementations: " + ", ".join(IMPLEMENTATIONS))
         return 0
-    names = [workload.name for workload in catalogue] + [COLD_START]
+    names = [workload.name for workload in catalogue] + [COLD_START, score_bench.SCORE]
     chosen = _select(args.configs, names)
     if not chosen and not args.model:
         chosen = [workload.name for workload in builtin_workloads(args.quick)] + [COLD_START]
@@ -337,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--steps goes with --model")
     implementations = _select(args.impls, list(IMPLEMENTATIONS)) or None
     results = run_benchmarks(workloads, quick=args.quick, implementations=implementations,
-                             cold_start=COLD_START in chosen)
+                             cold_start=COLD_START in chosen, score=score_bench.SCORE in chosen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_json(results, args.json or out / "bench.json")

@@ -18,11 +18,12 @@ from gru_engine.bench.workloads import builtin_workloads
 from gru_engine.spec import max_excess
 
 THREADS = 1
-# Small latency workloads, so the smoke run stays quick: a window, a batch, a longer sequence, a stream.
+# Small latency workloads, so the smoke run stays quick: a window, a batch, a longer sequence, streams.
 WORKLOADS = [workload for workload in builtin_workloads(quick=False)
-             if workload.name in ("airline-b1", "airline-b32", "h32-t100", "airline-step")]
+             if workload.name in ("airline-b1", "airline-b32", "h32-t100", "airline-step", "lstm-airline-b1",
+                                  "lstm-airline-step", "causal-conv-step")]
 CASES = [pytest.param(workload, name, id=f"{workload.name}-{name}")
-         for workload in WORKLOADS for name, impl in IMPLEMENTATIONS.items() if impl.streaming == workload.per_step]
+         for workload in WORKLOADS for name, impl in IMPLEMENTATIONS.items() if workload.runs(impl)]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def subjects(tmp_path_factory):
     def subject_for(recipe) -> Subject:
         if recipe.key not in built:
             built[recipe.key] = Subject(recipe.build(), name=recipe.key,
-                                        workdir=tmp_path_factory.mktemp(recipe.key))
+                                        workdir=tmp_path_factory.mktemp(recipe.key), transforms=recipe.transform_steps())
         return built[recipe.key]
     return subject_for
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from gru_engine.bench import report, runner, timing
-from gru_engine.bench.workloads import AIRLINE_B1, GFLOP_CASE, Recipe, Workload, user_workloads
+from gru_engine.bench.registry import IMPLEMENTATIONS
+from gru_engine.bench.workloads import (AIRLINE_B1, AIRLINE_CHUNKS, GFLOP_CASE, LSTM_AIRLINE_B1, LSTM_AIRLINE_STEP,
+                                        TRANSFORM_CASES, Recipe, Workload, builtin_workloads, user_workloads)
 from gru_engine.errors import InputError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,15 +42,43 @@ def test_quick_run_writes_table_json_and_chart(tmp_path, capsys):
 
     cold = results["cold_start"]
     assert cold["difference_s"] == pytest.approx(cold["predict_s"] - cold["import_numba_s"])
-    assert {target["number"] for target in results["targets"]} == {1, 2, 3, 4}
-    assert "targets (measured in this run)" in table and "ratio = peer time / gru-engine time" in table
+    assert {target["number"] for target in results["targets"]} == {1, 2, 3, 4, 5, 6, 7, 8, 9}
+    assert "the project's performance targets, measured in this run" in table
+    assert f"[gru-engine bench --configs {AIRLINE_B1}]" in table and "ratio = peer time / gru-engine time" in table
+
+
+def test_transform_and_chunk_workloads_time_what_their_targets_compare(tmp_path, capsys):
+    configs = ",".join((*TRANSFORM_CASES, AIRLINE_CHUNKS))
+    assert runner.main(["--quick", "--configs", configs, "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    measured = {config["name"]: config["implementations"] for config in results["configs"]}
+    assert set(measured[TRANSFORM_CASES[0]]) == {"engine", "engine-untransformed"}
+    assert set(measured[TRANSFORM_CASES[1]]) == {"engine-stream", "engine-stream-untransformed"}
+    chunks = measured[AIRLINE_CHUNKS]
+    assert set(chunks) == {"engine-stream"} | {f"engine-run-{c}" for c in (1, 16, 64, 256, 4096)}
+    # Every chunked stream's first step is the stream's first step; a chunk is timed per step.
+    assert all(entry["status"] == "ok" and entry["agrees"] for entry in chunks.values())
+    assert chunks["engine-run-4096"]["median_s"] < 100 * chunks["engine-stream"]["median_s"]
+    for target in results["targets"]:
+        if target["number"] in (8, 9):
+            assert target["verdict"] in ("PASS", "MISS") and f"{target['measured']:.3g}x" in table
+
+
+def test_workloads_name_the_implementations_they_time():
+    workloads = {workload.name: workload for workload in builtin_workloads()}
+    named_only = [impl for impl in IMPLEMENTATIONS.values() if impl.named_only]
+    assert named_only and not any(workloads[AIRLINE_B1].runs(impl) for impl in named_only)
+    assert workloads[AIRLINE_B1].runs(IMPLEMENTATIONS["ort-native"])
+    assert not workloads[AIRLINE_CHUNKS].runs(IMPLEMENTATIONS["ort-native-stream"])
+    assert Workload.from_dict(workloads[AIRLINE_CHUNKS].to_dict()) == workloads[AIRLINE_CHUNKS]
 
 
 def _results(ratios: dict[tuple[str, str], float], cold_difference=None) -> dict:
     configs = {}
     for (config, peer), ratio in ratios.items():
         configs.setdefault(config, {"name": config, "implementations": {}})
-        configs[config]["implementations"][peer] = {"status": "ok", "ratio": ratio}
+        configs[config]["implementations"][peer] = {"status": "ok", "ratio": ratio, "median_s": ratio * 1e-5}
     return {"configs": list(configs.values()),
             "cold_start": None if cold_difference is None else {"difference_s": cold_difference}}
 
@@ -63,6 +93,28 @@ def test_targets_are_judged_from_the_measurements():
     assert [v["verdict"] for v in verdicts if v["number"] == 2] == ["n/a"]
     assert [v["verdict"] for v in verdicts if v["number"] == 3] == ["PASS"]  # the bound is inclusive
     assert [v["verdict"] for v in verdicts if v["number"] == 4] == ["MISS"]
+    assert {v["verdict"] for v in verdicts if v["number"] in (8, 9)} == {"n/a"}
+
+
+def test_cost_targets_bound_one_time_by_another():
+    verdicts = report.evaluate_targets(_results({
+        (TRANSFORM_CASES[0], "engine"): 1.0, (TRANSFORM_CASES[0], "engine-untransformed"): 1 / 1.1,
+        (TRANSFORM_CASES[2], "engine"): 1.0, (TRANSFORM_CASES[2], "engine-untransformed"): 0.8,
+        (AIRLINE_CHUNKS, "engine-stream"): 1.0, (AIRLINE_CHUNKS, "engine-run-1"): 1.3,
+        (AIRLINE_CHUNKS, "engine-run-16"): 0.5, (AIRLINE_CHUNKS, "engine-run-4096"): 0.45}))
+    transforms = [v["verdict"] for v in verdicts if v["number"] == 8]
+    assert transforms == ["PASS", "n/a", "MISS"]  # the bound is inclusive; the stream was not measured
+    assert [v["verdict"] for v in verdicts if v["number"] == 9] == ["PASS", "MISS"]
+    assert [v["number"] for v in verdicts] == sorted(v["number"] for v in verdicts)
+
+
+def test_lstm_targets_are_judged_on_the_lstm_workloads():
+    verdicts = report.evaluate_targets(_results({(LSTM_AIRLINE_B1, "ort-native"): 1.9,
+                                                 (LSTM_AIRLINE_STEP, "ort-native-stream"): 4.5}, cold_difference=None))
+    by_number = {v["number"]: v for v in verdicts}
+    assert by_number[5]["verdict"] == "MISS" and by_number[5]["measured"] == 1.9
+    assert by_number[6]["verdict"] == "n/a"
+    assert by_number[7]["verdict"] == "PASS" and "stream" in by_number[7]["what"]
 
 
 def test_round_robin_times_every_call_and_reports_a_broken_one():

@@ -57,6 +57,8 @@ def warm_up(call: Call, seconds: float) -> tuple[float, object]:
     start = time.perf_counter_ns()
     result = call()
     first = (time.perf_counter_ns() - start) / 1e9
+    if isinstance(result, np.ndarray):
+        result = result.copy()  # a call may return a buffer it writes again (out=)
     deadline = time.perf_counter() + seconds
     calls = 0
     while calls < 2 or (time.perf_counter() < deadline and calls < 1000):

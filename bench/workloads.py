@@ -7,6 +7,15 @@ measures the same model:
 - ``airline``: GRU(50, return_sequences=True) -> GRU(50) -> Dense(1), one feature, T=10 (the
   airline-passengers forecaster).
 - ``gru<H>``:  GRU(H) -> Dense(1), one feature: the sweeps over hidden size and sequence length.
+- ``lstm-airline``: the airline shape with LSTM layers, LSTM(50) -> LSTM(50) -> Dense(1).
+- ``guitar``:  GuitarLSTM's shape, Conv1D(16, 12, strides 4, same) -> Conv1D(16, 12, strides 3, same)
+  -> LSTM(36) -> Dense(1) over windows of 120 samples.
+- ``causal``:  Conv1D(16, 3, causal, dilation 2, tanh) -> GRU(32) -> Dense(1): a convolutional
+  front-end that streams, one sample per step.
+
+- ``airline-tutorial``, ``airline-level``: the airline network (same weights) in a bundle with the
+  demo's transforms (tutorial: min-max scaling, an affine step; level: log, then the window's mean
+  removed), timed against the same network without them; their inputs are passenger counts.
 
 Threads: one for latency (batch 1 and 32, per-step streaming), every core for batch-1024 throughput.
 """
@@ -31,11 +40,22 @@ SEQUENCE_SWEEP_UNITS = 50
 # The H=256, T=1000, batch 1 target case, where GFLOP/s are compared with numpy's sgemm.
 GFLOP_UNITS, GFLOP_STEPS = 256, 1000
 THROUGHPUT_BATCH = 1024
-# Names of the workloads the issue's targets are measured on.
+# Names of the workloads the project's performance targets are measured on.
 AIRLINE_B1 = "airline-b1"
 AIRLINE_THROUGHPUT = f"airline-b{THROUGHPUT_BATCH}"
 GFLOP_CASE = f"h{GFLOP_UNITS}-t{GFLOP_STEPS}"
 AIRLINE_STEP = "airline-step"
+LSTM_AIRLINE_B1 = "lstm-airline-b1"
+LSTM_AIRLINE_THROUGHPUT = f"lstm-airline-b{THROUGHPUT_BATCH}"
+LSTM_AIRLINE_STEP = "lstm-airline-step"
+GUITAR_B1 = "guitar-b1"
+CAUSAL_CONV_STEP = "causal-conv-step"
+# Conv1D layers before the GRUs: (filters, kernel_size, strides, padding, dilation_rate, activation).
+GUITAR_FRONT = ((16, 12, 4, "same", 1, "linear"), (16, 12, 3, "same", 1, "linear"))
+GUITAR_WINDOW = 120
+CAUSAL_FRONT = ((16, 3, 1, "causal", 2, "tanh"),)
+AIRLINE_CHUNKS = "airline-chunks"
+TRANSFORM_CASES = ("airline-tutorial-b1", "airline-tutorial-step", "airline-level-b1")
 
 
 def threads_label(threads) -> str:
@@ -44,13 +64,17 @@ def threads_label(threads) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How to get a Keras model: built from stacked GRU widths, or loaded from a user's file."""
+    """How to get a Keras model: built from Conv1D layers and stacked GRU or LSTM widths, or loaded from a
+    user's file."""
 
     key: str                      # workloads with the same key share one model (and its exports)
     features: int = 1
-    units: tuple[int, ...] = ()   # GRU widths; every GRU but the last returns sequences; then Dense(1)
+    units: tuple[int, ...] = ()   # layer widths; every layer but the last returns sequences; then Dense(1)
     seed: int = 0
     keras_path: str | None = None
+    front: tuple = ()             # Conv1D layers before the recurrent ones, see GUITAR_FRONT
+    cell: str = "gru"             # the recurrent layers' kind: gru or lstm
+    transforms: str = ""          # "tutorial" or "level": the demo's transforms of that name, in the bundle
 
     def build(self):
         if self.keras_path:
@@ -59,16 +83,33 @@ class Recipe:
         import keras
         keras.utils.set_random_seed(self.seed)
         layers = [keras.Input((None, self.features))]
-        layers += [keras.layers.GRU(width, return_sequences=index < len(self.units) - 1)
+        layers += [keras.layers.Conv1D(filters, size, strides=strides, padding=padding, dilation_rate=dilation,
+                                       activation=activation)
+                   for filters, size, strides, padding, dilation, activation in self.front]
+        layers += [getattr(keras.layers, self.cell.upper())(width, return_sequences=index < len(self.units) - 1)
                    for index, width in enumerate(self.units)]
         layers.append(keras.layers.Dense(1))
         return keras.Sequential(layers, name=self.key)
 
+    def transform_steps(self) -> list:
+        """The demo's transforms named by ``transforms`` (fitted on the shipped series, no training)."""
+        if not self.transforms:
+            return []
+        from gru_engine import demo
+        if self.transforms == "level":
+            return demo.level_approach().transforms
+        return demo.tutorial_approach(demo.make_windows(*demo.load_series())).transforms
+
     def describe(self) -> str:
         if self.keras_path:
             return Path(self.keras_path).name
-        layers = "->".join([f"GRU({width})" for width in self.units] + ["Dense(1)"])
-        return f"{layers}, {self.features} feature{'s' if self.features > 1 else ''}"
+        convolutions = [f"Conv1D({filters},{size}{f',s{strides}' if strides > 1 else ''}"
+                        f"{f',d{dilation}' if dilation > 1 else ''},{padding})"
+                        for filters, size, strides, padding, dilation, _ in self.front]
+        layers = "->".join(convolutions + [f"{self.cell.upper()}({width})" for width in self.units] + ["Dense(1)"])
+        transforms = ", ".join(step["kind"] for step in self.transform_steps())
+        return f"{layers}, {self.features} feature{'s' if self.features > 1 else ''}" + \
+            (f", {self.transforms} transforms ({transforms})" if transforms else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +120,19 @@ class Workload:
     steps: int        # T of a window; per-step workloads time one step of a stream
     threads: int
     per_step: bool = False
+    implementations: tuple[str, ...] = ()  # only these; default: all of its kind but the named-only ones
+
+    def runs(self, impl) -> bool:
+        """Whether this workload times the registry implementation ``impl``."""
+        if impl.streaming != self.per_step:
+            return False
+        return impl.name in self.implementations if self.implementations or impl.named_only else True
 
     @property
     def title(self) -> str:
         shape = "one step per call" if self.per_step else f"T={self.steps} per call"
+        if self.name == AIRLINE_CHUNKS:
+            shape = "per step, fed one step or a chunk of steps per call"
         return f"{self.recipe.describe()}; batch {self.batch}, {shape}, {threads_label(self.threads)}"
 
     @property
@@ -91,25 +141,67 @@ class Workload:
         return self.batch
 
     def input(self, seed: int = 1) -> np.ndarray:
-        """A standard normal (batch, steps, features) float32 input; streams read its first step."""
+        """A standard normal (batch, steps, features) float32 input, or passenger counts (100 to 600)
+        for a bundle with transforms; streams read its first step."""
         rng = np.random.default_rng(seed)
-        return rng.standard_normal((self.batch, self.steps, self.recipe.features)).astype(np.float32)
+        shape = (self.batch, self.steps, self.recipe.features)
+        if self.recipe.transforms:
+            return rng.uniform(100.0, 600.0, shape).astype(np.float32)
+        return rng.standard_normal(shape).astype(np.float32)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Workload":
-        recipe = dict(data["recipe"], units=tuple(data["recipe"]["units"]))
-        return cls(**dict(data, recipe=Recipe(**recipe)))
+        recipe = dict(data["recipe"], units=tuple(data["recipe"]["units"]),
+                      front=tuple(tuple(layer) for layer in data["recipe"]["front"]))
+        return cls(**dict(data, recipe=Recipe(**recipe), implementations=tuple(data["implementations"])))
 
 
-def airline_recipe() -> Recipe:
-    return Recipe("airline", 1, AIRLINE_UNITS)
+def airline_recipe(transforms: str = "") -> Recipe:
+    return Recipe("-".join(filter(None, ("airline", transforms))), 1, AIRLINE_UNITS, transforms=transforms)
+
+
+def transform_workloads() -> list[Workload]:
+    """The demo's two bundles at batch 1 (and the tutorial's stream; the level bundle's per-window
+    mean cannot stream), each against the same network without transforms, interleaved."""
+    window, step = ("engine", "engine-untransformed"), ("engine-stream", "engine-stream-untransformed")
+    tutorial, level = airline_recipe("tutorial"), airline_recipe("level")
+    return [Workload("airline-tutorial-b1", tutorial, 1, AIRLINE_STEPS, 1, implementations=window),
+            Workload("airline-tutorial-step", tutorial, 1, AIRLINE_STEPS, 1, per_step=True, implementations=step),
+            Workload("airline-level-b1", level, 1, AIRLINE_STEPS, 1, implementations=window)]
+
+
+def chunk_workload() -> Workload:
+    """A stream fed one step per call, or chunks of steps per call, reported per step."""
+    from .registry import CHUNKS
+    return Workload(AIRLINE_CHUNKS, airline_recipe(), 1, AIRLINE_STEPS, 1, per_step=True,
+                    implementations=("engine-stream",) + tuple(f"engine-run-{chunk}" for chunk in CHUNKS))
+
+
+def lstm_airline_recipe() -> Recipe:
+    return Recipe("lstm-airline", 1, AIRLINE_UNITS, cell="lstm")
+
+
+def lstm_workloads(cores: int) -> list[Workload]:
+    """The airline shape with LSTM layers: batch 1, batch 1024 on every core, one streamed step."""
+    lstm = lstm_airline_recipe()
+    return [Workload(LSTM_AIRLINE_B1, lstm, 1, AIRLINE_STEPS, 1),
+            Workload(LSTM_AIRLINE_THROUGHPUT, lstm, THROUGHPUT_BATCH, AIRLINE_STEPS, cores),
+            Workload(LSTM_AIRLINE_STEP, lstm, 1, AIRLINE_STEPS, 1, per_step=True)]
 
 
 def _single(units: int) -> Recipe:
     return Recipe(f"gru{units}", 1, (units,))
+
+
+def guitar_recipe() -> Recipe:
+    return Recipe("guitar", 1, (36,), front=GUITAR_FRONT, cell="lstm")
+
+
+def causal_recipe() -> Recipe:
+    return Recipe("causal", 1, (32,), front=CAUSAL_FRONT)
 
 
 def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Workload]:
@@ -120,8 +212,11 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
     airline_b1 = Workload(AIRLINE_B1, airline, 1, AIRLINE_STEPS, 1)
     throughput = Workload(AIRLINE_THROUGHPUT, airline, THROUGHPUT_BATCH, AIRLINE_STEPS, cores)
     stream = Workload(AIRLINE_STEP, airline, 1, AIRLINE_STEPS, 1, per_step=True)
+    front_ends = [Workload(GUITAR_B1, guitar_recipe(), 1, GUITAR_WINDOW, 1),
+                  Workload(CAUSAL_CONV_STEP, causal_recipe(), 1, AIRLINE_STEPS, 1, per_step=True)]
     if quick:
-        return [airline_b1, throughput, gflop_case, stream]
+        return ([airline_b1, throughput, gflop_case, stream] + lstm_workloads(cores) + front_ends
+                + transform_workloads() + [chunk_workload()])
     workloads = [airline_b1, Workload("airline-b32", airline, 32, AIRLINE_STEPS, 1), throughput]
     workloads += [Workload(f"h{units}-t{HIDDEN_SWEEP_STEPS}", _single(units), 1, HIDDEN_SWEEP_STEPS, 1)
                   for units in HIDDEN_SIZES]
@@ -129,7 +224,7 @@ def builtin_workloads(quick: bool = False, cores: int | None = None) -> list[Wor
                   for steps in SEQUENCE_LENGTHS]
     workloads += [gflop_case, stream,
                   Workload(f"h{GFLOP_UNITS}-step", _single(GFLOP_UNITS), 1, 1, 1, per_step=True)]
-    return workloads
+    return workloads + lstm_workloads(cores) + front_ends + transform_workloads() + [chunk_workload()]
 
 
 def user_workloads(model_path, steps: int | None = None) -> list[Workload]:

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_engine import bundle
+from gru_engine import bundle, frontends
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import (DENSE_ACTIVATIONS, GRU_ACTIVATIONS, MERGE_MODES, Layer, ModelSpec, sample_input,
-                             validate)
+from gru_engine.spec import (DENSE_ACTIVATIONS, MERGE_MODES, RECURRENT_ACTIVATIONS, RECURRENT_FAMILIES, Layer,
+                             ModelSpec, sample_input, validate)
 
-SUPPORTED = ("InputLayer, Masking, GRU, Bidirectional(GRU), Dense (per time step on sequences), Dropout, "
-             "in a Sequential model or a functional single chain")
+SUPPORTED = ("InputLayer, Masking, GRU, LSTM, SimpleRNN, Bidirectional(GRU, LSTM or SimpleRNN), Dense (per time "
+             "step on sequences), Dropout, Conv1D, MaxPooling1D, AveragePooling1D, GlobalAveragePooling1D, "
+             "GlobalMaxPooling1D, BatchNormalization (channels_last), in a Sequential model or a functional "
+             "single chain")
 SELF_CHECK_BATCH = 2
 SELF_CHECK_STEPS = 7
 
@@ -53,28 +55,81 @@ def _check_dtype(layer) -> None:
                        "so build the layer with dtype='float32'")
 
 
-def _gru(layer) -> tuple[dict, dict]:
+def _recurrent_kind(layer) -> str | None:
+    """The spec kind of a Keras GRU, LSTM or SimpleRNN layer (exact classes: a subclass may compute
+    anything), else None."""
     import keras
 
-    if type(layer) is not keras.layers.GRU:
-        _refuse(layer, "only GRU layers are supported inside Bidirectional")
+    for kind, family in RECURRENT_FAMILIES.items():
+        if type(layer) is getattr(keras.layers, family.keras_class):
+            return kind
+    return None
+
+
+def _recurrent(layer) -> tuple[str, dict, dict]:
+    """(kind, config, weights) of a GRU, LSTM or SimpleRNN layer. LSTM's unit_forget_bias only
+    initialises the bias, so nothing of it is needed to run the layer."""
+    kind = _recurrent_kind(layer)
+    if kind is None:
+        _refuse(layer, "only GRU, LSTM and SimpleRNN layers are supported inside Bidirectional")
     _check_dtype(layer)
     config = layer.get_config()
-    gru_config = {
+    options = {
         "units": int(config["units"]),
-        "activation": _activation_name(layer, layer.cell.activation, GRU_ACTIVATIONS),
-        "recurrent_activation": _activation_name(layer, layer.cell.recurrent_activation, GRU_ACTIVATIONS),
+        "activation": _activation_name(layer, layer.cell.activation, RECURRENT_ACTIVATIONS),
         "use_bias": bool(config["use_bias"]),
-        "reset_after": bool(config["reset_after"]),
         "return_sequences": bool(config["return_sequences"]),
         "return_state": bool(config["return_state"]),
         "go_backwards": bool(config["go_backwards"]),
         "zero_output_for_mask": bool(layer.zero_output_for_mask),
         "stateful": bool(config["stateful"]),
     }
-    names = ["kernel", "recurrent_kernel"] + (["bias"] if gru_config["use_bias"] else [])
+    keys = RECURRENT_FAMILIES[kind].config_keys
+    if "recurrent_activation" in keys:
+        options["recurrent_activation"] = _activation_name(layer, layer.cell.recurrent_activation,
+                                                           RECURRENT_ACTIVATIONS)
+    if "reset_after" in keys:
+        options["reset_after"] = bool(config["reset_after"])
+    names = ["kernel", "recurrent_kernel"] + (["bias"] if options["use_bias"] else [])
     weights = {name: np.asarray(value, np.float32) for name, value in zip(names, layer.get_weights())}
-    return gru_config, weights
+    return kind, options, weights
+
+
+def _frontend(layer) -> Layer:
+    """A Conv1D, pooling or BatchNormalization layer (the caller checked its class)."""
+    import keras
+
+    name = next(kind for kind, keras_name in frontends.KERAS_CLASS_NAMES.items()
+                if keras_name == type(layer).__name__)
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        _refuse(layer, "data_format 'channels_first'; gru-engine reads (batch, time, channels): use channels_last")
+    if name == "conv1d":
+        config = {"filters": int(layer.filters), "kernel_size": int(layer.kernel_size[0]),
+                  "strides": int(layer.strides[0]), "padding": layer.padding,
+                  "dilation_rate": int(layer.dilation_rate[0]), "groups": int(layer.groups),
+                  "activation": _activation_name(layer, layer.activation, frontends.CONV_ACTIVATIONS),
+                  "use_bias": bool(layer.use_bias)}
+        weights = {"kernel": layer.kernel}
+        if config["use_bias"]:
+            weights["bias"] = layer.bias
+    elif name in frontends.POOLING_KINDS:
+        config = {"pool_size": int(layer.pool_size[0]), "strides": int(layer.strides[0]), "padding": layer.padding}
+        weights = {}
+    elif name in frontends.GLOBAL_POOLING_KINDS:
+        if layer.keepdims:
+            _refuse(layer, "keepdims=True is not supported; use keepdims=False")
+        config, weights = {}, {}
+    else:
+        if layer.axis not in (-1, 2) or layer.renorm:
+            _refuse(layer, "only axis=-1 (the channels) without renorm is supported")
+        config = {"epsilon": float(layer.epsilon), "center": bool(layer.center), "scale": bool(layer.scale)}
+        weights = {"moving_mean": layer.moving_mean, "moving_variance": layer.moving_variance}
+        if config["scale"]:
+            weights["gamma"] = layer.gamma
+        if config["center"]:
+            weights["beta"] = layer.beta
+    return Layer(name, layer.name, config,
+                 {key: np.asarray(keras.ops.convert_to_numpy(value), np.float32) for key, value in weights.items()})
 
 
 def _layer(layer) -> Layer | None:
@@ -92,19 +147,26 @@ def _layer(layer) -> Layer | None:
         names = ["kernel"] + (["bias"] if config["use_bias"] else [])
         return Layer("dense", layer.name, config,
                      {name: np.asarray(value, np.float32) for name, value in zip(names, layer.get_weights())})
-    if kind is keras.layers.GRU:
-        config, weights = _gru(layer)
-        return Layer("gru", layer.name, config, weights)
+    if kind.__name__ in frontends.KERAS_CLASS_NAMES.values() and kind is getattr(keras.layers, kind.__name__):
+        return _frontend(layer)
+    if _recurrent_kind(layer):
+        kind, config, weights = _recurrent(layer)
+        return Layer(kind, layer.name, config, weights)
     if kind is keras.layers.Bidirectional:
         if layer.merge_mode not in MERGE_MODES:
             _refuse(layer, f"merge_mode {layer.merge_mode!r} is not supported; use one of {list(MERGE_MODES)}")
-        forward, forward_weights = _gru(layer.forward_layer)
-        backward, backward_weights = _gru(layer.backward_layer)
+        wrapped, forward, forward_weights = _recurrent(layer.forward_layer)
+        backward_kind, backward, backward_weights = _recurrent(layer.backward_layer)
+        if backward_kind != wrapped:
+            _refuse(layer, f"its forward layer is {wrapped} and its backward layer {backward_kind}; "
+                           "both directions must be the same kind of layer")
         # Bidirectional re-aligns the backward outputs and forces zero_output_for_mask itself.
         weights = {f"forward.{k}": v for k, v in forward_weights.items()}
         weights.update({f"backward.{k}": v for k, v in backward_weights.items()})
-        return Layer("bidirectional", layer.name,
-                     {"merge_mode": layer.merge_mode, "forward": forward, "backward": backward}, weights)
+        config = {"merge_mode": layer.merge_mode, "forward": forward, "backward": backward}
+        if wrapped != "gru":  # absent for GRU, so that older gru-engine versions read GRU bundles
+            config["layer"] = wrapped
+        return Layer("bidirectional", layer.name, config, weights)
     _refuse(layer, "this layer type is not supported")
 
 
@@ -136,11 +198,12 @@ def _check_chain(model) -> None:
 def _self_check_input(model, spec: ModelSpec) -> np.ndarray:
     """A small deterministic input of the model's shape (fixed batch or time where Keras fixes them)."""
     shape = model.inputs[0].shape
-    return sample_input(spec, shape[0] or SELF_CHECK_BATCH, shape[1] or SELF_CHECK_STEPS, np.random.default_rng(0))
+    steps = shape[1] or max(SELF_CHECK_STEPS, frontends.min_steps(spec))
+    return sample_input(spec, shape[0] or SELF_CHECK_BATCH, steps, np.random.default_rng(0))
 
 
 def reset_states(model) -> None:
-    """Zero the carries of every stateful GRU (also inside Bidirectional)."""
+    """Zero the carries of every stateful recurrent layer (also inside Bidirectional)."""
     for layer in model.layers:
         for inner in (layer, getattr(layer, "forward_layer", None), getattr(layer, "backward_layer", None)):
             if inner is not None and getattr(inner, "stateful", False):

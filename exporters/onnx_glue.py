@@ -134,7 +134,7 @@ class GlueOps:
     # ----- picking parts -----
     def _split_pair(self, value: _Recurrent) -> tuple[_Recurrent, _Recurrent]:
         axes = tuple(a for a in value.axes if a != DIRECTION)
-        return tuple(_Recurrent((direction,), axes, value.sequence, value.state) for direction in value.directions)
+        return tuple(dataclasses.replace(value, directions=(direction,), axes=axes) for direction in value.directions)
 
     def _pick_direction(self, value, index: int, keep: bool):
         count = len(value.directions) if isinstance(value, _Recurrent) else value.directions
@@ -145,7 +145,7 @@ class GlueOps:
             if not keep:
                 self.fail("initial states must keep their direction axis")
             return _StateInput(axes, value.sources[index:index + 1 or None])
-        return _Recurrent((value.directions[index],), axes, value.sequence, value.state)
+        return dataclasses.replace(value, directions=(value.directions[index],), axes=axes)
 
     def _last_step(self, value, position: int, keep: bool):
         """The last step a GRU processed: Keras return_sequences=False (equal to the GRU's final state)."""
@@ -157,7 +157,8 @@ class GlueOps:
             return _Recurrent(value.directions, axes, sequence=False)
         chain = self.chain(value)
         recurrent = [i for i, layer in enumerate(chain.layers) if layer.kind != "dense"]
-        if position != (0 if chain.flipped else -1) or not recurrent or chain.layers[recurrent[-1]].kind != "gru":
+        if position != (0 if chain.flipped else -1) or not recurrent \
+                or chain.layers[recurrent[-1]].kind == "bidirectional":
             self.fail("takes a time step other than the last one a (unidirectional) GRU processed")
         index = recurrent[-1]
         layer = chain.layers[index]

@@ -174,14 +174,17 @@ class GruOps:
         if self.state_axes.setdefault(name, axes) != axes:
             self.fail(f"input '{name}' is read as initial_h in two layouts")
 
-    def _activations(self, attributes, count: int) -> list[tuple[str, dict]]:
-        """ONNX [f, g] per direction -> (spec name, its parameters); activation_alpha and activation_beta
-        are consumed in order, each only by the functions that take it."""
-        names = attributes.get("activations", ["Sigmoid", "Tanh"] * count)
+    def _activations(self, attributes, count: int, per_direction: int = 2) -> list[tuple[str, dict]]:
+        """ONNX activations (GRU [f, g], LSTM [f, g, h], RNN [f] per direction) -> (spec name, its
+        parameters); activation_alpha and activation_beta are consumed in order, each only by the
+        functions that take it."""
+        defaults = {1: ["Tanh"], 2: ["Sigmoid", "Tanh"], 3: ["Sigmoid", "Tanh", "Tanh"]}[per_direction]
+        names = attributes.get("activations", defaults * count)
         alphas = list(attributes.get("activation_alpha", []))
         betas = list(attributes.get("activation_beta", []))
-        if len(names) != 2 * count:
-            self.malformed(f"{len(names)} activations for {count} direction(s); a GRU takes 2 per direction")
+        if len(names) != per_direction * count:
+            self.malformed(f"{len(names)} activations for {count} direction(s); an {self.node.op_type} takes "
+                           f"{per_direction} per direction")
         result = []
         for name in names:
             spec_name = ACTIVATIONS.get(str(name).lower())

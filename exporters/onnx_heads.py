@@ -10,7 +10,7 @@ import numpy as np
 from gru_engine.spec import Layer
 
 from .onnx_values import (BATCH, DIRECTION, FEATURE, _Chain, _Const, _describe, _Recurrent, _Shape, _StateInput,
-                          _States, _Zeros)
+                          _States, _Zeros, carry_keys, state_keys)
 
 
 class HeadOps:
@@ -24,7 +24,8 @@ class HeadOps:
             self.fail(f"combines {_describe(forward)} and {_describe(backward)}; only two GRU directions merge")
         f, b = forward.directions[0], backward.directions[0]
         sequence = forward.sequence
-        if backward.sequence != sequence or forward.axes != backward.axes or f.source is not b.source:
+        if backward.sequence != sequence or forward.axes != backward.axes or f.source is not b.source \
+                or f.kind != b.kind or forward.carry or backward.carry:
             self.fail("merges GRU outputs of different kinds, layouts or inputs")
         if f.config["go_backwards"] or not b.config["go_backwards"]:
             self.fail("a Bidirectional merge takes the forward direction first and the backward one second")
@@ -37,11 +38,12 @@ class HeadOps:
                    "backward": dict(b.config, return_sequences=sequence, zero_output_for_mask=zero_output)}
         weights = {f"{side}.{name}": array for side, d in (("forward", f), ("backward", b))
                    for name, array in d.weights.items()}
-        layer = Layer("bidirectional", f.name, {"merge_mode": mode, **configs}, weights)
+        wrapped = {"layer": f.kind} if f.kind != "gru" else {}  # as the Keras reader writes it
+        layer = Layer("bidirectional", f.name, {"merge_mode": mode, **wrapped, **configs}, weights)
         width = f.config["units"] + (b.config["units"] if mode == "concat" else 0)
+        origin = carry_keys(f) + carry_keys(b)
         return _Chain(f.source.layers + (layer,), forward.axes, width, f.flipped and sequence,
-                      open="sum" if mode == "sum" else "", origin=(f.key, b.key),
-                      keys=f.source.keys + ((f.key, b.key),))
+                      open="sum" if mode == "sum" else "", origin=origin, keys=f.source.keys + (origin,))
 
     def _op_Concat(self, operands, attributes):
         if all(isinstance(v, _Shape) or (isinstance(v, _Const) and v.array.dtype.kind == "i") for v in operands):
@@ -54,7 +56,7 @@ class HeadOps:
                 and len({v.axes for v in operands}) == 1 \
                 and operands[0].axes[self.axis(operands[0], attributes.get("axis", 0))] == DIRECTION:
             # PyTorch's h_n: every layer's Y_h, stacked.
-            keys = sum((v.keys if isinstance(v, _States) else tuple(d.key for d in v.directions) for v in operands), ())
+            keys = sum((v.keys if isinstance(v, _States) else state_keys(v) for v in operands), ())
             return _States(keys, operands[0].axes)
         if all(isinstance(v, _StateInput) and v.axes[0] == DIRECTION for v in operands) \
                 and attributes.get("axis") in (0, -3):

@@ -1,4 +1,9 @@
-"""ONNX graph of GRU nodes -> ModelSpec (``read_onnx``) -> self-checking bundle (``import_onnx``).
+"""ONNX graph of GRU, LSTM and RNN nodes -> ModelSpec (``read_onnx``) -> self-checking bundle (``import_onnx``).
+
+LSTM and RNN nodes are read by ``onnx_lstm`` (its docstring has their mapping), Conv, pooling and
+BatchNormalization by ``onnx_conv``; this module's description of GRU nodes' glue, initial states,
+sequence_lens and outputs holds for LSTM and RNN nodes too (an LSTM's initial_c and Y_c as its
+initial_h and Y_h).
 
 So that ONNX models from other frameworks run on the engine (PyTorch exports nn.GRU as one ONNX
 GRU node per layer, gates already in z, r, h order, linear_before_reset=1). The graph is
@@ -57,15 +62,16 @@ import numpy as np
 
 from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import Layer, ModelSpec, gru_configs, sample_input, validate
+from gru_engine.spec import Layer, ModelSpec, recurrent_configs, sample_input, validate
 
+from . import onnx_conv, onnx_lstm
 from .keras_reader import SELF_CHECK_BATCH, SELF_CHECK_STEPS
 from .onnx_glue import GlueOps
-from .onnx_gru import GruOps
+from .onnx_gru import GruOps, SwappedInput
 from .onnx_heads import HeadOps
-from .onnx_gru import SwappedInput
-from .onnx_values import (BATCH, DIRECTION, FEATURE, MAX_FOLDED_ELEMENTS, ONE, SUPPORTED, TIME, _Chain, _Const,
-                          _describe, _is_sequence, _Lengths, _Recurrent, _StateInput, _States, _text)
+from .onnx_values import (BATCH, DIRECTION, FEATURE, MAX_FOLDED_ELEMENTS, ONE, RECURRENT_OPS, SUPPORTED, TIME, _Chain,
+                          _Const, _describe, _is_sequence, _Lengths, _Recurrent, _StateInput, _States, _text,
+                          carry_keys, state_keys)
 
 # With an update gate z outside [0, 1] (recurrent activation tanh, relu or linear), h' = z h + (1 - z) hh
 # can grow the carry, and float32 rounding grows with it: onnxruntime and the engine order their sums
@@ -123,11 +129,13 @@ class _Reader(GlueOps, HeadOps, GruOps):
                 self.fail("it uses both directions of a bidirectional GRU without merging them; take one "
                           "(Gather/Slice on the direction axis) or merge them (Concat, Add, Mul)")
             direction = value.directions[0]
+            if value.carry:
+                self.fail("it uses an LSTM's final cell state Y_c as data; a Keras model only returns it as a state")
             config = dict(direction.config, return_sequences=value.sequence, zero_output_for_mask=not value.state)
-            layer = Layer("gru", direction.name, config, direction.weights)
+            layer = Layer(direction.kind, direction.name, config, direction.weights)
             return _Chain(direction.source.layers + (layer,), tuple(ONE if a == DIRECTION else a for a in value.axes),
-                          config["units"], direction.flipped and value.sequence, origin=(direction.key,),
-                          keys=direction.source.keys + ((direction.key,),))
+                          config["units"], direction.flipped and value.sequence, origin=carry_keys(direction),
+                          keys=direction.source.keys + (carry_keys(direction),))
         self.fail(f"expects the model's data, got {_describe(value)}")
 
     def layer_name(self) -> str:
@@ -231,7 +239,7 @@ class _Reader(GlueOps, HeadOps, GruOps):
     def _evaluate(self, node, operands, attributes) -> list:
         if node.domain not in ("", "ai.onnx"):
             self.fail(f"custom operator domain '{node.domain}'")
-        if node.op_type != "GRU" and all(isinstance(value, (_Const, type(None))) for value in operands):
+        if node.op_type not in RECURRENT_OPS and all(isinstance(value, (_Const, type(None))) for value in operands):
             return self._fold(node, operands)
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is None:
@@ -251,6 +259,15 @@ class _Reader(GlueOps, HeadOps, GruOps):
         except Exception as exc:  # the reference evaluator raises many types for bad nodes
             self.malformed(f"cannot evaluate this constant expression ({type(exc).__name__}: {exc})")
         return [_Const(np.asarray(result)) for result in results]
+
+    _op_LSTM = onnx_lstm.read_lstm
+    _op_RNN = onnx_lstm.read_rnn
+    _op_Conv = onnx_conv.read_conv
+    _op_MaxPool = onnx_conv.read_max_pool
+    _op_AveragePool = onnx_conv.read_average_pool
+    _op_GlobalMaxPool = onnx_conv.read_global_max_pool
+    _op_GlobalAveragePool = onnx_conv.read_global_average_pool
+    _op_BatchNormalization = onnx_conv.read_batch_normalization
 
     # ----- outputs -----
     def outputs(self) -> tuple[list[Layer], list[dict]]:
@@ -283,25 +300,31 @@ class _Reader(GlueOps, HeadOps, GruOps):
         return {"parts": parts, "axes": list(value.axes), "reverse_time": reverse_time}
 
     def _recurrent_outputs(self, values):
-        """Outputs that are all Y / Y_h of one GRU node (or its directions), with no layer after it."""
+        """Outputs that are all Y / Y_h (/ Y_c) of one recurrent node (or its directions), with no layer after it."""
         directions = {d.key: d for value in values for d in value.directions}
         if len({key[0] for key in directions}) != 1:
             self.fail("the graph returns the outputs of several GRU nodes; it may return one GRU's Y and Y_h, or a "
                       "chain of layers and the final states of its last GRU")
         ordered = [directions[key] for key in sorted(directions)]
+        if all(v.carry for v in values):
+            self.fail("it returns an LSTM's final cell state Y_c as data; a Keras model only returns it as a state, "
+                      "after the LSTM's output")
         sequences = any(v.sequence for v in values)
         states = any(v.state for v in values)
         lasts = any(not v.sequence and not v.state for v in values)
         if lasts and (sequences or states):
             self.fail("the graph returns the last step of Y together with Y or Y_h")
-        # Predict returns each direction's main output, then (return_state) each final state. Without a
-        # sequence, a direction's first Y_h is its main output and a second one its state.
+        # Predict returns each direction's main output, then (return_state) each direction's final
+        # carries (h, then c for an LSTM). Without a sequence, a direction's first Y_h is its main output
+        # and a second one its state; Y_c is always a state.
         count, seen, all_parts = len(ordered), set(), []
+        carries = len(carry_keys(ordered[0]))
         for value in values:
             parts = []
             for d in value.directions:
-                later = value.state if sequences else d.key in seen
-                parts.append(sorted(directions).index(d.key) + (count if later else 0))
+                index = sorted(directions).index(d.key)
+                later = value.carry or (value.state if sequences else d.key in seen)
+                parts.append(count + index * carries + value.carry if later else index)
                 seen.add(d.key)
             all_parts.append(parts)
         return_state = any(part >= count for parts in all_parts for part in parts)
@@ -309,11 +332,11 @@ class _Reader(GlueOps, HeadOps, GruOps):
                   "zero_output_for_mask": sequences or not states}
         first = ordered[0]
         if len(ordered) == 1:
-            layer = Layer("gru", first.name, dict(first.config, **config), first.weights)
+            layer = Layer(first.kind, first.name, dict(first.config, **config), first.weights)
         else:
             layer = self._merge(*(_Recurrent((d,), (), sequences) for d in ordered), None).layers[-1]
             layer = Layer("bidirectional", layer.name, {
-                "merge_mode": None, "forward": dict(layer.config["forward"], **config),
+                **layer.config, "merge_mode": None, "forward": dict(layer.config["forward"], **config),
                 "backward": dict(layer.config["backward"], **config)}, layer.weights)
         records = []
         for value, parts in zip(values, all_parts):
@@ -325,7 +348,7 @@ class _Reader(GlueOps, HeadOps, GruOps):
                 reverse_time = len(ordered) == 1 and value.directions[0].flipped
             core = (BATCH, TIME, FEATURE) if value.sequence else (BATCH, FEATURE)
             records.append(self._output_record(value, parts, core, reverse_time))
-        keys = first.source.keys + (tuple(d.key for d in ordered),)
+        keys = first.source.keys + (sum((carry_keys(d) for d in ordered), ()),)
         return list(first.source.layers) + [layer], keys, records
 
     def _chain_outputs(self, values):
@@ -336,20 +359,22 @@ class _Reader(GlueOps, HeadOps, GruOps):
         core = (BATCH, TIME, FEATURE) if _is_sequence(chain) else (BATCH, FEATURE)
         records = [self._output_record(chain, [0], core, chain.flipped)]
         extras = values[1:]
-        if all(isinstance(v, _Recurrent) and v.state and chain.layers[-1].kind != "dense"
-               and all(d.key in chain.origin for d in v.directions) for v in extras):
-            # The final states of the last layer: Keras's return_state.
+        returned = [key for v in extras if isinstance(v, _Recurrent) and v.state for key in state_keys(v)]
+        if extras and all(isinstance(v, _Recurrent) and v.state for v in extras) and chain.layers[-1].kind != "dense" \
+                and sorted(returned) == sorted(chain.origin):
+            # Every final carry of the last layer: Keras's return_state.
             for value in extras:
-                parts = [1 + chain.origin.index(d.key) for d in value.directions]
+                parts = [1 + chain.origin.index(key) for key in state_keys(value)]
                 records.append(self._output_record(value, parts, (BATCH, FEATURE), False))
             return _finish_layers(chain.layers, len(extras)), chain.keys, records
         # Final states of any layers (PyTorch's h_n): the model's carries, after its one output.
         carries = [key for layer_keys in chain.keys for key in layer_keys]
         for value in extras:
-            keys = value.keys if isinstance(value, _States) else tuple(d.key for d in value.directions) \
+            keys = value.keys if isinstance(value, _States) else state_keys(value) \
                 if isinstance(value, _Recurrent) and value.state else ()
             if not keys or not all(key in carries for key in keys):
-                self.fail("besides the model's output, a graph may only return final states (Y_h) of its GRUs")
+                self.fail("besides the model's output, a graph may only return final states (Y_h, an LSTM's Y_c) of "
+                          "its recurrent layers")
             records.append(self._output_record(value, [1 + carries.index(key) for key in keys], (BATCH, FEATURE),
                                                False))
         return _finish_layers(chain.layers, 0), chain.keys, records
@@ -389,7 +414,7 @@ def _finish_layers(layers: tuple, returned_states: int) -> list[Layer]:
         names.add(name)
         config = layer.config
         if returned_states and index == len(layers) - 1:
-            if layer.kind == "gru":
+            if layer.kind != "bidirectional":
                 config = dict(config, return_state=True)
             else:
                 config = dict(config, forward=dict(config["forward"], return_state=True),
@@ -507,8 +532,10 @@ def read_onnx(onnx_path) -> ModelSpec:
     fixed = [size for size in fixed if isinstance(size, int)] + [len(s) for s in states if s is not None]
     fixed += [len(lengths)] if lengths is not None else []
     batch = fixed[0] if fixed else SELF_CHECK_BATCH
-    gates = [config["recurrent_activation"] for layer in spec.layers for config in gru_configs(layer)]
-    steps = SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES) else EXPANDING_SELF_CHECK_STEPS
+    gates = [config.get("recurrent_activation", config["activation"]) for layer in spec.layers
+             for config in recurrent_configs(layer)]
+    steps = max(onnx_conv.frontends.min_steps(spec), SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES)
+                else EXPANDING_SELF_CHECK_STEPS)
     steps = dims[TIME] if isinstance(dims[TIME], int) else max(steps, max(lengths, default=1) if lengths is not None
                                                                else 1)
     spec.self_check_input = sample_input(spec, batch, steps, np.random.default_rng(0))

@@ -1,6 +1,6 @@
 """What the ONNX reader knows of each tensor while it walks a graph: a constant, a shape vector,
-zeros, a graph input on its way to initial_h or sequence_lens, GRU outputs not yet turned into a
-layer, or "the model input after these layers, with these axes"."""
+zeros, a graph input on its way to initial_h or sequence_lens, GRU (LSTM, RNN) outputs not yet
+turned into a layer, or "the model input after these layers, with these axes"."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import dataclasses
 
 import numpy as np
 
-from gru_engine.spec import gru_configs
+from gru_engine import frontends
+from gru_engine.spec import recurrent_configs
 
 # Axis labels: the model's batch and time, a feature axis, the GRU's direction axis, a size-1 axis.
 BATCH, TIME, FEATURE, DIRECTION, ONE = "batch", "time", "features", "direction", "1"
-SUPPORTED = ("GRU nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of the two "
-             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers")
+SUPPORTED = ("GRU, LSTM and RNN nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of "
+             "the two directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers, "
+             "Conv (+ Relu/Sigmoid/Tanh), MaxPool, AveragePool, GlobalMaxPool, GlobalAveragePool, "
+             "BatchNormalization")
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")  # never folded, even with every input constant
+# The second carry of an LSTM direction (c) is keyed as its direction's key + (CELL_CARRY,).
+CELL_CARRY = 1
 # A Slice bound at or beyond these reaches the end of the axis (PyTorch and numpy both use them).
 SLICE_END = 2**31 - 1
 SLICE_BEFORE_START = -(2**31)
@@ -77,8 +83,8 @@ class _Chain:
     width: int         # size of the FEATURE axis
     flipped: bool = False
     open: str = ""     # the last layer still absorbs: "kernel" (a bias), "bias" (an activation), "sum" (-> ave)
-    origin: tuple = ()  # GRU directions of the last layer, when it is recurrent
-    keys: tuple = ()    # per layer, its GRU directions' keys (none for other layers)
+    origin: tuple = ()  # carry keys of the last layer, when it is recurrent (see ``carry_keys``)
+    keys: tuple = ()    # per layer, its directions' carry keys (none for other layers)
 
 
 @dataclasses.dataclass(eq=False)
@@ -89,6 +95,7 @@ class _Direction:
     weights: dict
     source: _Chain     # what the GRU reads
     flipped: bool      # its Y runs opposite to its processing order (a reverse ONNX direction)
+    kind: str = "gru"  # the layer kind it becomes: gru, lstm or simple_rnn
 
 
 @dataclasses.dataclass(eq=False)
@@ -99,6 +106,17 @@ class _Recurrent:
     axes: tuple        # DIRECTION stays while the directions are still stacked
     sequence: bool
     state: bool = False  # Y_h: the carry, also where a sample's steps end early (sequence_lens)
+    carry: int = 0       # which final carry a state is: 0 h (Y_h), CELL_CARRY an LSTM's c (Y_c)
+
+
+def carry_keys(direction: _Direction) -> tuple:
+    """The keys of a direction's carries, in the engine's order: h, then c for an LSTM."""
+    return (direction.key, direction.key + (CELL_CARRY,)) if direction.kind == "lstm" else (direction.key,)
+
+
+def state_keys(value: _Recurrent) -> tuple:
+    """The carry keys a final-state value holds, one per direction."""
+    return tuple(d.key + ((CELL_CARRY,) if value.carry else ()) for d in value.directions)
 
 
 def _describe(value) -> str:
@@ -123,8 +141,12 @@ def _text(value):
 
 
 def _is_sequence(chain: _Chain) -> bool:
-    recurrent = [config for layer in chain.layers for config in gru_configs(layer)]
-    return not recurrent or recurrent[-1]["return_sequences"]
+    sequence = True
+    for layer in chain.layers:
+        if layer.kind in frontends.GLOBAL_POOLING_KINDS:
+            sequence = False
+        sequence = recurrent_configs(layer)[-1]["return_sequences"] if recurrent_configs(layer) else sequence
+    return sequence
 
 
 def _match_reshape(axes: list, sizes: list, target: list):

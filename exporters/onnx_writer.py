@@ -1,19 +1,21 @@
-"""ModelSpec -> ONNX graph of native ONNX GRU operators (no Loop, no Scan), and ``export_onnx``.
+"""ModelSpec -> ONNX graph of native ONNX GRU, LSTM and RNN operators (no Loop, no Scan), and ``export_onnx``.
 
 Graph interface (``batch`` and ``time`` are dynamic):
 
     input               (batch, time, features) float32
-    initial_state_<k>   (batch, units_k)   only with state_io=True; feeds the GRU's initial_h
+    initial_state_<k>   (batch, units_k)   only with state_io=True; feeds a node's initial_h or initial_c,
+                        or for a (batch, steps, channels) causal Conv1D, its last inputs of earlier calls
     output              (batch, time, D) or (batch, D): the model's main output
     output_forward,     instead of ``output`` when the last layer is Bidirectional(merge_mode=None)
     output_backward
-    state_<k>           (batch, units_k)   the final carry of GRU direction k
+    state_<k>           (batch, units_k)   final carry k
 
-``k`` counts GRU directions in layer order (a Bidirectional layer has two: forward, then backward),
-the order of ``gru_engine.Model.state_shapes``. Without state_io the graph returns what Keras
-returns: the main output(s), then ``state_<k>`` for the last layer's directions when it has
-return_state=True. With state_io=True it returns the main output(s), then ``state_<k>`` for every
-direction, so a caller can carry the state from one call to the next (streaming).
+``k`` counts carries in layer order: h per GRU or SimpleRNN direction, h then c per LSTM direction
+(a Bidirectional layer: forward's, then backward's), the order of ``gru_engine.Model.state_shapes``
+and of Keras's initial_state. Without state_io the graph returns what Keras returns: the main
+output(s), then ``state_<k>`` for the last layer's carries when it has return_state=True. With
+state_io=True it returns the main output(s), then every ``state_<k>``, so a caller can carry the
+state from one call to the next (streaming).
 
 ONNX GRU (gates z, r, h, as in Keras), per direction, time-major X (time, batch, input):
 
@@ -29,11 +31,21 @@ so the Keras weights map as W = kernel.T (3H, I), R = recurrent_kernel.T (3H, H)
     reset_after=True   linear_before_reset=1, Wb = bias[0], Rb = bias[1]
     reset_after=False  linear_before_reset=0, Wb = bias,    Rb = 0
 
+ONNX LSTM (gates i, o, f, c; Keras stores i, f, c, o), per direction, with P (peepholes) absent:
+
+    i_t = f(X_t W_i^T + H_{t-1} R_i^T + Wb_i + Rb_i)      o_t = f(X_t W_o^T + H_{t-1} R_o^T + Wb_o + Rb_o)
+    f_t = f(X_t W_f^T + H_{t-1} R_f^T + Wb_f + Rb_f)      c_t = g(X_t W_c^T + H_{t-1} R_c^T + Wb_c + Rb_c)
+    C_t = f_t * C_{t-1} + i_t * c_t                        H_t = o_t * h(C_t)
+
+so W and R are Keras's kernel.T and recurrent_kernel.T with their gate blocks reordered to i, o, f, c,
+Wb is Keras's bias (reordered the same way), Rb = 0, f = recurrent_activation, g = h = activation.
+ONNX RNN: H_t = f(X_t W^T + H_{t-1} R^T + Wb + Rb), W = kernel.T, Wb = bias, Rb = 0, f = activation.
+
 Keras go_backwards returns its sequence in processing order (reversed in time); an ONNX "reverse"
 GRU writes Y in time order, so a go_backwards layer that returns sequences gets a time reversal.
 Keras Bidirectional re-aligns the backward sequence in time, which is exactly ONNX's Y.
 
-Refused (UnsupportedModelError), because one GRU node cannot reproduce it exactly: Masking (Keras
+Refused (UnsupportedModelError), because one recurrent node cannot reproduce it exactly: Masking (Keras
 skips masked steps anywhere in a sequence; ONNX sequence_lens only drops trailing steps). The
 tf2onnx path (``tf2onnx_export``) does reproduce it, with a Loop. A stateful layer is written like
 any other, starting each call from zero (as ``predict`` does); state_io=True carries the state.
@@ -41,36 +53,37 @@ any other, starting each call from zero (as ``predict`` does); state_io=True car
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from gru_engine import frontends
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.fileio import atomic_write_bytes
-from gru_engine.spec import ACTIVATION_PARAMETERS, Layer, ModelSpec, validate
+from gru_engine.spec import ACTIVATION_PARAMETERS, Layer, ModelSpec, recurrent_configs, recurrent_kind, validate
 
-DEFAULT_OPSET = 17
-# Squeeze/Unsqueeze take their axes as inputs from opset 13 on; this writer uses that form.
-MIN_OPSET = 13
-INPUT = "input"
-OUTPUT = "output"
+from . import onnx_conv
+from .onnx_interface import (DEFAULT_OPSET, INPUT, MIN_OPSET, carried_state_dims, initial_state_name, main_names,
+                             output_names, returned_states, state_name)
 
-# Spec activation -> ONNX activation. Keras 3 hard_sigmoid is HardSigmoid(1/6, 0.5), linear Affine(1, 0);
-# parameters come from the config, or the defaults in spec.ACTIVATION_PARAMETERS.
-GRU_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hard_sigmoid": "HardSigmoid",
-                   "linear": "Affine", "affine": "Affine", "leaky_relu": "LeakyRelu",
-                   "thresholded_relu": "ThresholdedRelu", "scaled_tanh": "ScaledTanh", "elu": "Elu",
-                   "softsign": "Softsign", "softplus": "Softplus"}
+
+# Spec activation -> (ONNX activation, default alpha, default beta), None where the function takes none.
+# Keras 3 hard_sigmoid is HardSigmoid(1/6, 0.5), linear Affine(1, 0); a GRU config may set the
+# parameters (spec.ACTIVATION_PARAMETERS). Only GRU configs hold the names after "linear".
+RECURRENT_ACTIVATIONS = {
+    name: (onnx_name, *({"linear": (1.0, 0.0)}.get(name) or ACTIVATION_PARAMETERS.get(name, (None, None))))
+    for name, onnx_name in (("sigmoid", "Sigmoid"), ("tanh", "Tanh"), ("relu", "Relu"),
+                            ("hard_sigmoid", "HardSigmoid"), ("linear", "Affine"), ("affine", "Affine"),
+                            ("leaky_relu", "LeakyRelu"), ("thresholded_relu", "ThresholdedRelu"),
+                            ("scaled_tanh", "ScaledTanh"), ("elu", "Elu"), ("softsign", "Softsign"),
+                            ("softplus", "Softplus"))
+}
 DENSE_ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax"}  # else linear
+# Keras's LSTM gate blocks i, f, c, o, in ONNX's order i, o, f, c.
+LSTM_GATES_TO_ONNX = (0, 3, 1, 2)
 MERGE_OPS = {"sum": "Add", "mul": "Mul", "ave": "Add"}
-
-
-def initial_state_name(k: int) -> str:
-    return f"initial_state_{k}"
-
-
-def state_name(k: int) -> str:
-    return f"state_{k}"
 
 
 class _Graph:
@@ -133,60 +146,59 @@ class _Graph:
         self._renamed[tensor] = name
 
 
-def _main_names(spec: ModelSpec) -> list[str]:
-    last = spec.layers[-1]
-    if last.kind == "bidirectional" and last.config["merge_mode"] is None:
-        return [f"{OUTPUT}_forward", f"{OUTPUT}_backward"]
-    return [OUTPUT]
-
-
-def _returned_states(spec: ModelSpec, shapes, state_io: bool) -> range:
-    """Which directions' final carries the graph returns (k counts GRU directions in layer order)."""
-    directions = sum(len(shape.state_dims) for shape in shapes)
-    if state_io:
-        return range(directions)
-    if spec.output_count > len(_main_names(spec)):  # Keras return_state: the last layer's carries
-        return range(directions - len(shapes[-1].state_dims), directions)
-    return range(0)
-
-
-def output_names(spec: ModelSpec, state_io: bool = False) -> list[str]:
-    """The graph's output names, in order (see the module docstring)."""
-    return _main_names(spec) + [state_name(k) for k in _returned_states(spec, validate(spec), state_io)]
-
-
 def _refuse_unexpressible(spec: ModelSpec) -> None:
     for layer in spec.layers:
         if layer.kind == "masking":
             raise UnsupportedModelError(
                 f"layer '{layer.name}' (Masking): the native ONNX export cannot reproduce Keras masking exactly "
-                "(Keras skips masked steps anywhere in a sequence; an ONNX GRU's sequence_lens only drops "
+                "(Keras skips masked steps anywhere in a sequence; an ONNX node's sequence_lens only drops "
                 "trailing steps). Export this model with method='tf2onnx', or remove the Masking layer")
         if layer.kind == "bidirectional" and layer.config["forward"].get("clip") != layer.config["backward"].get("clip"):
             raise UnsupportedModelError(f"layer '{layer.name}': its two directions clip differently, and one ONNX "
                                         "GRU node has one clip")
 
 
-def _onnx_bias(config: dict, weights: dict, prefix: str) -> np.ndarray:
-    """[Wb, Rb] (6H,); zeros when the direction has no bias (a shared node needs both rows)."""
-    units = config["units"]
-    bias = weights.get(prefix + "bias")
-    if bias is None:
-        return np.zeros(6 * units, np.float32)
+def _gru_bias(config: dict, bias) -> np.ndarray:
+    """[Wb, Rb] (6H,) from a Keras GRU bias."""
     if config["reset_after"]:
         return np.concatenate([bias[0], bias[1]])
-    return np.concatenate([bias, np.zeros(3 * units, np.float32)])
+    return np.concatenate([bias, np.zeros_like(bias)])
 
 
-def _activation_attributes(configs: list[dict]) -> dict:
-    """activations [f, g] per direction; onnxruntime hands each alpha (beta) only to the functions that
-    take one, in order. Also the cell clip, when the configs have one."""
+def _lstm_gates(matrix: np.ndarray) -> np.ndarray:
+    """Gate blocks (on the last axis) from Keras's i, f, c, o to ONNX's i, o, f, c."""
+    blocks = np.split(matrix, 4, axis=-1)
+    return np.concatenate([blocks[gate] for gate in LSTM_GATES_TO_ONNX], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnnxCell:
+    """How one recurrent family is written: its operator, carries, the Keras activations behind the
+    node's activation list, the gate reordering of the weights' columns and the bias mapping."""
+
+    op: str
+    carries: int
+    activations: tuple[str, ...]
+    columns: Callable[[np.ndarray], np.ndarray]
+    bias: Callable[[dict, np.ndarray], np.ndarray]
+
+
+ONNX_CELLS = {
+    "gru": _OnnxCell("GRU", 1, ("recurrent_activation", "activation"), lambda m: m, _gru_bias),
+    "lstm": _OnnxCell("LSTM", 2, ("recurrent_activation", "activation", "activation"), _lstm_gates,
+                      lambda config, bias: np.concatenate([_lstm_gates(bias), np.zeros_like(bias)])),
+    "simple_rnn": _OnnxCell("RNN", 1, ("activation",), lambda m: m,
+                            lambda config, bias: np.concatenate([bias, np.zeros_like(bias)])),
+}
+
+
+def _activation_attributes(cell: _OnnxCell, configs: list[dict]) -> dict:
+    """The node's activations, per direction; onnxruntime hands alpha/beta only to functions that take them."""
     names, alphas, betas = [], [], []
     for config in configs:
-        for field in ("recurrent_activation", "activation"):
-            name = config[field]
-            names.append(GRU_ACTIVATIONS[name])
-            alpha, beta = (1.0, 0.0) if name == "linear" else ACTIVATION_PARAMETERS.get(name, (None, None))
+        for field in cell.activations:
+            onnx_name, alpha, beta = RECURRENT_ACTIVATIONS[config[field]]
+            names.append(onnx_name)
             if alpha is not None:
                 alphas.append(float(config.get(f"{field}_alpha", alpha)))
             if beta is not None:
@@ -201,36 +213,46 @@ def _activation_attributes(configs: list[dict]) -> dict:
     return attributes
 
 
-def _gru_node(g: _Graph, name: str, weights: dict, directions: list[tuple[str, dict]], x: str, initial: list[str],
-              need_sequence: bool, need_final: bool) -> list[tuple[str | None, str | None]]:
-    """One ONNX GRU over x (T, B, I) for one or two directions; per direction (sequence (T, B, H), final (B, H)).
+def _recurrent_node(g: _Graph, kind: str, name: str, weights: dict, directions: list[tuple[str, dict]], x: str,
+                    initial: list[str], need_sequence: bool, need_final: bool, need_carries: bool):
+    """One ONNX GRU, LSTM or RNN over x (T, B, I) for one or two directions; per direction
+    (sequence (T, B, H) or None, [final carries (B, H)]: h, then c for an LSTM, or [] when not needed).
 
-    ``directions`` are (weight-name prefix, GRU config) pairs; ``initial`` the initial_state_<k> inputs, if any.
+    ``directions`` are (weight-name prefix, config) pairs; ``initial`` the initial_state_<k> inputs,
+    if any, per direction h (then c).
     """
+    cell = ONNX_CELLS[kind]
     configs = [config for _, config in directions]
-    w = np.stack([weights[prefix + "kernel"].T for prefix, _ in directions])            # (D, 3H, I)
-    r = np.stack([weights[prefix + "recurrent_kernel"].T for prefix, _ in directions])  # (D, 3H, H)
+    units = configs[0]["units"]
+    w = np.stack([cell.columns(weights[prefix + "kernel"]).T for prefix, _ in directions])            # (D, GH, I)
+    r = np.stack([cell.columns(weights[prefix + "recurrent_kernel"]).T for prefix, _ in directions])  # (D, GH, H)
     inputs = [x, g.constant(f"{name}.W", w), g.constant(f"{name}.R", r), ""]
     if any(config["use_bias"] for config in configs):
-        b = np.stack([_onnx_bias(config, weights, prefix) for prefix, config in directions])  # (D, 6H)
+        b = np.stack([cell.bias(config, weights[prefix + "bias"]) if config["use_bias"]
+                      else np.zeros(2 * w.shape[1], np.float32) for prefix, config in directions])  # (D, 2GH)
         inputs[3] = g.constant(f"{name}.B", b)
     if initial:
-        # Each initial_state_<k> is (B, H); the node wants initial_h (D, B, H).
-        stacked = [g.add("Unsqueeze", [state, g.ints(0)], f"{state}.3d") for state in initial]
-        inputs += ["", stacked[0] if len(stacked) == 1 else g.add("Concat", stacked, f"{name}.initial_h", axis=0)]
+        inputs.append("")  # sequence_lens
+        # Each initial_state_<k> is (B, H); the node wants initial_h (and initial_c) as (D, B, H).
+        for carry in range(cell.carries):
+            stacked = [g.add("Unsqueeze", [state, g.ints(0)], f"{state}.3d") for state in initial[carry::cell.carries]]
+            inputs.append(stacked[0] if len(stacked) == 1 else g.add("Concat", stacked, f"{name}.initial", axis=0))
     if len(directions) == 2:
         direction = "bidirectional"
     else:
         direction = "reverse" if configs[0]["go_backwards"] else "forward"
-    y, y_h = g.add("GRU", inputs, [f"{name}.Y" if need_sequence else None, f"{name}.Y_h" if need_final else None],
-                   node=name, hidden_size=configs[0]["units"], direction=direction,
-                   linear_before_reset=int(configs[0]["reset_after"]), **_activation_attributes(configs))
-    # Y is (T, D, B, H) and Y_h (D, B, H): take direction d out of the D axis.
+    extra = {"linear_before_reset": int(configs[0]["reset_after"])} if kind == "gru" else {}
+    wanted = [need_sequence, need_final or need_carries] + [need_carries] * (cell.carries - 1)
+    hints = [f"{name}.{output}" if want else None for output, want in zip(("Y", "Y_h", "Y_c"), wanted)]
+    produced = g.add(cell.op, inputs, hints, node=name, hidden_size=units, direction=direction,
+                     **extra, **_activation_attributes(cell, configs))
+    y, finals = produced[0], [final for final in produced[1:] if final]
+    # Y is (T, D, B, H) and Y_h, Y_c (D, B, H): take direction d out of the D axis.
     if len(directions) == 1:
         return [(g.add("Squeeze", [y, g.ints(1)], f"{name}.sequence") if y else None,
-                 g.add("Squeeze", [y_h, g.ints(0)], f"{name}.final") if y_h else None)]
+                 [g.add("Squeeze", [final, g.ints(0)], f"{name}.final") for final in finals])]
     return [(g.add("Gather", [y, g.index(d)], f"{name}.sequence", axis=1) if y else None,
-             g.add("Gather", [y_h, g.index(d)], f"{name}.final", axis=0) if y_h else None)
+             [g.add("Gather", [final, g.index(d)], f"{name}.final", axis=0) for final in finals])
             for d in range(len(directions))]
 
 
@@ -240,34 +262,38 @@ def _reverse_time(g: _Graph, sequence: str) -> str:
                  "reversed")
 
 
-def _recurrent(g: _Graph, layer: Layer, x: str, initial: list[str], need_final: bool):
-    """A GRU or Bidirectional layer over x (T, B, I); per direction (output, final carry or None).
+def _recurrent(g: _Graph, layer: Layer, x: str, initial: list[str], need_carries: bool):
+    """A GRU, LSTM, SimpleRNN or Bidirectional layer over x (T, B, I); per direction (output, [final
+    carries] when ``need_carries``, else []).
 
-    The output is the sequence (T, B, H) as Keras returns it, or the final carry (B, H).
+    The output is the sequence (T, B, H) as Keras returns it, or the final h (B, H).
     """
-    if layer.kind == "gru":
-        directions = [("", layer.config)]
-    else:
+    kind = recurrent_kind(layer)
+    if layer.kind == "bidirectional":
         directions = [("forward.", layer.config["forward"]), ("backward.", layer.config["backward"])]
+    else:
+        directions = [("", layer.config)]
     configs = [config for _, config in directions]
     need_sequence = configs[0]["return_sequences"]
-    need_final = need_final or not need_sequence
-    # A bidirectional ONNX node shares hidden_size and linear_before_reset across its directions.
+    # A bidirectional ONNX node shares hidden_size (and a GRU's linear_before_reset) across its directions.
     shared = len(directions) == 1 or (configs[0]["units"] == configs[1]["units"]
-                                      and configs[0]["reset_after"] == configs[1]["reset_after"])
+                                      and configs[0].get("reset_after") == configs[1].get("reset_after"))
     if shared:
         groups = [(layer.name, directions)]
     else:  # two nodes, forward and reverse, over the same input
         groups = [(f"{layer.name}.{prefix[:-1]}", [(prefix, config)]) for prefix, config in directions]
+    carries = ONNX_CELLS[kind].carries
     results = []
     for name, group in groups:
-        group_initial = initial[len(results):len(results) + len(group)]
-        results += _gru_node(g, name, layer.weights, group, x, group_initial, need_sequence, need_final)
+        first = len(results) * carries
+        group_initial = initial[first:first + len(group) * carries]
+        results += _recurrent_node(g, kind, name, layer.weights, group, x, group_initial, need_sequence,
+                                   not need_sequence, need_carries)
     outputs = []
-    for (sequence, final), config in zip(results, configs):
-        if sequence is not None and layer.kind == "gru" and config["go_backwards"]:
+    for (sequence, finals), config in zip(results, configs):
+        if sequence is not None and layer.kind != "bidirectional" and config["go_backwards"]:
             sequence = _reverse_time(g, sequence)  # Keras returns processing order
-        outputs.append((sequence if need_sequence else final, final))
+        outputs.append((sequence if need_sequence else finals[0], finals if need_carries else []))
     return outputs
 
 
@@ -311,12 +337,25 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
     _check_opset(opset)
     shapes = validate(spec)
     _refuse_unexpressible(spec)
-    directions = sum(len(shape.state_dims) for shape in shapes)
-    g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(directions)])
+    state_dims = carried_state_dims(spec, shapes, state_io)
+    g = _Graph([INPUT] + output_names(spec, state_io=True) + [initial_state_name(k) for k in range(len(state_dims))])
     inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "time", spec.input_features])]
-    x = g.add("Transpose", [INPUT], "time_major", perm=[1, 0, 2])  # (T, B, F): ONNX GRU's layout
-    finals = []  # (B, units) per GRU direction, None where the graph does not need it
-    for index, (layer, shape) in enumerate(zip(spec.layers, shapes)):
+    x = g.add("Transpose", [INPUT], "time_major", perm=[1, 0, 2])  # (T, B, F): the recurrent nodes' layout
+    finals = []  # (B, units) per carry, None where the graph does not need it
+    channels_first = False  # x is a (B, C, T) sequence, as convolution and pooling read it
+    layers = frontends.fold_batch_norms(spec.layers, shapes)
+    for index, (layer, shape) in enumerate(layers):
+        if layer.kind in frontends.KINDS:
+            history = None
+            if state_io and onnx_conv.carries_history(layer):
+                history = initial_state_name(len(finals))
+                inputs.append(helper.make_tensor_value_info(history, TensorProto.FLOAT,
+                                                            ["batch"] + state_dims[len(finals)]))
+            x, channels_first, history = onnx_conv.write_layer(g, layer, shape, x, channels_first, history)
+            if history:
+                finals.append(history)
+            continue
+        x, channels_first = onnx_conv.time_major(g, x, channels_first), False
         if layer.kind == "dense":
             x = _dense(g, layer, x)
             continue
@@ -325,10 +364,12 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
             if state_io:
                 initial.append(initial_state_name(len(finals) + len(initial)))
                 inputs.append(helper.make_tensor_value_info(initial[-1], TensorProto.FLOAT, ["batch", units]))
-        is_last = index == len(spec.layers) - 1
-        outputs = _recurrent(g, layer, x, initial, need_final=state_io or (is_last and spec.output_count > 1))
-        finals += [final for _, final in outputs]
-        if layer.kind == "gru":
+        is_last = index == len(layers) - 1
+        need_carries = state_io or (is_last and spec.output_count > len(main_names(spec)))
+        outputs = _recurrent(g, layer, x, initial, need_carries)
+        finals += [final for _, carries in outputs for final in carries] if need_carries \
+            else [None] * len(shape.state_dims)
+        if layer.kind != "bidirectional":
             x = outputs[0][0]
         elif layer.config["merge_mode"] is not None:
             x = _merge(g, layer.config["merge_mode"], outputs[0][0], outputs[1][0], f"{layer.name}.merged")
@@ -336,18 +377,20 @@ def build_onnx(spec: ModelSpec, opset: int = DEFAULT_OPSET, state_io: bool = Fal
             x = [output for output, _ in outputs]  # merge_mode=None is always the last layer
     last = shapes[-1]
     main = x if isinstance(x, list) else [x]
-    widths = list(last.state_dims) if isinstance(x, list) else [last.output_dim]
+    widths = [config["units"] for config in recurrent_configs(spec.layers[-1])] if isinstance(x, list) \
+        else [last.output_dim]
     graph_outputs = []
-    for name, tensor, width in zip(_main_names(spec), main, widths):
+    # Strided or 'valid' windows return fewer steps than they read.
+    time = "time" if all(frontends.window(layer) is None for layer in spec.layers) else "output_time"
+    for name, tensor, width in zip(main_names(spec), main, widths):
         if last.output_is_sequence:
-            tensor = g.add("Transpose", [tensor], f"{name}.batch_major", perm=[1, 0, 2])  # (B, T, width)
+            tensor = onnx_conv.batch_major(g, tensor, channels_first, f"{name}.batch_major")  # (B, T, width)
         g.name_output(tensor, name)
         graph_outputs.append(helper.make_tensor_value_info(
-            name, TensorProto.FLOAT, ["batch", "time", width] if last.output_is_sequence else ["batch", width]))
-    state_units = [units for shape in shapes for units in shape.state_dims]
-    for k in _returned_states(spec, shapes, state_io):
+            name, TensorProto.FLOAT, ["batch", time, width] if last.output_is_sequence else ["batch", width]))
+    for k in returned_states(spec, shapes, state_io):
         g.name_output(finals[k], state_name(k))
-        graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch", state_units[k]]))
+        graph_outputs.append(helper.make_tensor_value_info(state_name(k), TensorProto.FLOAT, ["batch"] + state_dims[k]))
     graph = helper.make_graph(g.nodes, "gru_engine", inputs, graph_outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="gru-engine")
     # The oldest IR version that carries this opset, so older runtimes can load the file.
@@ -374,7 +417,7 @@ def export_onnx(model_or_path, out_path, method: str = "native", opset: int = DE
                 state_io: bool = False) -> Path:
     """Write an ONNX graph for a Keras model / .keras / .h5 / bundle file / ModelSpec; returns out_path.
 
-    method="native" (default) builds ONNX GRU nodes from the weights, and works from a bundle
+    method="native" (default) builds ONNX GRU, LSTM and RNN nodes from the weights, and works from a bundle
     without TensorFlow; method="tf2onnx" runs the standard converter on a Keras model (the
     reference path). The file is written atomically and passes onnx.checker (full_check).
     """

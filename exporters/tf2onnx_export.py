@@ -4,16 +4,16 @@
 ``tf.function`` with an input signature (batch dynamic; time dynamic unless the Keras Input fixes
 it) and converted with ``tf2onnx.convert.from_function``. TensorFlow's GRU loop becomes an ONNX
 Loop, so this path also reproduces Keras masking. Inputs and outputs get the names the native
-graph uses (``input``, ``output`` ..., see ``onnx_writer``), so callers can swap one for the other.
+graph uses (``input``, ``output`` ..., see ``onnx_interface``), so callers can swap one for the other.
 """
 
 from __future__ import annotations
 
 from gru_engine.errors import UnsupportedModelError
-from gru_engine.spec import ModelSpec, gru_configs
+from gru_engine.spec import ModelSpec, recurrent_configs
 
 from .keras_reader import load_keras, read_keras
-from .onnx_writer import DEFAULT_OPSET, INPUT, output_names
+from .onnx_interface import DEFAULT_OPSET, INPUT, output_names
 
 
 def _rename_outputs(model, names: list[str]) -> None:
@@ -44,7 +44,7 @@ def convert_tf2onnx(model_or_path, opset: int = DEFAULT_OPSET, state_io: bool = 
     model = load_keras(model_or_path)
     spec = read_keras(model)  # refuses anything gru-engine does not run, and names the outputs
     for layer in spec.layers:
-        if any(config["stateful"] for config in gru_configs(layer)):
+        if any(config["stateful"] for config in recurrent_configs(layer)):
             raise UnsupportedModelError(f"layer '{layer.name}' is stateful: tf2onnx would freeze its carried "
                                         "state into the graph; use method='native' (state_io=True streams)")
     steps = model.inputs[0].shape[1]  # None unless the Keras Input fixes the time axis

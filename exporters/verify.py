@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gru_engine import frontends
 from gru_engine.errors import InputError
 from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, max_excess, sample_input
 
@@ -90,7 +91,9 @@ def random_inputs(keras_model, spec) -> list[np.ndarray]:
     """Standard-normal inputs of the model's shape; a masked model gets padded steps, so masking counts."""
     fixed_batch, fixed_steps = keras_model.inputs[0].shape[0], keras_model.inputs[0].shape[1]
     rng = np.random.default_rng(0)
-    return [sample_input(spec, fixed_batch or batch, fixed_steps or steps, rng) for batch, steps in DRAWS]
+    # A 'valid' convolution or pooling window needs a minimum length.
+    return [sample_input(spec, fixed_batch or batch, fixed_steps or max(steps, frontends.min_steps(spec)), rng)
+            for batch, steps in DRAWS]
 
 
 def _engine(spec, bundle_path):

@@ -18,7 +18,8 @@ from .session import InferenceSession
 from .spec import ModelSpec
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Stream", "InferenceSession", "ModelSpec", "BundleError", "InputError", "UnsupportedModelError",
+__all__ = ["load", "loads", "Model", "Stream", "InferenceSession", "ModelSpec", "BundleError", "InputError",
+           "UnsupportedModelError",
            "__version__"]
 
 
@@ -27,4 +28,13 @@ def load(path, verify: bool = True) -> Model:
     model = Model(bundle.read(path))
     if verify:
         bundle.self_check(model, Path(path))
+    return model
+
+
+def loads(data, verify: bool = True) -> Model:
+    """``load`` for a bundle held in memory (bytes, as ``bundle.to_bytes`` writes): how a pickled Model
+    comes back."""
+    model = Model(bundle.from_buffer(data))
+    if verify:
+        bundle.self_check(model)
     return model

@@ -15,6 +15,10 @@ EPILOG_EXPORT = "example: gru-engine export model.keras --bundle model.gru.safet
 EPILOG_PREDICT = "example: gru-engine predict model.gru.safetensors --input x.npy --output y.npy"
 EPILOG_INSPECT = "example: gru-engine inspect model.gru.safetensors"
 EPILOG_IMPORT = "example: gru-engine import model.onnx --bundle model.gru.safetensors"
+EPILOG_EXPORT_C = "example: gru-engine export-c model.gru.safetensors --out c-model --name airline --weights int8"
+EPILOG_SCORE = ("examples: gru-engine score model.gru.safetensors --input windows.zarr --output scores.zarr | "
+                "gru-engine score model.gru.safetensors --input events.parquet --output scores.parquet "
+                "--keep-columns --scheduler tcp://scheduler:8786")
 EPILOG_VERIFY = "example: gru-engine verify model.keras --bundle model.gru.safetensors --onnx model.onnx"
 
 
@@ -36,6 +40,12 @@ def _export(args) -> None:
     if args.bundle:
         path = keras_reader.export_bundle(model, args.bundle)
         print(f"wrote {path}")
+
+
+def _export_c(args) -> None:
+    from .exporters import export_c
+    result = export_c(args.model, args.out, name=args.name, weights=args.weights)
+    print(result.summary())
 
 
 def _import(args) -> None:
@@ -91,6 +101,25 @@ def _predict_stream(model, source) -> None:
             handle.close()
 
 
+def _shape(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two positive ints, time steps and features: T,F")
+    return values
+
+
+def _score(args) -> None:
+    from .score import score
+    result = score(args.bundle, args.input, args.output, scheduler=args.scheduler, workers=args.workers,
+                   rows_per_chunk=args.rows_per_chunk, batch=args.batch, overwrite=args.overwrite,
+                   shape=args.shape, column=args.column, keep_columns=args.keep_columns,
+                   progress=sys.stdout.isatty())
+    print(result.summary())
+
+
 def _inspect(args) -> None:
     from . import bundle
     from .runtime import Model
@@ -136,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gru-engine",
         description="Run Keras GRU models on the CPU: export to a self-checking bundle or ONNX, predict, "
-                    "stream, benchmark.",
+                    "stream, score large data sets on Dask, benchmark.",
         epilog="example: gru-engine demo   (the airline forecaster end to end)")
     parser.add_argument("--version", action="version", version=f"gru-engine {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -150,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     export.set_defaults(run=_export)
 
+    export_c = verbs.add_parser("export-c", help="model -> dependency-free C99 (NAME.h, NAME.c)",
+                                epilog=EPILOG_EXPORT_C)
+    export_c.add_argument("model", help="a bundle (.gru.safetensors), a .keras/.h5 model or an .onnx graph")
+    export_c.add_argument("--out", required=True, help="directory for NAME.h and NAME.c (created if missing)")
+    export_c.add_argument("--name", default="model", help="C prefix of every symbol and the files' name (default model)")
+    export_c.add_argument("--weights", choices=["float32", "int8"], default="float32",
+                          help="float32 (default), or int8 with a float scale per column (about 4x smaller)")
+    export_c.set_defaults(run=_export_c)
+
     predict = verbs.add_parser("predict", help="run a bundle on an input file", epilog=EPILOG_PREDICT)
     predict.add_argument("bundle", help="a .gru.safetensors bundle")
     predict.add_argument("--input", help="X.npy (batch, time, features) or X.csv (time, features); "
@@ -159,6 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
                          help="treat each CSV row as one time step; print one output line per row as it arrives")
     predict.add_argument("--no-verify", action="store_true", help="skip the bundle's self-check")
     predict.set_defaults(run=_predict)
+
+    score = verbs.add_parser("score", help="score a data set of any size on Dask (needs the dask extra)",
+                             epilog=EPILOG_SCORE)
+    score.add_argument("bundle", help="a .gru.safetensors bundle")
+    score.add_argument("--input", required=True, help="sequences (batch, time, features): X.npy, a Zarr array "
+                                                      "(.zarr) or Parquet (a .parquet file or directory)")
+    score.add_argument("--output", required=True, help="Y.npy, Y.zarr or Y.parquet (a directory of parts): the "
+                                                       "main output, row for row")
+    score.add_argument("--scheduler", help="tcp://HOST:8786 to use an existing Dask cluster, or 'synchronous' to run "
+                                           "in this process (default: a local cluster, one worker per core)")
+    score.add_argument("--workers", type=int, help="worker processes of the local cluster (default: one per core)")
+    score.add_argument("--rows-per-chunk", type=int,
+                       help="rows per task and per output part (default: about 32 MiB of input, at least 4 "
+                            "chunks per worker)")
+    score.add_argument("--batch", type=int, help="rows per model call inside a chunk (default 65536)")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    score.add_argument("--shape", type=_shape, help="T,F: time steps and features per Parquet row, when the "
+                                                    "file's metadata does not say")
+    score.add_argument("--column", help="the Parquet column holding the sequences (default: the only list column)")
+    score.add_argument("--keep-columns", action="store_true",
+                       help="copy the input's other Parquet columns (an id, say) into the output")
+    score.set_defaults(run=_score)
 
     inspect = verbs.add_parser("inspect", help="print a bundle's manifest", epilog=EPILOG_INSPECT)
     inspect.add_argument("bundle")

@@ -17,6 +17,9 @@ One command, no network. Each step is one function below:
    (12 months earlier) and last-value baselines.
 6. ``benchmark``: the tutorial model, as ``gru-engine bench --quick``.
 7. forecast.png, latency.png, report.json and a summary naming every file.
+8. The tutorial's claim "GRU is cheaper than LSTM" measured (``demo_compare``): the level model is
+   also trained with LSTM layers, on the same windows, seed and schedule, carried through steps 2
+   to 5 like the others, then compared (comparison.png); ``--no-lstm`` skips it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__, bundle
+from . import __version__, bundle, demo_compare
 from .fileio import atomic_write, atomic_write_bytes, save_array
 
 WINDOW = 10
@@ -148,16 +151,18 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def train(approach: Approach, windows: Windows, epochs: int, seed: int):
-    """The tutorial's network and training, on ``approach``'s encoding; returns (model, figures)."""
+def train(approach: Approach, windows: Windows, epochs: int, seed: int, cell: str = "GRU"):
+    """The tutorial's network (with ``cell`` layers: GRU or LSTM) and training, on ``approach``'s
+    encoding; returns (model, figures)."""
     import keras
 
     seed_everything(seed)
     x = network_inputs(approach, windows)                                  # (N, WINDOW, 1)
     y = approach.encode(windows.x, windows.y[:, None]).astype(np.float32)  # (N, 1)
+    layer = getattr(keras.layers, cell)
     model = keras.Sequential([keras.Input((WINDOW, 1)),
-                              keras.layers.GRU(UNITS, return_sequences=True),
-                              keras.layers.GRU(UNITS),
+                              layer(UNITS, return_sequences=True),
+                              layer(UNITS),
                               keras.layers.Dense(1)], name=approach.name)
     model.compile(optimizer="adam", loss="mse")
     train_part, held_out = slice(0, windows.split), windows.held_out
@@ -274,7 +279,7 @@ def plot_forecast(path: Path, windows: Windows, forecasts: dict[str, np.ndarray]
     held_out = windows.held_out
     axes.plot(targets[held_out], baselines(windows)["seasonal-naive"][held_out], color="0.5", linestyle=":",
               label=f"seasonal-naive (RMSE {scores['seasonal-naive']['rmse']:.1f})")
-    for (name, forecast), color in zip(forecasts.items(), ("tab:orange", "tab:blue")):
+    for (name, forecast), color in zip(forecasts.items(), ("tab:orange", "tab:blue", "tab:green")):
         axes.plot(targets, forecast, color=color, linewidth=1.2,
                   label=f"{name} model (held-out RMSE {scores[name]['rmse']:.1f})")
     axes.set_title("Airline passengers: one-month-ahead forecasts, run on gru-engine")
@@ -302,6 +307,7 @@ class Outcome:
     """One approach carried through training, export and parity."""
 
     approach: Approach
+    cell: str                       # the recurrent layers: GRU or LSTM
     model: object                   # the trained Keras model
     training: dict
     files: dict[str, Path]
@@ -314,12 +320,13 @@ class Outcome:
         return self.files[f"{self.approach.name}.gru.safetensors"]
 
 
-def carry_through(approach: Approach, windows: Windows, epochs: int, seed: int, out: Path) -> Outcome:
+def carry_through(approach: Approach, windows: Windows, epochs: int, seed: int, out: Path,
+                  cell: str = "GRU") -> Outcome:
     """Steps 2 to 4 for one approach, each reported as it happens."""
     name = approach.name
-    print(f"\n[2] training the {approach.title}: GRU {UNITS} -> GRU {UNITS} -> Dense 1, Adam, MSE, "
+    print(f"\n[2] training the {approach.title}: {cell} {UNITS} -> {cell} {UNITS} -> Dense 1, Adam, MSE, "
           f"batch {BATCH_SIZE}, {epochs} epochs, seed {seed}", flush=True)
-    model, training = train(approach, windows, epochs, seed)
+    model, training = train(approach, windows, epochs, seed, cell)
     print(f"[3] exporting the {name} model; the bundle declares its transforms: "
           + ", ".join(step["kind"] for step in approach.transforms))
     files = {f"{name}.keras": save_keras(model, out / f"{name}.keras"),
@@ -333,7 +340,7 @@ def carry_through(approach: Approach, windows: Windows, epochs: int, seed: int, 
     for implementation, difference in differences.items():
         units = "passengers" if implementation == "engine-passengers" else "network units"
         print(f"    {implementation:<20} vs keras, in {units}: {difference.describe()}")
-    return Outcome(approach, model, training, files, differences, forecast, onnx_skipped)
+    return Outcome(approach, cell, model, training, files, differences, forecast, onnx_skipped)
 
 
 def judge(windows: Windows, outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
@@ -359,14 +366,14 @@ def judge(windows: Windows, outcomes: list[Outcome]) -> dict[str, dict[str, floa
 
 
 def report_figures(args, windows: Windows, outcomes: list[Outcome], scores: dict, bench_results,
-                   next_month: dict, skipped: dict, files: list[str], seconds: float) -> dict:
+                   next_month: dict, skipped: dict, files: list[str], seconds: float, comparison=None) -> dict:
     """Every figure the demo printed, for report.json."""
     targets = windows.target_months
     models = {}
     for outcome in outcomes:
         name = outcome.approach.name
         models[name] = {
-            "title": outcome.approach.title, "transforms": outcome.approach.transforms,
+            "title": outcome.approach.title, "layers": outcome.cell, "transforms": outcome.approach.transforms,
             "training": outcome.training,
             "parity": {key: {"largest": _finite(d.largest), "excess": _finite(d.excess), "ok": d.ok,
                              "problem": d.problem} for key, d in outcome.differences.items()},
@@ -389,6 +396,7 @@ def report_figures(args, windows: Windows, outcomes: list[Outcome], scores: dict
         "parity_ok": all(d.ok for outcome in outcomes for d in outcome.differences.values()),
         "forecast_month_after_last_window": _month(windows.months[-1] + 1),
         "benchmark": bench_results,
+        "gru_vs_lstm": comparison,
         "skipped": skipped,
         "files": files,
         "wall_seconds": round(seconds, 1),
@@ -398,11 +406,12 @@ def report_figures(args, windows: Windows, outcomes: list[Outcome], scores: dict
 FILE_ROLES = {
     "forecast.png": "true vs predicted passengers, held-out months shaded",
     "latency.png": "benchmark latencies",
+    "comparison.png": "GRU vs LSTM: parameters, training time, held-out RMSE, latency",
     "report.json": "every figure above",
     "last-window.csv": "the last 10 months, an input for gru-engine predict",
     ".gru.safetensors": "bundle; predict takes and returns passengers",
     ".keras": "the trained Keras model (gru-engine verify takes it)",
-    ".native.onnx": "ONNX, native GRU operators (network units)",
+    ".native.onnx": "ONNX, native GRU or LSTM operators (network units)",
     ".tf2onnx.onnx": "ONNX, tf2onnx converter (network units)",
 }
 
@@ -419,7 +428,12 @@ def summarize(out: Path, files: dict[str, Path], skipped: dict, report: dict, ne
         print(f"The {name} model: held-out RMSE {outcome['held_out']['rmse']:.1f} passengers, {verdict} "
               f"seasonal-naive ({report['baselines']['seasonal-naive']['rmse']:.1f}); forecast for "
               f"{report['forecast_month_after_last_window']}: {next_month[name]:.0f}.")
+    if report["gru_vs_lstm"]:
+        print(report["gru_vs_lstm"]["verdict"])
     print(f"Try: gru-engine predict {files['level.gru.safetensors']} --input {files['last-window.csv']}")
+
+
+LSTM_MODEL = "level-lstm"
 
 
 def _forecast_next(bundle_path: Path, last_window: np.ndarray) -> float:
@@ -438,7 +452,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=_at_least(1), default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     parser.add_argument("--seed", type=_at_least(0), default=DEFAULT_SEED, help=f"default {DEFAULT_SEED}")
-    parser.add_argument("--no-bench", action="store_true", help="skip the benchmark (and latency.png)")
+    parser.add_argument("--no-bench", action="store_true",
+                        help="skip the benchmark (latency.png, and the latencies of the GRU vs LSTM comparison)")
+    parser.add_argument("--no-lstm", action="store_true",
+                        help="skip the GRU vs LSTM comparison (no LSTM model is trained)")
     return parser.parse_args(argv)
 
 
@@ -466,7 +483,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     out = _output_folder(args.out)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .exporters.tensorflow_quiet import import_tensorflow
+    import_tensorflow()  # before anything else imports it: see there
 
     months, series = load_series()
     windows = make_windows(months, series)
@@ -482,6 +500,9 @@ def main(argv: list[str]) -> int:
 
     outcomes = [carry_through(approach, windows, args.epochs, args.seed, out)
                 for approach in (tutorial_approach(windows), level_approach())]
+    if not args.no_lstm:
+        lstm = dataclasses.replace(level_approach(), name=LSTM_MODEL, title="level model with LSTM layers")
+        outcomes.append(carry_through(lstm, windows, args.epochs, args.seed, out, cell="LSTM"))
     scores = judge(windows, outcomes)
     skipped = {"onnx": outcomes[0].onnx_skipped} if outcomes[0].onnx_skipped else {}
 
@@ -496,6 +517,13 @@ def main(argv: list[str]) -> int:
     else:
         files["latency.png"] = out / "latency.png"
 
+    comparison = None
+    if args.no_lstm:
+        skipped["gru-vs-lstm"] = "--no-lstm was given"
+    else:
+        comparison = demo_compare.compare(outcomes[1], outcomes[2], scores, out, not args.no_bench, WINDOW)
+        files["comparison.png"] = out / "comparison.png"
+
     print("\n[7] writing forecast.png, last-window.csv, report.json")
     files["forecast.png"] = plot_forecast(out / "forecast.png", windows, {
         outcome.approach.name: outcome.forecast for outcome in outcomes}, scores)
@@ -503,7 +531,7 @@ def main(argv: list[str]) -> int:
     files["last-window.csv"] = save_array(out / "last-window.csv", last_window)
     next_month = {outcome.approach.name: _forecast_next(outcome.bundle_path, last_window) for outcome in outcomes}
     report = report_figures(args, windows, outcomes, scores, bench_results, next_month, skipped,
-                            sorted([*files, "report.json"]), time.perf_counter() - started)
+                            sorted([*files, "report.json"]), time.perf_counter() - started, comparison)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     files["report.json"] = atomic_write_bytes(out / "report.json", text.encode())
     summarize(out, files, skipped, report, next_month)

@@ -6,16 +6,18 @@ feature count, dtype, sizes, state shapes. Finite values are checked inside the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 
 import numba
 import numpy as np
 
-from . import transforms
-from .kernels import activations, gru, plan, products, recurrent
+from . import folding, frontends, transforms
+from .kernels import activations, lstm, plan, products, recurrent
+from .kernels.transforms import S_FIRST, S_SECOND, S_SLOT, S_WIDTH
 from .errors import InputError
-from .spec import ModelSpec, activation_parameters, backward_layers, output_shapes, validate
+from .spec import RECURRENT_FAMILIES, ModelSpec, activation_parameters, output_shapes, recurrent_kind, stream_blockers, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -46,6 +48,58 @@ def recurrent_kernel_blocks(config, recurrent_kernel, width):
     return pad_columns(blocks, config["units"] * width)
 
 
+def gru_tensors(config, weights, prefix, width) -> dict:
+    """A GRU direction's packed tensors (see ``kernels.gru.gru_layer``)."""
+    units = config["units"]
+    bias = weights.get(prefix + "bias")
+    if bias is None:
+        input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
+    elif config["reset_after"]:
+        # Both biases of z and r are added to the same sum: fold them into one, which the
+        # kernel's recurrent sum starts from.
+        two = 2 * units
+        input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
+        recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
+    else:
+        input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
+    return {
+        "kernel": pad_columns(weights[prefix + "kernel"], width),
+        "recurrent_kernel": recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width),
+        "input_bias": pad_columns(input_bias, width),
+        "recurrent_bias": pad_columns(recurrent_bias, width),
+        "option": int(config["reset_after"]),
+    }
+
+
+def lstm_tensors(config, weights, prefix, width) -> dict:
+    """An LSTM direction's packed tensors: gate columns reordered i | f | o | c (``kernels.lstm``)."""
+    units = config["units"]
+
+    def reorder(matrix):
+        blocks = np.split(np.asarray(matrix, np.float32), 4, axis=-1)
+        return pad_columns(np.concatenate([blocks[gate] for gate in lstm.PACKED_GATES], axis=-1), width)
+
+    bias = weights.get(prefix + "bias", np.zeros(4 * units, np.float32))
+    return {"kernel": reorder(weights[prefix + "kernel"]),
+            "recurrent_kernel": reorder(weights[prefix + "recurrent_kernel"]), "input_bias": reorder(bias)}
+
+
+def simple_rnn_tensors(config, weights, prefix, width) -> dict:
+    """A SimpleRNN direction's packed tensors (``kernels.simple_rnn``)."""
+    bias = weights.get(prefix + "bias", np.zeros(config["units"], np.float32))
+    return {"kernel": pad_columns(weights[prefix + "kernel"], width),
+            "recurrent_kernel": pad_columns(weights[prefix + "recurrent_kernel"], width),
+            "input_bias": pad_columns(bias, width)}
+
+
+# Per recurrent family: its cell code in the plan and how its tensors are packed.
+PACKERS = {
+    "gru": (recurrent.CELL_GRU, gru_tensors),
+    "lstm": (recurrent.CELL_LSTM, lstm_tensors),
+    "simple_rnn": (recurrent.CELL_SIMPLE_RNN, simple_rnn_tensors),
+}
+
+
 def masked_output(config, streaming: bool) -> int:
     if config["zero_output_for_mask"]:
         return recurrent.MASKED_ZERO
@@ -64,7 +118,14 @@ def parallel_launch_is_thread_safe() -> bool:
         return False
 
 
-KERAS_CLASS_NAMES = {"masking": "Masking", "gru": "GRU", "bidirectional": "Bidirectional", "dense": "Dense"}
+KERAS_CLASS_NAMES = {"masking": "Masking", "bidirectional": "Bidirectional", "dense": "Dense",
+                     **{kind: family.keras_class for kind, family in RECURRENT_FAMILIES.items()},
+                     **frontends.KERAS_CLASS_NAMES}
+FRONTEND_KIND_CODES = {"conv1d": plan.KIND_CONV1D, "max_pooling1d": plan.KIND_MAX_POOLING,
+                       "average_pooling1d": plan.KIND_AVERAGE_POOLING,
+                       "global_max_pooling1d": plan.KIND_GLOBAL_MAX_POOLING,
+                       "global_average_pooling1d": plan.KIND_GLOBAL_AVERAGE_POOLING,
+                       "batch_normalization": plan.KIND_BATCH_NORMALIZATION}
 
 
 # Cache-line size: a 512-bit load from an address that is not a multiple of it touches two lines.
@@ -86,9 +147,13 @@ def aligned_empty(shape) -> np.ndarray:
 
 
 class _Program:
-    """A plan and packed weights; ``streaming`` makes every GRU emit each step's output."""
+    """A plan and packed weights; ``streaming`` makes every recurrent layer emit each step's output.
 
-    def __init__(self, spec: ModelSpec, shapes, streaming: bool):
+    The bundle's transforms are folded into the weights or become steps of the plan (see
+    ``folding``); ``fold=False`` runs every one of them as a step.
+    """
+
+    def __init__(self, spec: ModelSpec, shapes, streaming: bool, fold: bool = True):
         rows, chunks = [], []
         offset = 0
 
@@ -102,55 +167,92 @@ class _Program:
             offset += flat.size + padding.size
             return start
 
-        carry_dims = []
+        carry_dims, carry_shapes = [], []
         max_dim, max_gate_width = spec.input_features, 3
 
-        def gru_block(config, weights, prefix) -> list[int]:
+        def direction_block(kind, config, weights, prefix) -> list[int]:
+            nonlocal max_gate_width
             units = config["units"]
-            bias = weights.get(prefix + "bias")
-            if bias is None:
-                input_bias = recurrent_bias = np.zeros(3 * units, np.float32)
-            elif config["reset_after"]:
-                # Both biases of z and r are added to the same sum: fold them into one, which the
-                # kernel's recurrent sum starts from.
-                two = 2 * units
-                input_bias = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
-                recurrent_bias = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
-            else:
-                input_bias, recurrent_bias = bias, np.zeros(3 * units, np.float32)
-            width = int(products.padded(3 * units))
-            input_bias, recurrent_bias = pad_columns(input_bias, width), pad_columns(recurrent_bias, width)
-            carry_offset = sum(carry_dims)
-            carry_dims.append(units)
+            width = int(products.padded(RECURRENT_FAMILIES[kind].gates * units))
+            max_gate_width = max(max_gate_width, width)
+            cell, pack = PACKERS[kind]
+            tensors = pack(config, weights, prefix, width)
             block = {
+                "cell": cell,
                 "units": units,
                 "activation": activations.ACTIVATION_CODES[config["activation"]],
-                "recurrent_activation": activations.ACTIVATION_CODES[config["recurrent_activation"]],
-                "reset_after": int(config["reset_after"]),
+                "recurrent_activation": activations.ACTIVATION_CODES[config.get("recurrent_activation", "linear")],
                 "go_backwards": int(config["go_backwards"]),
                 "return_sequences": int(config["return_sequences"] or streaming),
                 "masked_output": masked_output(config, streaming),
-                "kernel": put(pad_columns(weights[prefix + "kernel"], width)),
-                "recurrent_kernel": put(recurrent_kernel_blocks(config, weights[prefix + "recurrent_kernel"], width)),
-                "input_bias": put(input_bias),
-                "recurrent_bias": put(recurrent_bias),
-                "carry": carry_offset,
-                "params": gru_params(config),
+                "carry": sum(carry_dims),
+                "option": tensors.pop("option", 0),
+                "recurrent_bias": 0,
+                "params": activation_params(config) if kind == "gru" else recurrent.NO_PARAMS,
             }
-            return [block[name] for name in gru.GRU_BLOCK]
+            block.update({name: put(array) for name, array in tensors.items()})
+            carry_dims.extend([units] * RECURRENT_FAMILIES[kind].carries)
+            carry_shapes.extend([(units,)] * RECURRENT_FAMILIES[kind].carries)
+            return [block[name] for name in recurrent.DIRECTION_BLOCK]
 
-        def gru_params(config) -> int:
-            """Five floats for ONNX activation parameters and clip, only when a direction has them."""
+        def activation_params(config) -> int:
+            """PARAMS_SIZE floats for ONNX activation parameters and clip, only when a GRU direction has them."""
             parameters = activation_parameters(config)
             if parameters is None:
-                return gru.NO_PARAMS
+                return recurrent.NO_PARAMS
             return put(np.float32(parameters))
 
-        for layer, shape in zip(spec.layers, shapes):
+        def frontend_row(row, layer, input_dim):
+            """Fill the plan row of a front-end layer."""
+            config, weights = layer.config, layer.weights
+            row[plan.COL_KIND] = FRONTEND_KIND_CODES[layer.kind]
+            if layer.kind == "conv1d":
+                taps, groups, filters = config["kernel_size"], config["groups"], config["filters"]
+                # (K, I/G, F) -> (G, K, I/G, F/G): each group's tap a contiguous (channels, filters) matrix.
+                kernel = weights["kernel"].reshape(taps, input_dim // groups, groups, filters // groups)
+                row[plan.COL_CONV_ACTIVATION] = activations.ACTIVATION_CODES[config["activation"]]
+                row[plan.COL_CONV_KERNEL] = put(kernel.transpose(2, 0, 1, 3))
+                row[plan.COL_CONV_BIAS] = put(weights.get("bias", np.zeros(filters, np.float32)))
+                row[plan.COL_CONV_GROUPS], row[plan.COL_CONV_SIZE] = groups, taps
+                row[plan.COL_CONV_STRIDES], row[plan.COL_CONV_DILATION] = config["strides"], config["dilation_rate"]
+                row[plan.COL_CONV_PADDING] = frontends.padding_code(config["padding"])
+                row[plan.COL_CONV_HISTORY] = -1
+                history = frontends.history_steps(layer)
+                if streaming and history:
+                    # A stream keeps the layer's last inputs in the carry instead of zero padding.
+                    row[plan.COL_CONV_HISTORY] = sum(carry_dims)
+                    carry_dims.append(history * input_dim)
+                    carry_shapes.append((history, input_dim))
+            elif layer.kind in frontends.POOLING_KINDS:
+                row[plan.COL_POOL_SIZE], row[plan.COL_POOL_STRIDES] = config["pool_size"], config["strides"]
+                row[plan.COL_POOL_PADDING] = frontends.padding_code(config["padding"])
+            elif layer.kind == "batch_normalization":
+                scale, shift = frontends.batch_norm_affine(layer)
+                row[plan.COL_NORM_SCALE], row[plan.COL_NORM_SHIFT] = put(scale), put(shift)
+
+        def step_rows(steps, dim, width) -> list[np.ndarray]:
+            """Plan rows of transform steps applied to the leading ``width`` of ``dim`` values."""
+            step_rows = []
+            for step in steps:
+                row = np.zeros(plan.PLAN_WIDTH, np.int64)
+                row[plan.COL_KIND], row[plan.COL_IN], row[plan.COL_OUT] = step.kind, dim, dim
+                row[plan.COL_STEP + S_WIDTH], row[plan.COL_STEP + S_SLOT] = width, step.slot
+                for column, values in ((S_FIRST, step.first), (S_SECOND, step.second)):
+                    if values is not None:
+                        row[plan.COL_STEP + column] = put(values)
+                step_rows.append(row)
+            return step_rows
+
+        layers, input_steps, output_steps = folding.compile_steps(spec.transforms, spec.layers, fold)
+        rows += step_rows(input_steps, spec.input_features, spec.input_features)
+        # A BatchNormalization right after a linear Conv1D or Dense is folded into its weights.
+        for layer, shape in frontends.fold_batch_norms(layers, shapes):
             row = np.zeros(plan.PLAN_WIDTH, np.int64)
             row[plan.COL_IN], row[plan.COL_OUT] = shape.input_dim, shape.output_dim
             max_dim = max(max_dim, shape.output_dim)
-            if layer.kind == "masking":
+            if layer.kind in frontends.KINDS:
+                frontend_row(row, layer, shape.input_dim)
+            elif layer.kind == "masking":
                 row[plan.COL_KIND] = plan.KIND_MASKING
                 row[plan.COL_MASK_VALUE] = put(np.float32([layer.config["mask_value"]]))
             elif layer.kind == "dense":
@@ -159,24 +261,28 @@ class _Program:
                 row[plan.COL_DENSE_ACTIVATION] = activations.ACTIVATION_CODES[layer.config["activation"]]
                 row[plan.COL_DENSE_KERNEL] = put(layer.weights["kernel"])
                 row[plan.COL_DENSE_BIAS] = put(layer.weights.get("bias", np.zeros(units, np.float32)))
-            elif layer.kind == "gru":
-                row[plan.COL_KIND] = plan.KIND_GRU
-                row[plan.COL_FORWARD:plan.COL_BACKWARD] = gru_block(layer.config, layer.weights, "")
-                max_gate_width = max(max_gate_width, products.padded(3 * layer.config["units"]))
-            else:
+            elif layer.kind == "bidirectional":
+                kind = recurrent_kind(layer)
                 row[plan.COL_KIND] = plan.KIND_BIDIRECTIONAL
                 row[plan.COL_MERGE] = recurrent.MERGE_CODES[layer.config["merge_mode"]]
-                row[plan.COL_FORWARD:plan.COL_BACKWARD] = gru_block(
-                    layer.config["forward"], layer.weights, "forward.")
-                row[plan.COL_BACKWARD:plan.COL_BACKWARD + gru.BLOCK_WIDTH] = gru_block(
-                    layer.config["backward"], layer.weights, "backward.")
-                max_gate_width = max(max_gate_width, products.padded(3 * max(shape.state_dims)))
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(
+                    kind, layer.config["forward"], layer.weights, "forward.")
+                row[plan.COL_BACKWARD:plan.COL_BACKWARD + recurrent.BLOCK_WIDTH] = direction_block(
+                    kind, layer.config["backward"], layer.weights, "backward.")
+            else:  # gru, lstm, simple_rnn: one direction block, whose cell is the row's kind
+                row[plan.COL_FORWARD:plan.COL_BACKWARD] = direction_block(layer.kind, layer.config, layer.weights, "")
+                row[plan.COL_KIND] = row[plan.COL_FORWARD + recurrent.B_CELL]
             rows.append(row)
+        # Output steps undo the transforms on the main output: for merge_mode=None, the forward half.
+        rows += step_rows(output_steps, shapes[-1].output_dim, output_shapes(spec, shapes, 1, 1)[0][-1])
         self.plan = np.stack(rows)                                        # (L, PLAN_WIDTH)
         packed = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
         self.weights = aligned_empty(packed.shape)  # (W,)
         self.weights[:] = packed
+        self.spec = spec
+        self.means_size = int(plan.kept_means(self.plan, spec.input_features))
         self.carry_dims = carry_dims
+        self.carry_shapes = carry_shapes  # per carry: (units,), or (steps, channels) for a Conv1D history
         self.carry_size = sum(carry_dims)
         # Row widths of the scratch arrays, whole cache lines so that every row starts on one.
         self.max_dim = int(products.padded(max_dim))
@@ -191,10 +297,15 @@ class _Program:
     def workspace_shape(self, batch: int, steps: int, parallel: bool) -> tuple[int, int]:
         """(blocks, K): one block's scratch, or one per block when blocks run in parallel."""
         blocks = -(-batch // products.BLOCK) if parallel else 1
-        return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width)
+        return blocks, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width,
+                                           self.means_size)
 
     def check_size(self, batch: int, steps: int) -> None:
-        """Refuse a call whose scratch, carries and output would exceed MAX_CALL_FLOATS."""
+        """Refuse a call too short for a 'valid' window, or whose scratch, carries and output would
+        exceed MAX_CALL_FLOATS."""
+        short = frontends.too_short(self.spec, steps)
+        if short:
+            raise InputError(short)
         blocks, size = self.workspace_shape(batch, steps, parallel=True)
         if blocks * size + batch * (self.carry_size + steps * self.output_dim) > MAX_CALL_FLOATS:
             raise InputError(f"an input of batch {batch} and {steps} time steps needs more than "
@@ -206,9 +317,15 @@ class _Program:
         return aligned_empty(self.workspace_shape(batch, steps, parallel))
 
     def output_shape(self, batch: int, steps: int) -> tuple[int, int]:
-        """(B, rows * D), rows = steps when the last layer returns sequences, else 1."""
-        rows = steps if self.output_is_sequence else 1
+        """(B, rows * D), rows = the last sequence's steps when the last layer returns sequences, else 1."""
+        rows = frontends.output_steps(self.spec, steps) if self.output_is_sequence else 1
         return batch, rows * self.output_dim
+
+    def returned_shape(self, batch: int, steps: int) -> tuple[int, ...]:
+        """The main output as predict returns it: output_shape's (B, rows * D) as (B, rows, D) for
+        sequences."""
+        batch, width = self.output_shape(batch, steps)
+        return (batch, width // self.output_dim, self.output_dim) if self.output_is_sequence else (batch, width)
 
     def output(self, batch: int, steps: int) -> np.ndarray:
         return np.empty(self.output_shape(batch, steps), np.float32)
@@ -246,9 +363,13 @@ class _Program:
         return run
 
     def _refuse(self, bad: int, x) -> None:
-        if bad < 0:
+        if bad == plan.WRONG_WIDTH:
             raise InputError(f"x has {x.shape[2]} features per step; this model was compiled for "
                              f"{self.plan[0, plan.COL_IN]}")
+        if bad == plan.TRANSFORM_NOT_FINITE:
+            raise InputError("the bundle's input transforms turn this input into NaN or infinite values: "
+                             "a 'log' step needs every value it receives > 0, and an 'affine' step must not "
+                             "overflow float32")
         raise InputError(f"{bad} input sequence(s) contain NaN or infinite values; "
                          "replace or drop them (for padding, use a Masking layer and a finite pad value)")
 
@@ -299,13 +420,55 @@ def as_lengths(lengths, batch: int, steps: int) -> np.ndarray:
     return np.ascontiguousarray(lengths, np.int64)
 
 
-class Model:
-    """A model ready to run. Build it with ``gru_engine.load`` or ``Model(spec)``."""
+def fill_carry(states, batch: int, program: _Program, carry=None) -> np.ndarray:
+    """Carries (B, C) zeroed, or filled from ``states``: one array per carry of ``program``, (batch,)
+    + its shape (Keras-style ``initial_state`` for predict, ``Stream.state`` for a stream)."""
+    if carry is None:
+        carry = np.zeros((batch, program.carry_size), np.float32)  # (B, C)
+    else:
+        carry.fill(0.0)
+    if states is None:
+        return carry
+    states = [states] if isinstance(states, np.ndarray) else list(states)
+    shapes = [(batch,) + shape for shape in program.carry_shapes]
+    if len(states) != len(shapes):
+        raise InputError(f"initial_state needs {len(shapes)} arrays (one per carry: h per GRU or SimpleRNN "
+                         "direction, h then c per LSTM direction, and in a stream the last inputs of each causal "
+                         f"Conv1D; shapes {shapes}), got {len(states)}")
+    offset = 0
+    for index, (state, shape, size) in enumerate(zip(states, shapes, program.carry_dims)):
+        state = as_array(state, f"initial_state[{index}]")
+        if state.dtype.kind not in ACCEPTED_KINDS or state.shape != shape:
+            raise InputError(f"initial_state[{index}] must be a numeric array of shape {shape}, "
+                             f"got {state.dtype} {state.shape}")
+        if not np.isfinite(state).all():
+            raise InputError(f"initial_state[{index}] contains NaN or infinite values")
+        carry[:, offset:offset + size] = state.reshape(batch, size)
+        offset += size
+    return carry
 
-    def __init__(self, spec: ModelSpec):
+
+def check_out(out, shape) -> None:
+    """Refuse an ``out=`` array the kernel cannot write the result into as it is."""
+    if type(out) is not np.ndarray or out.dtype is not FLOAT32 or out.shape != shape \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise InputError(f"out must be a writable C-contiguous float32 array of shape {shape}, got {got}")
+
+
+class Model:
+    """A model ready to run. Build it with ``gru_engine.load`` or ``Model(spec)``.
+
+    ``fold_transforms=False`` runs every transform step in the compiled call instead of folding
+    affine steps into the weights (to check that folding changes nothing beyond rounding).
+    """
+
+    def __init__(self, spec: ModelSpec, fold_transforms: bool = True):
         self.spec = spec
         self.shapes = validate(spec)
-        self._program = _Program(spec, self.shapes, streaming=False)
+        self._fold = fold_transforms
+        self._program = _Program(spec, self.shapes, streaming=False, fold=fold_transforms)
+        self._raw = None if spec.transforms else self  # predict_raw's model, made when first needed
         # Inputs are checked against what the plan was built for, not a spec field that could change.
         self._features = spec.input_features
         self._single_output = spec.output_count == 1
@@ -315,67 +478,65 @@ class Model:
         # threads never share a buffer, and a tight loop of predict() allocates only its output.
         self._scratch = threading.local()
 
+    def __reduce__(self):
+        """Pickle as the bundle's bytes: weights copied, not the file mapping (the receiving process
+        may not see the file). Unpickling validates them and replays the self-check, as ``load`` does."""
+        from . import bundle, loads
+        return loads, (bundle.to_bytes(self.spec), self.spec.self_check_input is not None)
+
     @property
     def input_features(self) -> int:
         return self._features
 
     @property
     def state_shapes(self) -> list[int]:
-        """Units of each carry, one per GRU direction, in layer order."""
+        """Units of each carry in layer order: h per GRU or SimpleRNN direction, h then c per LSTM one."""
         return list(self._program.carry_dims)
 
     def _initial_carry(self, initial_state, batch: int, carry=None) -> np.ndarray:
-        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state`` (one array per direction)."""
-        if carry is None:
-            carry = np.zeros((batch, self._program.carry_size), np.float32)  # (B, C)
-        else:
-            carry.fill(0.0)
-        if initial_state is None:
-            return carry
-        states = [initial_state] if isinstance(initial_state, np.ndarray) else list(initial_state)
-        dims = self._program.carry_dims
-        if len(states) != len(dims):
-            raise InputError(f"initial_state needs {len(dims)} arrays (one per GRU direction, units "
-                             f"{dims}), got {len(states)}")
-        offset = 0
-        for index, (state, units) in enumerate(zip(states, dims)):
-            state = as_array(state, f"initial_state[{index}]")
-            if state.dtype.kind not in ACCEPTED_KINDS or state.shape != (batch, units):
-                raise InputError(f"initial_state[{index}] must be a numeric array of shape ({batch}, {units}), "
-                                 f"got {state.dtype} {state.shape}")
-            if not np.isfinite(state).all():
-                raise InputError(f"initial_state[{index}] contains NaN or infinite values")
-            carry[:, offset:offset + units] = state
-            offset += units
-        return carry
+        """Carries (B, C) zeroed, or filled from Keras-style ``initial_state``: one array per carry
+        (see ``state_shapes``), in layer order."""
+        return fill_carry(initial_state, batch, self._program, carry)
 
-    def predict(self, x, initial_state=None, lengths=None):
+    def predict(self, x, initial_state=None, out=None, lengths=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns.
+
+        ``out``: a float32 array of the returned shape to write the result into (then returned),
+        for a model with one output; a call with ``out`` allocates nothing once the input shape
+        has been seen.
 
         ``lengths`` (batch,) ints: sample s is x[s, :lengths[s]], the rest trailing padding. As with
         a Keras mask, the recurrent layers skip padded steps (carrying the state through), and their
         sequences there are zero, or repeat the last output, per ``zero_output_for_mask``.
         """
-        x = as_input(x, self._features, self._program.check_size)
-        if not self.spec.transforms:
-            return self._run(x, initial_state, lengths)
-        x, context = transforms.apply_input(self.spec.transforms, x)
-        return self._finish(self._run(x, initial_state, lengths), context)
+        return self._run(as_input(x, self._features, self._program.check_size), initial_state, out, lengths)
 
     def predict_raw(self, x, initial_state=None, lengths=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
-        return self._run(as_input(x, self._features, self._program.check_size), initial_state, lengths)
+        return self._raw_model().predict(x, initial_state, lengths=lengths)
+
+    def _raw_model(self) -> "Model":
+        if self._raw is None:
+            self._raw = Model(dataclasses.replace(self.spec, transforms=[]))
+        return self._raw
 
     def predict_states(self, x, initial_state=None, lengths=None):
-        """``predict_raw``, and the final carry of every GRU direction in layer order, (batch, units) each."""
-        outputs = self.predict_raw(x, initial_state, lengths)
-        carry, carries, offset = self._scratch.carry, [], 0
-        for units in self._program.carry_dims:
+        """``predict_raw``, and the final carries (see ``state_shapes``) in layer order, (batch, units) each."""
+        raw = self._raw_model()
+        outputs = raw.predict(x, initial_state, lengths=lengths)
+        carry, carries, offset = raw._scratch.carry, [], 0
+        for units in raw._program.carry_dims:
             carries.append(carry[:, offset:offset + units].copy())
             offset += units
         return outputs, carries
 
-    def _run(self, x, initial_state, lengths=None):
+    def _lengths(self, lengths, batch: int, steps: int) -> np.ndarray:
+        blocker = frontends.lengths_blocker(self.spec)
+        if blocker:
+            raise InputError(blocker)
+        return as_lengths(lengths, batch, steps)
+
+    def _run(self, x, initial_state, out=None, lengths=None):
         batch, steps = x.shape[0], x.shape[1]
         program = self._program
         scratch = self._scratch
@@ -386,19 +547,29 @@ class Model:
             scratch.work = program.workspace(batch, steps, parallel)
             scratch.carry = np.empty((batch, program.carry_size), np.float32)
             scratch.output_shape = program.output_shape(batch, steps)
+            scratch.returned_shape = program.returned_shape(batch, steps)
             scratch.key = key
         carry = scratch.carry
+        lengths = NO_LENGTHS if lengths is None else self._lengths(lengths, batch, steps)
+        if out is not None:
+            if not self._single_output:
+                raise InputError("out= needs a model with one output; this one returns "
+                                 f"{self.spec.output_count}")
+            check_out(out, scratch.returned_shape)
+            result = out
+            out = out.reshape(scratch.output_shape)  # a view: (B, rows * D), the kernel's layout
         if initial_state is not None:
             self._initial_carry(initial_state, batch, carry)
-        out = np.empty(scratch.output_shape, FLOAT32)
-        lengths = NO_LENGTHS if lengths is None else as_lengths(lengths, batch, steps)
+        if out is None:
+            out = np.empty(scratch.output_shape, FLOAT32)
+            result = out if self._plain_output else None
         program.run(x, carry, scratch.work, out, zero_carry=initial_state is None, lengths=lengths)
-        if self._plain_output:
-            return out
+        if result is not None:
+            return result
         return self._outputs(out, carry, batch, steps)
 
     def _outputs(self, out, carry, batch, steps):
-        main = out.reshape((batch, steps, -1)) if self._program.output_is_sequence else out
+        main = out.reshape((batch, -1, self._program.output_dim)) if self._program.output_is_sequence else out
         if self._single_output:
             return main
         shapes = output_shapes(self.spec, self.shapes, batch, steps)
@@ -415,12 +586,6 @@ class Model:
             outputs.append(carry[:, start:start + units].copy())
             start += units
         return outputs
-
-    def _finish(self, outputs, context):
-        if isinstance(outputs, list):
-            outputs[0] = transforms.invert_output(self.spec.transforms, outputs[0], context)
-            return outputs
-        return transforms.invert_output(self.spec.transforms, outputs, context)
 
     def stream(self, batch: int = 1) -> "Stream":
         """A stateful stream: feed one time step at a time, the carries kept between calls."""
@@ -451,22 +616,22 @@ class Stream:
     def __init__(self, model: Model, batch: int):
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 1 <= batch <= 1 << 20:
             raise InputError(f"stream batch must be an int between 1 and {1 << 20}, got {batch!r}")
-        backward = backward_layers(model.spec)
-        if backward:
-            raise InputError(f"layer '{backward[0]}' reads the sequence backwards, so its output at "
-                             "time t depends on later inputs; such a model cannot stream")
+        blockers = stream_blockers(model.spec)
+        if blockers:
+            name, why = blockers[0]
+            raise InputError(f"layer '{name}' {why}; such a model cannot stream (use predict on whole sequences)")
         if not transforms.streamable(model.spec.transforms):
             raise InputError("this bundle's transforms look at whole windows (per-window centering); "
                              "use predict on complete windows instead of a stream")
         self.model = model
-        self._transforms = model.spec.transforms
         self.batch = int(batch)
-        self._program = _Program(model.spec, model.shapes, streaming=True)
+        self._program = _Program(model.spec, model.shapes, streaming=True, fold=model._fold)
         features = model.input_features
         self._x = np.zeros((self.batch, 1, features), np.float32)           # (B, 1, F)
-        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._parallel = self._program.parallel(self.batch)
+        # First, so the size check also bounds the carries (a Conv1D's history can be large).
         self._work = self._program.workspace(self.batch, 1, self._parallel)  # (blocks, K)
+        self._carry = np.zeros((self.batch, self._program.carry_size), np.float32)  # (B, C)
         self._out = self._program.output(self.batch, 1)                     # (B, D)
         # Views made once, so a step only copies x_t in and makes one compiled call.
         self._x_rows = self._x[:, 0, :]                                     # (B, F)
@@ -474,6 +639,9 @@ class Stream:
         if self.batch == 1:
             self._shapes[(features,)] = (self._x_rows[0], self._out[0])     # (F,), (D,)
         self._advance = self._program.bind(self._x, self._carry, self._work, self._out)
+        # run's scratch, kept across calls and grown to the longest chunk so far.
+        self._chunk_work, self._chunk_steps = self._work, 1
+        self._chunk_shapes, self._shapes_steps = None, 0
         self._lock = threading.Lock()
         self.steps = 0
 
@@ -484,21 +652,23 @@ class Stream:
 
     @property
     def state(self) -> list[np.ndarray]:
-        """Copies of the carries, one (batch, units) array per GRU direction, in layer order."""
+        """Copies of the carries in layer order: (batch, units) arrays, h per GRU or SimpleRNN direction,
+        h then c per LSTM direction (Keras's initial_state order), and one (batch, (kernel_size - 1) *
+        dilation_rate, channels) array of last inputs per causal Conv1D. Assign such a list to restore them."""
         with self._lock:
             return self._split_carry()
 
     @state.setter
     def state(self, states) -> None:
-        carry = self.model._initial_carry(states, self.batch)
+        carry = fill_carry(states, self.batch, self._program)
         with self._lock:
             self._carry[:] = carry
 
     def _split_carry(self) -> list[np.ndarray]:
         states, offset = [], 0
-        for units in self._program.carry_dims:
-            states.append(self._carry[:, offset:offset + units].copy())
-            offset += units
+        for size, shape in zip(self._program.carry_dims, self._program.carry_shapes):
+            states.append(self._carry[:, offset:offset + size].reshape((self.batch,) + shape).copy())
+            offset += size
         return states
 
     def step(self, x_t, out=None):
@@ -513,34 +683,40 @@ class Stream:
         if views is None or x_t.dtype.kind not in ACCEPTED_KINDS:
             raise InputError(f"x_t must be a numeric array of shape {sorted(self._shapes, key=len)}, "
                              f"got {x_t.dtype} {x_t.shape}")
-        if out is not None and (type(out) is not np.ndarray or out.shape != views[1].shape
-                                or out.dtype.kind != "f" or not out.flags.writeable):
-            raise InputError(f"out must be a writable float array of shape {views[1].shape}")
-        transform = self._transforms
-        if transform:
-            x_t, _ = transforms.apply_input(transform, x_t.reshape(self._x.shape))
-            x_t = x_t.reshape(views[0].shape)
         x_view, result = views
+        if out is not None:
+            check_out(out, result.shape)
         with self._lock:
             x_view[...] = x_t
             self._advance()
             self.steps += 1
-            if transform:
-                result = transforms.invert_output(transform, result, None)
             if out is None:
                 return result.copy()
             out[...] = result
             return out
 
-    def run(self, x):
-        """Feed a chunk x (batch, time, features); return every step's output (batch, time, D)."""
+    def run(self, x, out=None):
+        """Feed a chunk x (batch, time, features); return every step's output (batch, time, D).
+
+        ``out``: a float32 (batch, time, D) array to write the outputs into (then returned); a call
+        with ``out`` allocates nothing once a chunk this long has been seen.
+        """
         x = as_input(x, self.model.input_features, self._program.check_size)
-        if x.shape[0] != self.batch:
-            raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")
-        x, context = transforms.apply_input(self._transforms, x)
-        work = self._program.workspace(self.batch, x.shape[1], self._parallel)
-        out = self._program.output(self.batch, x.shape[1])
+        batch, steps = x.shape[0], x.shape[1]
+        if batch != self.batch:
+            raise InputError(f"this stream has batch {self.batch}; the chunk has batch {batch}")
+        if steps != self._shapes_steps:  # the shapes of the last chunk length, kept
+            self._chunk_shapes = (self._program.returned_shape(batch, steps), self._program.output_shape(batch, steps))
+            self._shapes_steps = steps
+        returned, kernel_shape = self._chunk_shapes
+        if out is None:
+            out = np.empty(returned, FLOAT32)
+        else:
+            check_out(out, returned)
         with self._lock:
-            self._program.run(x, self._carry, work, out)
-            self.steps += x.shape[1]
-        return self.model._finish(out.reshape(self.batch, x.shape[1], -1), context)
+            if steps > self._chunk_steps:
+                self._chunk_work = self._program.workspace(batch, steps, self._parallel)
+                self._chunk_steps = steps
+            self._program.run(x, self._carry, self._chunk_work, out.reshape(kernel_shape))
+            self.steps += steps
+        return out

@@ -12,10 +12,20 @@ names, and float32 weights in Keras's layout:
                      RNN activations (``ONNX_ACTIVATIONS``), and optional fields
                      ``[recurrent_]activation_alpha/_beta`` (for the functions that take them,
                      default ``ACTIVATION_PARAMETERS``) and ``clip`` (ONNX's cell clip).
-- ``bidirectional``: config ``merge_mode`` and ``forward``/``backward`` (two GRU configs, the backward
-                     one with go_backwards=True); weights ``forward.<name>`` and ``backward.<name>``.
+- ``lstm``:          config as GRU's without ``reset_after``; weights ``kernel (input_dim, 4*units)``,
+                     ``recurrent_kernel (units, 4*units)``, ``bias (4*units,)`` when use_bias. Gate
+                     columns are i | f | c | o. Two carries per direction: h, then c.
+- ``simple_rnn``:    config as LSTM's without ``recurrent_activation``; weights ``kernel (input_dim,
+                     units)``, ``recurrent_kernel (units, units)``, ``bias (units,)`` when use_bias.
+- ``bidirectional``: config ``merge_mode`` and ``forward``/``backward`` (two configs of the wrapped
+                     layer, the backward one with go_backwards=True), and ``layer``, the wrapped kind,
+                     when it is not ``gru`` (bundles written before LSTM have no ``layer``); weights
+                     ``forward.<name>`` and ``backward.<name>``.
 - ``dense``:         config ``units, activation, use_bias``; weights ``kernel (input_dim, units)``,
                      ``bias (units,)`` when use_bias. Applied per time step to sequences.
+- ``conv1d``, ``max_pooling1d``, ``average_pooling1d``, ``global_average_pooling1d``,
+  ``global_max_pooling1d``, ``batch_normalization``: the front-end kinds, see ``gru_engine.frontends``.
+  Convolution and pooling change the number of time steps (``frontends.output_steps``).
 
 ``validate`` checks all of it once, so the runtime and the writers can trust a spec they are given.
 """
@@ -35,7 +45,7 @@ FORMAT_NAME = "gru-engine-bundle"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
-GRU_ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
+RECURRENT_ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
 # The rest of ONNX's RNN activation family (Keras's names where Keras has the function).
 ONNX_ACTIVATIONS = ("affine", "leaky_relu", "thresholded_relu", "scaled_tanh", "elu", "softsign", "softplus")
 # (alpha, beta) each activation takes, as meant when a config leaves them out (None: not taken).
@@ -45,7 +55,7 @@ GRU_PARAMETER_KEYS = ("recurrent_activation_alpha", "recurrent_activation_beta",
                       "activation_beta", "clip")
 DENSE_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
-LAYER_KINDS = ("masking", "gru", "bidirectional", "dense")
+LAYER_KINDS = ("masking", "gru", "lstm", "simple_rnn", "bidirectional", "dense")
 
 # Bounds checked before anything is allocated, so a hostile manifest cannot ask for terabytes.
 MAX_UNITS = 16384
@@ -68,6 +78,25 @@ GRU_CONFIG_KEYS = {
 DENSE_CONFIG_KEYS = {"units": int, "activation": str, "use_bias": bool}
 
 
+@dataclasses.dataclass(frozen=True)
+class RecurrentFamily:
+    """What a recurrent layer kind implies: its Keras class, configuration keys, gate blocks in the
+    kernel columns and carries per direction."""
+
+    keras_class: str
+    config_keys: dict[str, type]
+    gates: int
+    carries: int
+
+
+RECURRENT_FAMILIES = {
+    "gru": RecurrentFamily("GRU", GRU_CONFIG_KEYS, 3, 1),
+    "lstm": RecurrentFamily("LSTM", {k: v for k, v in GRU_CONFIG_KEYS.items() if k != "reset_after"}, 4, 2),
+    "simple_rnn": RecurrentFamily("SimpleRNN", {k: v for k, v in GRU_CONFIG_KEYS.items()
+                                                if k not in ("reset_after", "recurrent_activation")}, 1, 1),
+}
+
+
 @dataclasses.dataclass
 class Layer:
     kind: str
@@ -84,7 +113,7 @@ class LayerShape:
     output_dim: int
     input_is_sequence: bool
     output_is_sequence: bool
-    state_dims: tuple[int, ...]  # carries this layer keeps, one per direction
+    state_dims: tuple[int, ...]  # carries this layer keeps, per direction (LSTM: h, then c)
     parameters: int
 
 
@@ -106,15 +135,14 @@ class ModelSpec:
 
     @property
     def output_count(self) -> int:
-        """How many arrays ``predict`` returns: 1, or 1 + one state per direction with return_state."""
+        """How many arrays ``predict`` returns: the output (two for merge_mode=None), then with
+        return_state every carry of the last layer (Keras: [h] or [h, c] per direction)."""
         last = self.layers[-1]
-        if last.kind == "gru" and last.config["return_state"]:
-            return 2
-        if last.kind == "bidirectional" and last.config["forward"]["return_state"]:
-            return 3 if last.config["merge_mode"] is not None else 4
-        if last.kind == "bidirectional" and last.config["merge_mode"] is None:
-            return 2
-        return 1
+        configs = recurrent_configs(last)
+        unmerged = last.kind == "bidirectional" and last.config["merge_mode"] is None
+        states = len(configs) * RECURRENT_FAMILIES[recurrent_kind(last)].carries \
+            if configs and configs[0]["return_state"] else 0
+        return 1 + unmerged + states
 
     @property
     def parameter_count(self) -> int:
@@ -132,37 +160,62 @@ def sample_input(spec: ModelSpec, batch: int, steps: int, rng: np.random.Generat
     return x
 
 
-def gru_configs(layer: Layer) -> list[dict[str, Any]]:
-    """The GRU configurations of a layer: one for a GRU, forward then backward for a Bidirectional."""
-    if layer.kind == "gru":
+def recurrent_kind(layer: Layer) -> str | None:
+    """The recurrent family a layer runs (a Bidirectional's wrapped one), or None."""
+    if layer.kind == "bidirectional":
+        return layer.config.get("layer", "gru")
+    return layer.kind if layer.kind in RECURRENT_FAMILIES else None
+
+
+def recurrent_configs(layer: Layer) -> list[dict[str, Any]]:
+    """A layer's recurrent configurations: one for GRU/LSTM/SimpleRNN, forward then backward for a
+    Bidirectional, none for other kinds."""
+    if layer.kind in RECURRENT_FAMILIES:
         return [layer.config]
     if layer.kind == "bidirectional":
         return [layer.config["forward"], layer.config["backward"]]
     return []
 
 
+def stream_blockers(spec: ModelSpec) -> list[tuple[str, str]]:
+    """(name, why) of every layer that cannot run one step at a time: its output at time t depends
+    on later inputs, or it does not emit one output per input step. ``why`` follows the name."""
+    blockers = []
+    for layer in spec.layers:
+        if layer.kind == "bidirectional" or (layer.kind in RECURRENT_FAMILIES and layer.config["go_backwards"]):
+            blockers.append((layer.name, "reads the sequence backwards, so its output at time t depends "
+                                         "on later inputs"))
+        elif layer.kind in frontends.KINDS and frontends.not_streamable(layer):
+            blockers.append((layer.name, frontends.not_streamable(layer)))
+    return blockers
+
+
 def backward_layers(spec: ModelSpec) -> list[str]:
-    """Names of the layers whose output at time t depends on later inputs (so they cannot stream)."""
-    return [layer.name for layer in spec.layers
-            if layer.kind == "bidirectional" or (layer.kind == "gru" and layer.config["go_backwards"])]
+    """Names of the layers that cannot stream (see ``stream_blockers``)."""
+    return [name for name, _ in stream_blockers(spec)]
 
 
-def gru_weight_shapes(config: dict[str, Any], input_dim: int) -> dict[str, tuple[int, ...]]:
+def recurrent_weight_shapes(kind: str, config: dict[str, Any], input_dim: int) -> dict[str, tuple[int, ...]]:
     units = config["units"]
-    shapes = {"kernel": (input_dim, 3 * units), "recurrent_kernel": (units, 3 * units)}
+    columns = RECURRENT_FAMILIES[kind].gates * units
+    shapes = {"kernel": (input_dim, columns), "recurrent_kernel": (units, columns)}
     if config["use_bias"]:
-        shapes["bias"] = (2, 3 * units) if config["reset_after"] else (3 * units,)
+        # Keras's GRU with reset_after keeps a second bias row, on the recurrent side.
+        shapes["bias"] = (2, columns) if config.get("reset_after") else (columns,)
     return shapes
 
 
 def weight_shapes(layer: Layer, input_dim: int) -> dict[str, tuple[int, ...]]:
     """The exact set of tensors a layer's configuration implies."""
-    if layer.kind == "gru":
-        return gru_weight_shapes(layer.config, input_dim)
+    if layer.kind in frontends.KINDS:
+        return frontends.weight_shapes(layer, input_dim)
+    if layer.kind in RECURRENT_FAMILIES:
+        return recurrent_weight_shapes(layer.kind, layer.config, input_dim)
     if layer.kind == "bidirectional":
         shapes = {}
         for direction in ("forward", "backward"):
-            for name, shape in gru_weight_shapes(layer.config[direction], input_dim).items():
+            for name, shape in recurrent_weight_shapes(recurrent_kind(layer), layer.config[direction],
+                                                       input_dim).items():
                 shapes[f"{direction}.{name}"] = shape
         return shapes
     if layer.kind == "dense":
@@ -198,13 +251,16 @@ def _check_units(index: int, units: int, field: str) -> None:
         _fail(index, f"'{field}' is {units}; it must be between 1 and {MAX_UNITS}")
 
 
-def _check_gru_config(index: int, config: Any, what: str) -> None:
-    _check_keys(index, config, GRU_CONFIG_KEYS, what, GRU_PARAMETER_KEYS)
+def _check_recurrent_config(index: int, kind: str, config: Any, what: str) -> None:
+    onnx = kind == "gru"  # ONNX's activation parameters and clip reach the GRU kernel only
+    _check_keys(index, config, RECURRENT_FAMILIES[kind].config_keys, what, GRU_PARAMETER_KEYS if onnx else ())
     _check_units(index, config["units"], "units")
+    supported = RECURRENT_ACTIVATIONS + ONNX_ACTIVATIONS if onnx else RECURRENT_ACTIVATIONS
     for field in ("activation", "recurrent_activation"):
-        if config[field] not in GRU_ACTIVATIONS + ONNX_ACTIVATIONS:
-            _fail(index, f"{what} '{field}' is {config[field]!r}; supported: "
-                         f"{list(GRU_ACTIVATIONS + ONNX_ACTIVATIONS)}")
+        if field not in config:
+            continue
+        if config[field] not in supported:
+            _fail(index, f"{what} '{field}' is {config[field]!r}; supported: {list(supported)}")
         taken = ACTIVATION_PARAMETERS.get(config[field], (None, None))
         for name, default in zip(("alpha", "beta"), taken):
             value = config.get(f"{field}_{name}")
@@ -220,8 +276,8 @@ def _check_gru_config(index: int, config: Any, what: str) -> None:
 
 
 def activation_parameters(config: dict[str, Any]) -> list[float] | None:
-    """[recurrent alpha, recurrent beta, alpha, beta, clip (0: none)] for the kernels, or None when the
-    direction needs none (the activations of Keras, at Keras's parameters, unclipped)."""
+    """[recurrent alpha, recurrent beta, alpha, beta, clip (0: none)] for the GRU kernel, or None when
+    the direction needs none (the activations of Keras, at Keras's parameters, unclipped)."""
     names = (config["recurrent_activation"], config["activation"])
     if not any(name in ONNX_ACTIVATIONS for name in names) and not any(key in config for key in GRU_PARAMETER_KEYS):
         return None
@@ -230,11 +286,17 @@ def activation_parameters(config: dict[str, Any]) -> list[float] | None:
         alpha, beta = ACTIVATION_PARAMETERS.get(config[field], (None, None))
         values += [config.get(f"{field}_alpha", alpha or 0.0), config.get(f"{field}_beta", beta or 0.0)]
     return [float(v) for v in values] + [float(config.get("clip", 0.0))]
+def _refuse_unknown_kind(index: int, kind: Any, known) -> None:
+    """A kind this version does not know comes from a newer gru-engine (or a damaged file): never guess."""
+    _fail(index, f"unknown layer kind {kind!r:.80}; this gru-engine knows {list(known)}. If a newer "
+                 "gru-engine wrote the model, upgrade gru-engine (pip install --upgrade gru-engine) to read it")
 
 
 def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) -> LayerShape:
+    if layer.kind in frontends.KINDS:
+        return frontends.trace(index, layer, input_dim, is_sequence)
     if layer.kind not in LAYER_KINDS:
-        _fail(index, f"unknown layer kind {layer.kind!r}; supported: {list(LAYER_KINDS)}")
+        _refuse_unknown_kind(index, layer.kind, LAYER_KINDS + frontends.KINDS)
     config = layer.config
     if layer.kind == "masking":
         if not isinstance(config, dict) or set(config) != {"mask_value"}:
@@ -243,7 +305,8 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
         if not is_float32_number(value):
             _fail(index, f"masking 'mask_value' must be a number finite in float32, got {value!r:.80}")
         if not is_sequence:
-            _fail(index, "masking needs a sequence input; it cannot follow a GRU with return_sequences=False")
+            _fail(index, "masking needs a sequence input; it cannot follow a recurrent layer with "
+                         "return_sequences=False")
         return LayerShape(input_dim, input_dim, True, True, (), 0)
     if layer.kind == "dense":
         _check_keys(index, config, DENSE_CONFIG_KEYS, "dense")
@@ -255,16 +318,21 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
         return LayerShape(input_dim, units, is_sequence, is_sequence, (), parameters)
     if not is_sequence:
         _fail(index, f"{layer.kind} needs a sequence input; set return_sequences=True on the layer before it")
-    if layer.kind == "gru":
-        _check_gru_config(index, config, "gru")
+    if layer.kind in RECURRENT_FAMILIES:
+        _check_recurrent_config(index, layer.kind, config, layer.kind)
         directions = [config]
     else:
-        if not isinstance(config, dict) or set(config) != {"merge_mode", "forward", "backward"}:
-            _fail(index, "bidirectional config must have exactly the fields merge_mode, forward, backward")
+        if not isinstance(config, dict) or not {"merge_mode", "forward", "backward"} <= set(config) \
+                or not set(config) <= {"merge_mode", "forward", "backward", "layer"}:
+            _fail(index, "bidirectional config must have exactly the fields merge_mode, forward, backward "
+                         "(and layer, the wrapped kind, unless it is gru)")
+        wrapped = config.get("layer", "gru")
+        if not isinstance(wrapped, str) or wrapped not in RECURRENT_FAMILIES:
+            _refuse_unknown_kind(index, wrapped, RECURRENT_FAMILIES)
         if config["merge_mode"] not in MERGE_MODES:
             _fail(index, f"bidirectional 'merge_mode' is {config['merge_mode']!r}; supported: {list(MERGE_MODES)}")
-        _check_gru_config(index, config["forward"], "bidirectional forward")
-        _check_gru_config(index, config["backward"], "bidirectional backward")
+        _check_recurrent_config(index, wrapped, config["forward"], f"bidirectional {wrapped} forward")
+        _check_recurrent_config(index, wrapped, config["backward"], f"bidirectional {wrapped} backward")
         forward, backward = config["forward"], config["backward"]
         if forward["go_backwards"] or not backward["go_backwards"]:
             _fail(index, "bidirectional needs forward go_backwards=False and backward go_backwards=True")
@@ -282,7 +350,9 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
     parameters = sum(
         int(np.prod(shape)) for shape in weight_shapes(layer, input_dim).values()
     )
-    return LayerShape(input_dim, output_dim, True, directions[0]["return_sequences"], tuple(units), parameters)
+    carries = RECURRENT_FAMILIES[recurrent_kind(layer)].carries
+    state_dims = tuple(n for n in units for _ in range(carries))
+    return LayerShape(input_dim, output_dim, True, directions[0]["return_sequences"], state_dims, parameters)
 
 
 def trace_shapes(spec: ModelSpec) -> list[LayerShape]:
@@ -299,12 +369,12 @@ def trace_shapes(spec: ModelSpec) -> list[LayerShape]:
         last = index == len(spec.layers) - 1
         if layer.kind == "bidirectional" and layer.config["merge_mode"] is None and not last:
             _fail(index, "bidirectional merge_mode=None returns two tensors, so it must be the last layer")
-        if any(config["return_state"] for config in gru_configs(layer)) and not last:
+        if any(config["return_state"] for config in recurrent_configs(layer)) and not last:
             _fail(index, "return_state=True is only supported on the last layer of the chain")
         shapes.append(shape)
         dim, is_sequence = shape.output_dim, shape.output_is_sequence
-    if not any(layer.kind in ("gru", "bidirectional") for layer in spec.layers):
-        _fail(None, "the model has no GRU layer")
+    if not any(recurrent_kind(layer) for layer in spec.layers):
+        _fail(None, "the model has no recurrent layer (GRU, LSTM or SimpleRNN)")
     if sum(shape.parameters for shape in shapes) > MAX_PARAMETERS:
         _fail(None, f"the model has more than {MAX_PARAMETERS} parameters")
     return shapes
@@ -333,6 +403,7 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
                 _fail(index, f"tensor '{name}' has shape {array.shape}, the configuration implies {want}")
             if not np.isfinite(array).all():
                 _fail(index, f"tensor '{name}' contains NaN or infinite values")
+        frontends.check_weights(index, layer)
     _validate_self_check(spec, shapes)
     if spec.interface is not None:
         from .interface import validate_interface
@@ -346,15 +417,16 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
 
 def output_shapes(spec: ModelSpec, shapes: list[LayerShape], batch: int, time: int) -> list[tuple[int, ...]]:
     """The shapes ``predict`` returns for an input of (batch, time, input_features)."""
+    time = frontends.output_steps(spec, time)
     last = shapes[-1]
     main = (batch, time, last.output_dim) if last.output_is_sequence else (batch, last.output_dim)
     layer = spec.layers[-1]
     if layer.kind == "bidirectional" and layer.config["merge_mode"] is None:
-        per_direction = [main[:-1] + (units,) for units in last.state_dims]
-        states = [(batch, units) for units in last.state_dims] if spec.output_count == 4 else []
-        return per_direction + states
-    states = [(batch, units) for units in last.state_dims] if spec.output_count > 1 else []
-    return [main] + states
+        mains = [main[:-1] + (config["units"],) for config in recurrent_configs(layer)]
+    else:
+        mains = [main]
+    states = [(batch, units) for units in last.state_dims] if spec.output_count > len(mains) else []
+    return mains + states
 
 
 def _validate_self_check(spec: ModelSpec, shapes: list[LayerShape]) -> None:
@@ -369,6 +441,9 @@ def _validate_self_check(spec: ModelSpec, shapes: list[LayerShape]) -> None:
                     f"got {getattr(x, 'shape', None)} {getattr(x, 'dtype', None)}")
     if not np.isfinite(x).all():
         _fail(None, "self-check input contains NaN or infinite values")
+    short = frontends.too_short(spec, x.shape[1])
+    if short:
+        _fail(None, f"self-check input: {short}")
     expected = output_shapes(spec, shapes, x.shape[0], x.shape[1])
     got = [getattr(y, "shape", None) for y in spec.self_check_outputs]
     if got != expected or any(y.dtype != np.float32 for y in spec.self_check_outputs):
@@ -386,3 +461,7 @@ def max_excess(actual: np.ndarray, expected: np.ndarray) -> float:
     """Largest |actual - expected| beyond the parity tolerance (<= 0 means within it; NaN is inf)."""
     excess = np.abs(actual - expected) - (PARITY_ATOL + PARITY_RTOL * np.abs(expected))
     return float(np.max(np.nan_to_num(excess, nan=np.inf), initial=-np.inf))
+
+
+# Last: the front-end kinds build on this module's helpers (a circular import, resolved at call time).
+from . import frontends  # noqa: E402

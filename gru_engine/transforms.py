@@ -10,14 +10,14 @@ on scaled values takes and returns the user's own units.
 - ``{"kind": "center", "invert_output": bool, "output_features": [D]}``: x' = x - mean of x over the
   window, per feature; output y = y' + that mean of input feature ``output_features[d]``.
   It looks at the whole window, so a model with it cannot stream.
+
+The compiled runtime folds affine steps into the weights where it can and runs the rest inside
+its compiled call (``gru_engine.folding``).
 """
 
 from __future__ import annotations
 
-
-import numpy as np
-
-from .errors import BundleError, InputError, is_float32_number
+from .errors import BundleError, is_float32_number
 
 MAX_STEPS = 16
 STEP_KEYS = {
@@ -65,47 +65,3 @@ def validate(steps, input_features: int, output_dim: int) -> None:
 
 def streamable(steps) -> bool:
     return not any(step["kind"] == "center" for step in steps)
-
-
-def apply_input(steps, x):
-    """x (B, T, F) float32 -> (transformed x, context for ``invert_output``)."""
-    if not steps:
-        return x, None
-    values = x.astype(np.float64)  # (B, T, F)
-    context = []
-    for index, step in enumerate(steps):
-        kind = step["kind"]
-        if kind == "affine":
-            values = values * np.asarray(step["scale"]) + np.asarray(step["offset"])
-            context.append(None)
-        elif kind == "log":
-            if not (values > 0).all():
-                raise InputError(f"transform {index} takes the log of the input: every value must be > 0")
-            values = np.log(values)
-            context.append(None)
-        else:
-            mean = values.mean(axis=1, keepdims=True)  # (B, 1, F)
-            values = values - mean
-            context.append(mean[:, 0, :])                # (B, F)
-    return values.astype(np.float32), context
-
-
-def invert_output(steps, y, context):
-    """Undo the steps that declare it on y (B, D) or (B, T, D); context from ``apply_input``."""
-    if not steps:
-        return y
-    values = y.astype(np.float64)
-    for index in reversed(range(len(steps))):
-        step = steps[index]
-        kind = step["kind"]
-        if kind == "affine":
-            if step["output_scale"] is not None:
-                values = (values - np.asarray(step["output_offset"])) / np.asarray(step["output_scale"])
-        elif not step["invert_output"]:
-            continue
-        elif kind == "log":
-            values = np.exp(values)
-        else:
-            mean = context[index][:, step["output_features"]]  # (B, D)
-            values = values + (mean[:, None, :] if values.ndim == 3 else mean)
-    return values.astype(np.float32)

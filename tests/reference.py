@@ -1,7 +1,7 @@
 """A slow, obviously-correct NumPy model of what Keras computes, for any ``ModelSpec``.
 
 It shares nothing with the engine but the spec: float64 throughout, a plain Python loop over time,
-each gate written out as in the Keras GRU cell (gates z, r, h; ``kernel`` columns z | r | h):
+each gate written out as in the Keras cells. GRU (gates z, r, h; ``kernel`` columns z | r | h):
 
     x_z = x_t @ W_z + bi_z          x_r = x_t @ W_r + bi_r          x_h = x_t @ W_h + bi_h
     z   = recurrent_activation(x_z + h @ U_z + br_z)
@@ -11,6 +11,17 @@ each gate written out as in the Keras GRU cell (gates z, r, h; ``kernel`` column
     h'  = z * h + (1 - z) * hh
 
 ``bias`` is (2, 3H) = [bi; br] when reset_after, else (3H,) = bi with br = 0.
+
+LSTM (gates i, f, c, o; ``kernel`` columns i | f | c | o; one bias b; carries h and c):
+
+    i  = recurrent_activation(x_t @ W_i + h @ U_i + b_i)
+    f  = recurrent_activation(x_t @ W_f + h @ U_f + b_f)
+    g  = activation(x_t @ W_c + h @ U_c + b_c)
+    o  = recurrent_activation(x_t @ W_o + h @ U_o + b_o)
+    c' = f * c + i * g
+    h' = o * activation(c')
+
+SimpleRNN: h' = activation(x_t @ W + h @ U + b).
 
 Masking follows Keras's ``backend.rnn``: a masked step keeps the carry, and its output is zero when
 ``zero_output_for_mask`` else the previous step's output (zero before the first step). The mask
@@ -27,7 +38,7 @@ import dataclasses
 
 import numpy as np
 
-from gru_engine.spec import (ACTIVATION_PARAMETERS, PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, trace_shapes,
+from gru_engine.spec import (ACTIVATION_PARAMETERS, PARITY_ATOL, PARITY_RTOL, RECURRENT_FAMILIES, Layer, ModelSpec, trace_shapes,
                              weight_shapes)
 
 
@@ -77,11 +88,8 @@ def _activation(config, field):
     return function if clip is None else (lambda x: function(np.clip(x, -clip, clip)))
 
 
-def gru_direction(config, weights, x, mask, h0):
-    """One GRU over x (B, T, I); returns (outputs (B, T, H) in processing order, last output, carry).
-
-    mask: (B, T) bool or None; h0: (B, H) initial carry.
-    """
+def _gru_cell(config, weights):
+    """The GRU step: (x_t (B, I), [h (B, H)]) -> (output, [h'])."""
     units = config["units"]
     activation = _activation(config, "activation")
     recurrent_activation = _activation(config, "recurrent_activation")
@@ -95,12 +103,8 @@ def gru_direction(config, weights, x, mask, h0):
         input_bias, recurrent_bias = weights["bias"].astype(np.float64), np.zeros(3 * units)
     z_, r_, h_ = slice(0, units), slice(units, 2 * units), slice(2 * units, 3 * units)
 
-    h = np.array(h0, np.float64)        # (B, H)
-    previous_output = np.zeros_like(h)  # (B, H)
-    outputs = []
-    steps = range(x.shape[1] - 1, -1, -1) if config["go_backwards"] else range(x.shape[1])
-    for t in steps:
-        x_t = x[:, t]  # (B, I)
+    def step(x_t, carries):
+        (h,) = carries
         x_z = x_t @ kernel[:, z_] + input_bias[z_]
         x_r = x_t @ kernel[:, r_] + input_bias[r_]
         x_h = x_t @ kernel[:, h_] + input_bias[h_]
@@ -111,16 +115,68 @@ def gru_direction(config, weights, x, mask, h0):
         else:
             hh = activation(x_h + (r * h) @ recurrent_kernel[:, h_])
         new_h = z * h + (1.0 - z) * hh  # (B, H)
+        return new_h, [new_h]
+    return step
+
+
+def _lstm_cell(config, weights):
+    """The LSTM step: (x_t (B, I), [h, c] (B, H) each) -> (output h', [h', c'])."""
+    units = config["units"]
+    activation = ACTIVATIONS[config["activation"]]
+    recurrent_activation = ACTIVATIONS[config["recurrent_activation"]]
+    kernel = weights["kernel"].astype(np.float64)                      # (I, 4H)
+    recurrent_kernel = weights["recurrent_kernel"].astype(np.float64)  # (H, 4H)
+    bias = weights["bias"].astype(np.float64) if config["use_bias"] else np.zeros(4 * units)  # (4H,)
+    i_, f_, c_, o_ = (slice(k * units, (k + 1) * units) for k in range(4))
+
+    def step(x_t, carries):
+        h, c = carries
+        i = recurrent_activation(x_t @ kernel[:, i_] + h @ recurrent_kernel[:, i_] + bias[i_])
+        f = recurrent_activation(x_t @ kernel[:, f_] + h @ recurrent_kernel[:, f_] + bias[f_])
+        g = activation(x_t @ kernel[:, c_] + h @ recurrent_kernel[:, c_] + bias[c_])
+        o = recurrent_activation(x_t @ kernel[:, o_] + h @ recurrent_kernel[:, o_] + bias[o_])
+        new_c = f * c + i * g
+        new_h = o * activation(new_c)
+        return new_h, [new_h, new_c]
+    return step
+
+
+def _simple_rnn_cell(config, weights):
+    """The SimpleRNN step: (x_t (B, I), [h (B, H)]) -> (output, [h'])."""
+    activation = ACTIVATIONS[config["activation"]]
+    kernel = weights["kernel"].astype(np.float64)                      # (I, H)
+    recurrent_kernel = weights["recurrent_kernel"].astype(np.float64)  # (H, H)
+    bias = weights["bias"].astype(np.float64) if config["use_bias"] else 0.0  # (H,)
+
+    def step(x_t, carries):
+        new_h = activation(x_t @ kernel + carries[0] @ recurrent_kernel + bias)
+        return new_h, [new_h]
+    return step
+
+
+CELLS = {"gru": (_gru_cell, 1), "lstm": (_lstm_cell, 2), "simple_rnn": (_simple_rnn_cell, 1)}
+
+
+def recurrent_direction(kind, config, weights, x, mask, initial):
+    """One recurrent layer over x (B, T, I); returns (outputs (B, T, H) in processing order, last
+    output, final carries). mask: (B, T) bool or None; initial: the initial carries, (B, H) each."""
+    step = CELLS[kind][0](config, weights)
+    carries = [np.array(carry, np.float64) for carry in initial]
+    previous_output = np.zeros_like(carries[0])  # (B, H)
+    outputs = []
+    steps = range(x.shape[1] - 1, -1, -1) if config["go_backwards"] else range(x.shape[1])
+    for t in steps:
+        new_output, new_carries = step(x[:, t], carries)
         if mask is None:
-            output, h = new_h, new_h
+            output, carries = new_output, new_carries
         else:
             keep = mask[:, t][:, None]  # (B, 1)
-            skipped = np.zeros_like(h) if config["zero_output_for_mask"] else previous_output
-            output = np.where(keep, new_h, skipped)
-            h = np.where(keep, new_h, h)
+            skipped = np.zeros_like(new_output) if config["zero_output_for_mask"] else previous_output
+            output = np.where(keep, new_output, skipped)
+            carries = [np.where(keep, new, old) for new, old in zip(new_carries, carries)]
         outputs.append(output)
         previous_output = output
-    return np.stack(outputs, axis=1), outputs[-1], h
+    return np.stack(outputs, axis=1), outputs[-1], carries
 
 
 def _merge(mode, forward, backward):
@@ -135,7 +191,60 @@ def _merge(mode, forward, backward):
     raise ValueError(f"unknown merge mode {mode!r}")
 
 
-def _apply_transforms(steps, x):
+def _padded(x, size, strides, padding, fill):
+    """x (B, T, C) padded on the time axis as Keras pads a window of ``size`` steps."""
+    steps = x.shape[1]
+    if padding == "valid":
+        return x
+    if padding == "causal":
+        left, right = size - 1, 0
+    else:  # same: TensorFlow's split, the smaller half on the left
+        out = -(-steps // strides)
+        total = max((out - 1) * strides + size - steps, 0)
+        left, right = total // 2, total - total // 2
+    return np.pad(x, ((0, 0), (left, right), (0, 0)), constant_values=fill)
+
+
+def conv1d(config, weights, x):
+    """Keras Conv1D on x (B, T, I): every output row an explicit sum over taps, per group."""
+    kernel = weights["kernel"].astype(np.float64)  # (K, I/G, F)
+    taps, group_in, filters = kernel.shape
+    groups, dilation, strides = config["groups"], config["dilation_rate"], config["strides"]
+    size = (taps - 1) * dilation + 1
+    x = _padded(x, size, strides, config["padding"], 0.0)
+    rows = (x.shape[1] - size) // strides + 1
+    group_out = filters // groups
+    y = np.zeros((x.shape[0], rows, filters))
+    for t in range(rows):
+        for g in range(groups):
+            for k in range(taps):
+                inputs = x[:, t * strides + k * dilation, g * group_in:(g + 1) * group_in]  # (B, I/G)
+                y[:, t, g * group_out:(g + 1) * group_out] += \
+                    inputs @ kernel[k, :, g * group_out:(g + 1) * group_out]
+    if config["use_bias"]:
+        y = y + weights["bias"].astype(np.float64)
+    return ACTIVATIONS[config["activation"]](y)
+
+
+def pool1d(config, x, is_max):
+    """Keras MaxPooling1D / AveragePooling1D on x (B, T, C); padded steps never count."""
+    size, strides = config["pool_size"], config["strides"]
+    x = _padded(x, size, strides, config["padding"], np.nan)
+    rows = (x.shape[1] - size) // strides + 1
+    windows = np.stack([x[:, t * strides:t * strides + size] for t in range(rows)], axis=1)  # (B, R, size, C)
+    return np.nanmax(windows, axis=2) if is_max else np.nanmean(windows, axis=2)
+
+
+def batch_normalization(config, weights, x):
+    """Keras BatchNormalization at inference, axis -1."""
+    w = {name: value.astype(np.float64) for name, value in weights.items()}
+    y = (x - w["moving_mean"]) / np.sqrt(w["moving_variance"] + config["epsilon"])
+    if config["scale"]:
+        y = y * w["gamma"]
+    return y + w["beta"] if config["center"] else y
+
+
+def apply_transforms(steps, x):
     """The documented input steps; returns x and what each step needs to invert the output."""
     context = []
     for step in steps:
@@ -152,7 +261,7 @@ def _apply_transforms(steps, x):
     return x, context
 
 
-def _invert_transforms(steps, y, context):
+def invert_transforms(steps, y, context):
     for step, saved in reversed(list(zip(steps, context))):
         if step["kind"] == "affine":
             if step["output_scale"] is not None:
@@ -166,22 +275,26 @@ def _invert_transforms(steps, y, context):
 
 
 def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = True, lengths=None):
-    """Run ``spec`` on x (B, T, F); returns (Keras's outputs list, final carry of every GRU direction).
+    """Run ``spec`` on x (B, T, F); returns (Keras's outputs list, every final carry).
 
-    initial_state: None or one (B, units) array per GRU direction in layer order (forward before
-    backward), as ``Model.predict`` takes it. The final carries come in the same order.
-    lengths: None or (B,) valid steps per sample: a mask of trailing padding, as ``Model.predict`` takes it.
+    initial_state: None or one (B, units) array per carry in layer order (forward before backward;
+    LSTM: h then c), as ``Model.predict`` takes it. The final carries come in the same order.
+    lengths: None or (B,) valid steps per sample: a mask of trailing padding, as ``Model.predict`` takes it
+    (it holds through causal Conv1D layers of strides 1, the only time-axis layers it is given with).
     """
     values = np.asarray(x, np.float64)  # (B, T, F)
     context = []
     if transforms:
-        values, context = _apply_transforms(spec.transforms, values)
+        values, context = apply_transforms(spec.transforms, values)
     batch = values.shape[0]
     pending = list(initial_state) if initial_state is not None else None
     carries = []
 
-    def start(units):
-        return np.zeros((batch, units)) if pending is None else np.asarray(pending.pop(0), np.float64)
+    def start(kind, units):
+        count = CELLS[kind][1]
+        if pending is None:
+            return [np.zeros((batch, units))] * count
+        return [np.asarray(pending.pop(0), np.float64) for _ in range(count)]
 
     padding = None if lengths is None else np.arange(values.shape[1])[None, :] < np.asarray(lengths)[:, None]
     mask = padding  # (B, T) or None
@@ -193,44 +306,60 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
             mask = np.any(values.astype(np.float32) != np.float32(config["mask_value"]), axis=-1)  # (B, T)
             values = values * mask[..., None]
             mask = mask if padding is None else mask & padding
+        elif layer.kind == "conv1d":
+            values, mask = conv1d(config, layer.weights, values), padding  # Keras's Conv1D drops the mask
+        elif layer.kind in ("max_pooling1d", "average_pooling1d"):
+            values, mask = pool1d(config, values, layer.kind == "max_pooling1d"), None
+        elif layer.kind == "global_max_pooling1d":
+            values, mask = values.max(axis=1), None  # Keras ignores the mask here
+        elif layer.kind == "global_average_pooling1d":
+            keep = np.ones(values.shape[:2]) if mask is None else mask.astype(np.float64)  # (B, T)
+            with np.errstate(invalid="ignore"):  # every step masked: 0 / 0, NaN as in Keras
+                values = (values * keep[..., None]).sum(axis=1) / keep.sum(axis=1)[:, None]
+            mask = None
+        elif layer.kind == "batch_normalization":
+            values = batch_normalization(config, layer.weights, values)
         elif layer.kind == "dense":
             values = values @ layer.weights["kernel"].astype(np.float64)
             if config["use_bias"]:
                 values = values + layer.weights["bias"].astype(np.float64)
             values = ACTIVATIONS[config["activation"]](values)
-        elif layer.kind == "gru":
-            sequence, last, carry = gru_direction(config, layer.weights, values, mask, start(config["units"]))
-            carries.append(carry)
+        elif layer.kind in CELLS:
+            sequence, last, final = recurrent_direction(layer.kind, config, layer.weights, values, mask,
+                                                        start(layer.kind, config["units"]))
+            carries += final
             values = sequence if config["return_sequences"] else last
-            outputs = [values, carry] if config["return_state"] else [values]
+            outputs = [values] + final if config["return_state"] else [values]
             mask = mask if config["return_sequences"] else None
         else:
+            kind = config.get("layer", "gru")
             forward_config, backward_config = config["forward"], config["backward"]
             directions = []
             for name, direction in (("forward", forward_config), ("backward", backward_config)):
                 weights = {key[len(name) + 1:]: value for key, value in layer.weights.items()
                            if key.startswith(name + ".")}
-                directions.append(gru_direction(direction, weights, values, mask, start(direction["units"])))
-            (forward_sequence, forward_last, forward_carry), (backward_sequence, backward_last, backward_carry) \
-                = directions
-            carries += [forward_carry, backward_carry]
+                directions.append(recurrent_direction(kind, direction, weights, values, mask,
+                                                      start(kind, direction["units"])))
+            (forward_sequence, forward_last, forward_carries), (backward_sequence, backward_last,
+                                                                backward_carries) = directions
+            carries += forward_carries + backward_carries
             if forward_config["return_sequences"]:
                 # The backward layer ran over reversed time; put its outputs back in time order.
                 forward_out, backward_out = forward_sequence, backward_sequence[:, ::-1]
             else:
                 forward_out, backward_out = forward_last, backward_last
                 mask = None
-            states = [forward_carry, backward_carry] if forward_config["return_state"] else []
+            states = forward_carries + backward_carries if forward_config["return_state"] else []
             if config["merge_mode"] is None:
                 outputs = [forward_out, backward_out] + states
                 values = None  # the last layer, by validation
             else:
                 values = _merge(config["merge_mode"], forward_out, backward_out)
                 outputs = [values] + states
-        if layer.kind in ("masking", "dense"):
+        if layer.kind not in CELLS and layer.kind != "bidirectional":
             outputs = [values]
     if transforms and spec.transforms:
-        outputs[0] = _invert_transforms(spec.transforms, outputs[0], context)
+        outputs[0] = invert_transforms(spec.transforms, outputs[0], context)
     return outputs, carries
 
 
@@ -272,6 +401,12 @@ def gru_config(units: int, **options) -> dict:
     return config
 
 
+def recurrent_config(kind: str, units: int, **options) -> dict:
+    """A complete spec configuration for a GRU, LSTM or SimpleRNN: Keras's defaults, then ``options``."""
+    return {key: value for key, value in gru_config(units, **options).items()
+            if key in RECURRENT_FAMILIES[kind].config_keys}
+
+
 def random_spec(layers: list[Layer], input_features: int, seed: int = 0, check_shape=(2, 5),
                 transforms=()) -> ModelSpec:
     """A spec of ``layers`` (weights ignored) with random float32 weights and a self-check from this
@@ -282,6 +417,8 @@ def random_spec(layers: list[Layer], input_features: int, seed: int = 0, check_s
     for layer, shape in zip(spec.layers, trace_shapes(spec)):
         layer.weights = {name: rng.normal(0.0, 0.4, dims).astype(np.float32)
                          for name, dims in weight_shapes(layer, shape.input_dim).items()}
+        if "moving_variance" in layer.weights:  # a variance is positive
+            layer.weights["moving_variance"] = np.abs(layer.weights["moving_variance"]) + np.float32(0.5)
     x = rng.standard_normal((*check_shape, input_features)).astype(np.float32)  # (B, T, F)
     if any(step["kind"] == "log" for step in spec.transforms):
         x = np.abs(x) + np.float32(0.5)

@@ -214,7 +214,8 @@ def test_load_and_predict_never_import_tensorflow_or_onnx(tmp_path):
         model.predict(np.ones((2, 4, 2), np.float32))
         stream = model.stream()
         stream.step(np.ones(2))
-        heavy = ("tensorflow", "keras", "onnx", "onnxruntime", "tf2onnx", "jax", "torch")
+        heavy = ("tensorflow", "keras", "onnx", "onnxruntime", "tf2onnx", "jax", "torch", "dask", "distributed",
+                 "zarr", "pyarrow")
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -228,8 +229,12 @@ def test_load_and_predict_never_import_tensorflow_or_onnx(tmp_path):
 SUMMARY_LAYERS = [{"kind": "masking", "mask_value": 0.0},
                   {"kind": "bidirectional", "units": 5, "return_sequences": True, "reset_after": False},
                   {"kind": "dropout", "rate": 0.2},
-                  {"kind": "gru", "units": 4, "use_bias": False},
-                  {"kind": "dense", "units": 3, "activation": "softmax"}]
+                  {"kind": "gru", "units": 4, "use_bias": False, "return_sequences": True},
+                  {"kind": "dense", "units": 3, "activation": "softmax"},
+                  {"kind": "lstm", "units": 3, "return_sequences": True},
+                  {"kind": "bidirectional", "layer": "simple_rnn", "units": 2, "return_sequences": True},
+                  {"kind": "simple_rnn", "units": 2, "use_bias": False, "return_sequences": True},
+                  {"kind": "bidirectional", "layer": "lstm", "units": 2}]
 
 
 def test_summary_names_layers_and_counts_parameters_like_keras():
@@ -249,19 +254,31 @@ def test_summary_names_layers_and_counts_parameters_like_keras():
     assert f"Total params: {keras_model.count_params():,}" in text
 
 
-@pytest.fixture(scope="module")
-def keras_stack():
-    layers = [{"kind": "masking", "mask_value": 0.0},
-              {"kind": "gru", "units": 6, "return_sequences": True},
-              {"kind": "bidirectional", "units": 3, "return_sequences": True, "reset_after": False},
-              {"kind": "gru", "units": 4}, {"kind": "dense", "units": 2}]
+STATE_STACKS = {
+    "gru": [{"kind": "masking", "mask_value": 0.0},
+            {"kind": "gru", "units": 6, "return_sequences": True},
+            {"kind": "bidirectional", "units": 3, "return_sequences": True, "reset_after": False},
+            {"kind": "gru", "units": 4}, {"kind": "dense", "units": 2}],
+    "lstm-simple_rnn": [{"kind": "masking", "mask_value": 0.0},
+                        {"kind": "lstm", "units": 6, "return_sequences": True},
+                        {"kind": "bidirectional", "layer": "lstm", "units": 3, "return_sequences": True},
+                        {"kind": "simple_rnn", "units": 4, "return_sequences": True},
+                        {"kind": "bidirectional", "layer": "simple_rnn", "units": 2, "merge_mode": "sum"},
+                        {"kind": "dense", "units": 2}],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(STATE_STACKS))
+def keras_stack(request):
+    layers = STATE_STACKS[request.param]
     from gru_engine.exporters import read_keras
     keras_model = build_model(layers, FEATURES, seed=6)
     return keras_model, Model(read_keras(keras_model))
 
 
 def keras_with_initial_state(keras_model, x, states):
-    """Keras's layers called one by one, each recurrent layer given its initial state(s)."""
+    """Keras's layers called one by one, each recurrent layer given its initial state(s): [h] per
+    GRU or SimpleRNN, [h, c] per LSTM, forward's then backward's in a Bidirectional."""
     import keras
     pending = [keras.ops.convert_to_tensor(state) for state in states]
     mask = None
@@ -271,11 +288,11 @@ def keras_with_initial_state(keras_model, x, states):
         if kind == "Masking":
             mask = layer.compute_mask(values)
             values = layer(values)
-        elif kind == "GRU":
-            values = layer(values, initial_state=pending.pop(0), mask=mask)
-            mask = mask if layer.return_sequences else None
-        elif kind == "Bidirectional":
-            values = layer(values, initial_state=[pending.pop(0), pending.pop(0)], mask=mask)
+        elif kind in ("GRU", "LSTM", "SimpleRNN", "Bidirectional"):
+            inner = type(layer.forward_layer).__name__ if kind == "Bidirectional" else kind
+            count = (2 if inner == "LSTM" else 1) * (2 if kind == "Bidirectional" else 1)
+            states, pending = pending[:count], pending[count:]
+            values = layer(values, initial_state=states, mask=mask)
             mask = mask if layer.return_sequences else None
         else:
             values = layer(values)

@@ -18,8 +18,8 @@ import pytest
 
 import gru_engine
 from gru_engine import BundleError, bundle, fileio
-from gru_engine.spec import Layer
-from reference import gru_config, random_spec, reference_predict
+from gru_engine.spec import Layer, max_excess
+from reference import gru_config, random_spec, recurrent_config, reference_predict
 
 SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float64"): "F64", np.dtype("float16"): "F16",
                       np.dtype("int32"): "I32"}
@@ -160,9 +160,62 @@ def test_layer_config_errors_name_the_field(tmp_path, valid_bytes):
     broken = json.loads(json.dumps(manifest))
     del broken["layers"][1]["config"]["use_bias"]
     refused(tmp_path, pack(header, broken, payload), match="use_bias")
+
+
+@pytest.mark.parametrize("where", ["layer", "bidirectional"])
+def test_a_kind_this_version_does_not_know_asks_to_upgrade(tmp_path, where):
+    """A bundle from a newer gru-engine (a layer kind, or a kind wrapped by Bidirectional, that this
+    reader does not know) is refused with a message saying to upgrade, never read as something else."""
+    spec = random_spec([Layer("bidirectional", "bi", {"merge_mode": "sum", "layer": "lstm",
+                                                      "forward": recurrent_config("lstm", 3),
+                                                      "backward": recurrent_config("lstm", 3, go_backwards=True)}),
+                        Layer("dense", "dense", {"units": 2, "activation": "tanh", "use_bias": True})], 2)
+    header, manifest, payload = unpack(bundle.to_bytes(spec))
+    if where == "layer":
+        manifest["layers"][1]["kind"] = "state_space_block"
+        match = r"layer 1: unknown layer kind 'state_space_block'.*upgrade gru-engine"
+    else:
+        manifest["layers"][0]["config"]["layer"] = "state_space_block"
+        match = r"layer 0: unknown layer kind 'state_space_block'.*upgrade gru-engine"
+    refused(tmp_path, pack(header, manifest, payload), match=match)
+
+
+FAMILY_LAYERS = {
+    "lstm": [Layer("lstm", "lstm", recurrent_config("lstm", 5, return_sequences=True, recurrent_activation="hard_sigmoid")),
+             Layer("lstm", "last", recurrent_config("lstm", 3, use_bias=False, return_state=True))],
+    "simple_rnn": [Layer("simple_rnn", "rnn", recurrent_config("simple_rnn", 4, activation="relu", go_backwards=True))],
+    "bidirectional-lstm": [Layer("bidirectional", "bi", {
+        "merge_mode": None, "layer": "lstm", "forward": recurrent_config("lstm", 3, return_state=True),
+        "backward": recurrent_config("lstm", 2, return_state=True, go_backwards=True)})],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_LAYERS))
+def test_lstm_and_simple_rnn_bundles_round_trip(tmp_path, name):
+    spec = random_spec(FAMILY_LAYERS[name], 3, seed=2)
+    model = gru_engine.load(bundle.save(spec, tmp_path / "model.gru.safetensors"))  # replays the self-check
+    assert [(layer.kind, layer.config) for layer in model.spec.layers] == \
+        [(layer.kind, layer.config) for layer in spec.layers]
+    x = np.random.default_rng(3).standard_normal((3, 6, 3)).astype(np.float32)
+    expected = reference_predict(spec, x)
+    actual = model.predict(x)
+    actual = actual if isinstance(actual, list) else [actual]
+    assert [a.shape for a in actual] == [e.shape for e in expected]
+    assert all(max_excess(a, e) <= 0 for a, e in zip(actual, expected))
+
+
+def test_family_configs_and_shapes_are_checked(tmp_path):
+    header, manifest, payload = unpack(bundle.to_bytes(random_spec(FAMILY_LAYERS["lstm"], 3)))
     broken = json.loads(json.dumps(manifest))
-    broken["layers"][1]["kind"] = "conv1d"
-    refused(tmp_path, pack(header, broken, payload), match="unknown layer kind 'conv1d'")
+    broken["layers"][0]["config"]["reset_after"] = True  # a GRU-only field
+    refused(tmp_path, pack(header, broken, payload), match=r"unknown fields \['reset_after'\]")
+    broken = json.loads(json.dumps(manifest))
+    broken["layers"][0]["kind"] = "gru"  # LSTM tensors under a GRU: (3, 20) where a GRU has (3, 15)
+    refused(tmp_path, pack(header, broken, payload), match=r"missing fields \[.reset_after.\]")
+    broken = json.loads(json.dumps(manifest))
+    broken["layers"][1]["kind"] = "simple_rnn"
+    del broken["layers"][1]["config"]["recurrent_activation"]
+    refused(tmp_path, pack(header, broken, payload), match=r"tensor 'kernel' has shape \(5, 12\).*implies \(5, 3\)")
 
 
 @pytest.mark.parametrize("kind", [["affine"], {"kind": "log"}])

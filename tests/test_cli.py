@@ -174,10 +174,11 @@ def test_other_usage_errors(capsys, tmp_path, bundle_path):
 
 def test_export_refuses_an_unsupported_model_in_one_line(capsys, tmp_path):
     import keras
-    model = keras.Sequential([keras.Input((None, 2)), keras.layers.LSTM(3, name="my_lstm")])
-    model.save(tmp_path / "lstm.keras")
-    line = main_error(capsys, "export", tmp_path / "lstm.keras", "--bundle", tmp_path / "out.gru.safetensors")
-    assert "'my_lstm'" in line and "LSTM" in line
+    model = keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(3, return_sequences=True),
+                              keras.layers.LayerNormalization(name="my_norm")])
+    model.save(tmp_path / "norm.keras")
+    line = main_error(capsys, "export", tmp_path / "norm.keras", "--bundle", tmp_path / "out.gru.safetensors")
+    assert "'my_norm'" in line and "LayerNormalization" in line
     assert not (tmp_path / "out.gru.safetensors").exists()
 
 

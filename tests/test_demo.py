@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from gru_engine import demo, transforms
+from reference import apply_transforms, invert_transforms
 
 EXPECTED_FILES = {
-    "forecast.png", "latency.png", "report.json", "last-window.csv",
-    *(f"{name}{suffix}" for name in ("tutorial", "level")
+    "forecast.png", "latency.png", "comparison.png", "report.json", "last-window.csv",
+    *(f"{name}{suffix}" for name in ("tutorial", "level", "level-lstm")
       for suffix in (".keras", ".gru.safetensors", ".native.onnx", ".tf2onnx.onnx")),
 }
 
@@ -47,10 +48,10 @@ def test_declared_transforms_do_what_the_python_encoding_does(windows, make):
     approach = make(windows)
     transforms.validate(approach.transforms, input_features=1, output_dim=1)
     x = windows.x[..., None]  # (N, WINDOW, 1) passengers
-    network_x, context = transforms.apply_input(approach.transforms, x)
+    network_x, context = apply_transforms(approach.transforms, x)
     np.testing.assert_allclose(network_x[..., 0], approach.encode(windows.x, windows.x), rtol=1e-6, atol=1e-6)
     network_y = np.random.default_rng(0).uniform(-0.5, 1.5, (len(x), 1)).astype(np.float32)  # (N, 1)
-    np.testing.assert_allclose(transforms.invert_output(approach.transforms, network_y, context),
+    np.testing.assert_allclose(invert_transforms(approach.transforms, network_y, context),
                                approach.decode(windows.x, network_y), rtol=1e-6)
 
 
@@ -125,7 +126,7 @@ def test_demo_pngs_are_images(demo_run):
     import matplotlib.image
 
     out, _, _ = demo_run
-    for name in ("forecast.png", "latency.png"):
+    for name in ("forecast.png", "latency.png", "comparison.png"):
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
         assert image[..., :3].std() > 0.05  # something is drawn
@@ -140,11 +141,49 @@ def test_the_demo_bundle_takes_and_returns_passengers(demo_run):
     assert 300 < forecast < 700  # passengers (thousands), not a scaled value
 
 
-def test_two_runs_with_one_seed_agree(demo_run, tmp_path):
+def test_demo_compares_gru_and_lstm_and_gives_a_verdict(demo_run):
+    out, stdout, report = demo_run
+    comparison = report["gru_vs_lstm"]
+    gru, lstm = comparison["models"]["level"], comparison["models"]["level-lstm"]
+    assert report["models"]["level-lstm"]["layers"] == "LSTM" and report["models"]["level"]["layers"] == "GRU"
+    # GRU(50) -> GRU(50) -> Dense(1) against the same with LSTM layers, counted as Keras counts them.
+    assert (gru["parameters"], lstm["parameters"]) == (23_301, 30_651)
+    for model, name in ((gru, "level"), (lstm, "level-lstm")):
+        assert model["held_out_rmse"] == report["models"][name]["held_out"]["rmse"]
+        assert model["training_seconds"] == report["models"][name]["training"]["seconds"] > 0
+        assert all(seconds > 0 for seconds in model["latency_s"].values()), model["latency_s"]
+    assert comparison["seasonal_naive_rmse"] == report["baselines"]["seasonal-naive"]["rmse"]
+    assert comparison["verdict"] in stdout and "24% fewer parameters" in comparison["verdict"]
+    assert ("HOLDS" in comparison["verdict"]) != ("does NOT hold" in comparison["verdict"])
+
+
+@pytest.mark.parametrize("times, expected", [
+    ((20e-6, 30e-6, 5e-6, 7e-6), '"GRU is cheaper than LSTM" HOLDS on this run'),
+    ((20e-6, 21e-6, 5e-6, 7e-6), "HOLDS in parameters and in part in time"),
+    ((20e-6, 21e-6, 5e-6, 5.2e-6), "HOLDS in parameters only (the run times are the same within noise)"),
+    ((20e-6, 15e-6, 5e-6, 7e-6), "does NOT hold"),
+    (None, "HOLDS in parameters only on this run"),
+])
+def test_the_verdict_weighs_time_beyond_noise(times, expected):
+    from gru_engine import demo_compare
+
+    def model(parameters, window, step):
+        latency = None if times is None else {"engine per window": window, "engine per step": step}
+        return {"parameters": parameters, "training_seconds": 1.0, "held_out_rmse": 30.0, "latency_s": latency}
+    window_gru, window_lstm, step_gru, step_lstm = times or (None,) * 4
+    data = {"models": {"gru": model(3, window_gru, step_gru), "lstm": model(4, window_lstm, step_lstm)},
+            "seasonal_naive_rmse": 40.0}
+    text = demo_compare.verdict(data, "gru", "lstm")
+    assert expected in text and "25% fewer parameters" in text
+
+
+def test_two_runs_with_one_seed_agree_and_no_lstm_skips_the_comparison(demo_run, tmp_path):
     out, _, report = demo_run
-    again = _gru_engine("demo", "--epochs", "2", "--out", str(tmp_path), "--no-bench")
+    again = _gru_engine("demo", "--epochs", "2", "--out", str(tmp_path), "--no-bench", "--no-lstm")
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((tmp_path / "report.json").read_text())
-    for name in report["models"]:
+    assert second["gru_vs_lstm"] is None and second["skipped"]["gru-vs-lstm"] == "--no-lstm was given"
+    assert set(second["models"]) == {"tutorial", "level"} and not (tmp_path / "comparison.png").exists()
+    for name in second["models"]:
         assert second["models"][name]["held_out"] == report["models"][name]["held_out"]
         assert (tmp_path / f"{name}.gru.safetensors").read_bytes() == (out / f"{name}.gru.safetensors").read_bytes()

@@ -72,7 +72,7 @@ def test_hostile_inputs_give_answers_or_input_errors(tmp_path, capsys):
 def seed_specs():
     """Small valid specs covering every layer kind, option and transform the manifest can hold."""
     from gru_engine.spec import Layer
-    from reference import gru_config, random_spec
+    from reference import gru_config, random_spec, recurrent_config
 
     backward = gru_config(3, go_backwards=True)
     dense = {"units": 2, "activation": "softmax", "use_bias": True}
@@ -96,6 +96,31 @@ def seed_specs():
         random_spec([Layer("gru", "gru", gru_config(3))], 2, seed=5,
                     transforms=[{"kind": "center", "invert_output": True, "output_features": [0, 1, 1]}]),
         imported_spec(),
+        random_spec([Layer("conv1d", "conv", {"filters": 4, "kernel_size": 3, "strides": 2, "padding": "valid",
+                                              "dilation_rate": 1, "groups": 2, "activation": "relu", "use_bias": True}),
+                     Layer("batch_normalization", "norm", {"epsilon": 1e-3, "center": True, "scale": False}),
+                     Layer("max_pooling1d", "pool", {"pool_size": 2, "strides": 1, "padding": "same"}),
+                     Layer("gru", "gru", gru_config(3, return_sequences=True)),
+                     Layer("global_average_pooling1d", "mean", {})], 2, seed=9, check_shape=(2, 9)),
+        random_spec([Layer("conv1d", "causal", {"filters": 3, "kernel_size": 2, "strides": 1, "padding": "causal",
+                                                "dilation_rate": 2, "groups": 1, "activation": "linear",
+                                                "use_bias": False}),
+                     Layer("batch_normalization", "norm", {"epsilon": 1e-3, "center": False, "scale": True}),
+                     Layer("gru", "gru", gru_config(3)),
+                     Layer("dense", "dense", {"units": 2, "activation": "linear", "use_bias": True})], 1, seed=10),
+        random_spec([Layer("masking", "mask", {"mask_value": 0.0}),
+                     Layer("lstm", "lstm", recurrent_config("lstm", 4, return_sequences=True,
+                                                            recurrent_activation="hard_sigmoid")),
+                     Layer("simple_rnn", "rnn", recurrent_config("simple_rnn", 3, return_state=True))], 2, seed=6),
+        random_spec([Layer("bidirectional", "bi", {"merge_mode": "ave", "layer": "lstm",
+                                                   "forward": recurrent_config("lstm", 3, return_sequences=True),
+                                                   "backward": recurrent_config("lstm", 3, return_sequences=True,
+                                                                                go_backwards=True)}),
+                     Layer("lstm", "last", recurrent_config("lstm", 2, use_bias=False, return_state=True))], 2, seed=7),
+        random_spec([Layer("bidirectional", "bi", {"merge_mode": None, "layer": "simple_rnn",
+                                                   "forward": recurrent_config("simple_rnn", 3, activation="relu"),
+                                                   "backward": recurrent_config("simple_rnn", 2, go_backwards=True)})],
+                    1, seed=8),
     ]
 
 
@@ -128,8 +153,10 @@ def imported_spec():
 # Values a JSON edit may put anywhere: wrong types, edge numbers, absurd sizes, deep nesting.
 JSON_VALUES = [0, -1, 1, 2, 3, 7, 2**31, 2**63, 10**9, 10**30, 10**400, -10**12, 0.5, -0.0, 1e300, 1e308, math.nan,
                math.inf,
-               True, False, None, "", "F32", "F64", "I64", "tanh", "softmax", "gru", "dense", "masking",
-               "bidirectional", "concat", "float64", "gru-engine-bundle", "x" * 500, [], {}, [0], [1, 1],
+               True, False, None, "", "F32", "F64", "I64", "tanh", "softmax", "gru", "lstm", "simple_rnn", "dense",
+               "masking", "bidirectional", "concat", "conv1d", "valid", "same", "causal", "max_pooling1d",
+               "global_max_pooling1d", "batch_normalization", "float64", "gru-engine-bundle", "x" * 500, [], {}, [0],
+               [1, 1],
                [0, 0], [10**12], [2**62, 2**62], [-1, 4], [[[[[]]]]], {"units": 1}]
 
 

@@ -27,18 +27,28 @@ from gru_engine import BundleError, UnsupportedModelError
 from gru_engine.bench.registry import IMPLEMENTATIONS, Subject
 from gru_engine.exporters import export_onnx, import_onnx, read_onnx
 from gru_engine.exporters.onnx_writer import build_onnx, output_names
-from gru_engine.spec import Layer, ModelSpec, max_excess
-from models import PARITY_MATRIX, build_model, random_input, uses_masking
+from gru_engine.spec import Layer, ModelSpec, max_excess, recurrent_kind
+from models import FAMILY_MATRIX, PARITY_MATRIX, build_model, random_input, uses_masking
 
 FEATURES = 3
 CHAOTIC_STEPS = 5
 # (batch, time) pairs, none of them the self-check's (2, 7): several samples, and a single short one.
 SHAPES = ((3, 11), (1, 2))
+MATRIX = {**PARITY_MATRIX, **FAMILY_MATRIX}
 MASKED = [name for name, layers in PARITY_MATRIX.items() if uses_masking(layers) is not None]
-NATIVE = [name for name in PARITY_MATRIX if name not in MASKED]
+# LSTM, SimpleRNN and mixed chains: a subset covering each family's node mapping (gate order,
+# hard_sigmoid's alpha, directions, states, merges), to keep the Keras models built here few.
+FAMILY_NATIVE = ["lstm-activations-rec-hard_sigmoid", "lstm-bias-back", "lstm-return-state",
+                 "lstm-return-state-sequences", "lstm-bidirectional-concat-sum", "lstm-bidirectional-mul-ave",
+                 "lstm-bidirectional-none", "lstm-bidirectional-state", "simple_rnn-activations",
+                 "simple_rnn-nobias-back", "simple_rnn-return-state", "simple_rnn-bidirectional-state",
+                 "mixed-lstm-gru-dense", "mixed-bidirectional-lstm-simple_rnn", "mixed-simple_rnn-dense-lstm-gru"]
+NATIVE = [name for name in PARITY_MATRIX if name not in MASKED] + FAMILY_NATIVE
+TF2ONNX = list(PARITY_MATRIX) + ["lstm-masking", "mixed-lstm-gru-dense", "simple_rnn-return-state"]
+ONNX_OPS = {"gru": "GRU", "lstm": "LSTM", "simple_rnn": "RNN"}
 # The engine's known bug (see tests/test_parity.py): merge_mode=None outputs are sized for one direction.
 def _inputs(name: str) -> list[np.ndarray]:
-    layers = PARITY_MATRIX[name]
+    layers = MATRIX[name]
     chaotic = any(layer.get("recurrent_activation") == "tanh" for layer in layers)
     return [random_input(batch, min(time, CHAOTIC_STEPS) if chaotic else time, FEATURES, seed=batch + time,
                          mask_value=uses_masking(layers)) for batch, time in SHAPES]
@@ -58,7 +68,7 @@ def subject(tmp_path_factory):
 
     def get(name: str) -> Subject:
         if name not in cache:
-            model = build_model(PARITY_MATRIX[name], FEATURES, seed=list(PARITY_MATRIX).index(name))
+            model = build_model(MATRIX[name], FEATURES, seed=list(MATRIX).index(name))
             cache[name] = Subject(model, name=name, workdir=tmp_path_factory.mktemp(name))
         return cache[name]
     return get
@@ -77,12 +87,12 @@ def test_native_graph_matches_keras(subject, name):
 
 
 @pytest.mark.parametrize("name", NATIVE)
-def test_native_graph_is_gru_nodes_and_checks(subject, name):
+def test_native_graph_is_recurrent_nodes_and_checks(subject, name):
     model = onnx.load(str(subject(name).onnx_path("native")))
     onnx.checker.check_model(model, full_check=True)
     ops = [node.op_type for node in model.graph.node]
-    recurrent = [layer for layer in subject(name).spec.layers if layer.kind != "dense"]
-    assert ops.count("GRU") == len(recurrent), "one GRU node per GRU or Bidirectional layer"
+    recurrent = [ONNX_OPS[recurrent_kind(layer)] for layer in subject(name).spec.layers if layer.kind != "dense"]
+    assert [op for op in ops if op in ONNX_OPS.values()] == recurrent, "one node of the layer's kind per layer"
     assert not {"Loop", "Scan", "If"} & set(ops)
     assert [value.name for value in model.graph.input] == ["input"]
     assert [value.name for value in model.graph.output] == output_names(subject(name).spec)
@@ -97,7 +107,7 @@ def test_native_export_refuses_masking(subject, name, tmp_path):
     assert out.read_bytes() == b"previous", "a refused export must leave the old file alone"
 
 
-@pytest.mark.parametrize("name", list(PARITY_MATRIX))
+@pytest.mark.parametrize("name", TF2ONNX)
 def test_tf2onnx_graph_matches_keras(subject, name):
     _compare(subject(name), "ort-tf2onnx")
     session = ort.InferenceSession(str(subject(name).onnx_path("tf2onnx")), providers=["CPUExecutionProvider"])
@@ -146,7 +156,8 @@ def _session(path):
 
 
 @pytest.mark.parametrize("name", ["airline", "return-state-sequences", "dense-tanh",
-                                  "reset_after-False-bias-True-back-False"])
+                                  "reset_after-False-bias-True-back-False", "lstm-return-state-sequences",
+                                  "mixed-simple_rnn-dense-lstm-gru"])
 def test_state_io_streams_in_chunks(subject, name, tmp_path):
     """state_io: feeding state_<k> back as initial_state_<k> continues the sequence exactly."""
     subject = subject(name)
@@ -167,9 +178,10 @@ def test_state_io_streams_in_chunks(subject, name, tmp_path):
     _assert_parity([streamed], [expected], f"state_io {name}")
 
 
-@pytest.mark.parametrize("name", ["bidirectional-concat", "reset_after-True-bias-True-back-True"])
+@pytest.mark.parametrize("name", ["bidirectional-concat", "reset_after-True-bias-True-back-True",
+                                  "lstm-bidirectional-concat-sum", "mixed-bidirectional-lstm-simple_rnn"])
 def test_state_io_initial_states_match_the_engine(subject, name, tmp_path):
-    """initial_state_<k> is the engine's initial_state[k] (one per GRU direction, in layer order)."""
+    """initial_state_<k> is the engine's initial_state[k] (one per carry, in layer order)."""
     spec = subject(name).spec
     session = _session(export_onnx(spec, tmp_path / "state.onnx", state_io=True))
     engine = gru_engine.Model(spec)
@@ -180,7 +192,8 @@ def test_state_io_initial_states_match_the_engine(subject, name, tmp_path):
     _assert_parity(results[:1], [engine.predict(x, initial_state=states)], f"initial states {name}")
 
 
-@pytest.mark.parametrize("name", ["return-state", "bidirectional-state"])
+@pytest.mark.parametrize("name", ["return-state", "bidirectional-state", "lstm-return-state",
+                                  "lstm-bidirectional-state", "simple_rnn-return-state"])
 def test_state_io_graph_imports_with_initial_state(subject, name, tmp_path):
     """A state_io graph of one recurrent layer reads back: its initial_state_<k> inputs are the engine's."""
     path = export_onnx(subject(name).spec, tmp_path / "state.onnx", state_io=True)

@@ -304,7 +304,8 @@ def test_graph_layouts_run_through_the_session(tmp_path, build):
 
 
 BAD_GRAPHS = {
-    "lstm": (lambda: _single_gru(op="LSTM"), UnsupportedModelError, r"the_gru.*LSTM.*not supported"),
+    "lstm-with-gru-weights": (lambda: _single_gru(op="LSTM"), BundleError,
+                              r"the_gru.*W is float32 \(1, 12, 3\); expected float32 \(1, 16, 3\)"),
     "clip-negative": (lambda: _single_gru({"clip": -3.0}), BundleError, r"the_gru.*clip is -3.0"),
     "lengths-zero": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "B", "lens"), extra_initializers=[
         numpy_helper.from_array(np.array([0], np.int32), "lens")]), BundleError, r"the_gru.*at least 1"),

@@ -22,7 +22,7 @@ from gru_engine import BundleError, InputError, bundle, spec as spec_module
 from gru_engine.exporters import import_onnx, onnx_session
 from gru_engine.spec import Layer, max_excess
 
-from reference import gru_config, onnx_gru, random_spec, reference_predict
+from reference import gru_config, onnx_gru, random_spec, recurrent_config, reference_predict
 
 MODERATE = 100.0  # outputs beyond this magnitude come from a blown-up recurrence
 ACTIVATION_NAMES = ["Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh", "HardSigmoid",
@@ -221,6 +221,45 @@ def test_predict_lengths_follow_keras_masking(tmp_path):
                          (np.array([1.5] * 5), "integer"), (np.array([1, 2]), "shape")):
         with pytest.raises(InputError, match=message):
             model.predict(x, lengths=bad)
+
+
+CAUSAL = {"filters": 3, "kernel_size": 2, "strides": 1, "padding": "causal", "dilation_rate": 2, "groups": 1,
+          "activation": "relu", "use_bias": True}
+LENGTHS_CHAINS = {
+    "lstm-stack": [Layer("masking", "m", {"mask_value": 0.0}),
+                   Layer("lstm", "l", recurrent_config("lstm", 3, return_sequences=True)),
+                   Layer("simple_rnn", "s", recurrent_config("simple_rnn", 2, go_backwards=True))],
+    "bidirectional-lstm": [Layer("bidirectional", "b", {
+        "merge_mode": "sum", "layer": "lstm", "forward": recurrent_config("lstm", 3, return_sequences=True),
+        "backward": recurrent_config("lstm", 3, return_sequences=True, go_backwards=True)})],
+    "causal-conv-then-gru": [Layer("conv1d", "c", CAUSAL),
+                             Layer("batch_normalization", "n", {"epsilon": 1e-3, "center": True, "scale": True}),
+                             Layer("gru", "g", gru_config(3, return_sequences=True)),
+                             Layer("global_average_pooling1d", "p", {})],
+}
+
+
+@pytest.mark.parametrize("name", list(LENGTHS_CHAINS))
+def test_predict_lengths_for_every_recurrent_family_and_causal_front_ends(name):
+    spec = random_spec(LENGTHS_CHAINS[name], 3, seed=4)
+    x = np.random.default_rng(2).standard_normal((4, 7, 3)).astype(np.float32)
+    x[0, 2] = 0.0  # a Masking layer's step inside the first sample's length
+    lengths = np.array([7, 2, 5, 1])
+    _close(gru_engine.Model(spec).predict(x, lengths=lengths), reference_predict(spec, x, lengths=lengths)[0])
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (Layer("conv1d", "strided", dict(CAUSAL, strides=2, dilation_rate=1)), "'strided' \\(Conv1D\\) has strides 2"),
+    (Layer("conv1d", "centred", dict(CAUSAL, padding="same")), "'centred' \\(Conv1D\\) has padding 'same'"),
+    (Layer("max_pooling1d", "pool", {"pool_size": 2, "strides": 2, "padding": "valid"}), "'pool' \\(MaxPooling1D\\)"),
+])
+def test_predict_lengths_refused_through_front_ends_that_move_steps(layer, reason):
+    spec = random_spec([layer, Layer("gru", "g", gru_config(3))], 3, check_shape=(2, 8))
+    model = gru_engine.Model(spec)
+    x = np.ones((2, 8, 3), np.float32)
+    with pytest.raises(InputError, match=f"lengths= cannot be honoured: layer {reason}"):
+        model.predict(x, lengths=np.array([8, 3]))
+    model.predict(x)  # without lengths, the model runs
 
 
 @pytest.fixture(scope="module")

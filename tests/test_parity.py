@@ -30,7 +30,7 @@ from gru_engine import UnsupportedModelError
 from gru_engine.bench.registry import IMPLEMENTATIONS, Subject
 from gru_engine.exporters import keras_reader
 from gru_engine.spec import max_excess
-from models import AIRLINE, PARITY_MATRIX, build_model, random_input, uses_masking
+from models import AIRLINE, FAMILY_MATRIX, PARITY_MATRIX, build_model, random_input, stateful, uses_masking
 from reference import reference_predict, reference_run, rounding_sensitivity
 
 MAX_SENSITIVITY = 0.1
@@ -49,6 +49,9 @@ class Case:
     batch: int | None = None  # input batch, when the case needs a particular one
     fixed_batch: bool = False  # build the Keras Input with that batch (stateful layers need one)
     seed: int | None = None   # weights; by default the name's length
+    # Keras models to build: the GRU matrix runs both; the families' options are the same code in
+    # the reader, so one build each keeps the test time down.
+    builds: tuple[str, ...] = ("sequential", "functional")
 
 
 def _gru(units, **options):
@@ -89,19 +92,36 @@ EXTRA = {
                                  batch=4, fixed_batch=True),
     "stateful-bidirectional": Case([{"kind": "bidirectional", "units": 3, "stateful": True, "merge_mode": "sum"}],
                                    batch=3, fixed_batch=True),
+    "lstm-airline-fixed-10": Case([{"kind": "lstm", "units": 50, "return_sequences": True}, {"kind": "lstm", "units": 50},
+                                   {"kind": "dense", "units": 1}], features=1, steps=10, time=10, batch=7,
+                                  builds=("sequential",)),
+    "lstm-long-200-batch-17": Case([{"kind": "lstm", "units": 33, "return_sequences": True},
+                                    {"kind": "dense", "units": 1}], features=2, time=200, batch=17, seed=0,
+                                   builds=("sequential",)),
+    "stateful-lstm-simple_rnn": Case(stateful([{"kind": "lstm", "units": 6, "return_sequences": True},
+                                               {"kind": "simple_rnn", "units": 4}]),
+                                     batch=4, fixed_batch=True, builds=("sequential",)),
+    "stateful-bidirectional-lstm": Case([{"kind": "bidirectional", "layer": "lstm", "units": 3, "stateful": True,
+                                          "merge_mode": "ave"}], batch=3, fixed_batch=True, builds=("functional",)),
 }
-CASES = {name: Case(layers, features=1 if name == "airline" else 3) for name, layers in PARITY_MATRIX.items()}
-CASES.update(EXTRA)
+
 
 def forced_functional(layers) -> bool:
     """build_model makes these functional whatever is asked: Sequential cannot end in several outputs."""
     return any(spec.get("return_state") or spec.get("merge_mode", "x") is None for spec in layers)
 
 
+CASES = {name: Case(layers, features=1 if name == "airline" else 3) for name, layers in PARITY_MATRIX.items()}
+CASES.update({name: Case(layers, builds=("functional",) if forced_functional(layers) else ("sequential",))
+              for name, layers in FAMILY_MATRIX.items()})
+CASES.update(EXTRA)
+
+
+
 def parity_params():
     params = []
     for index, (name, case) in enumerate(CASES.items()):
-        builds = ("functional",) if forced_functional(case.layers) else ("sequential", "functional")
+        builds = ("functional",) if forced_functional(case.layers) else case.builds
         for build in builds:
             params.append(pytest.param(name, build, index, id=f"{name}-{build}"))
     return params
@@ -180,14 +200,14 @@ def test_engine_matches_keras_and_reference(subjects, name, build, index):
     assert_parity(engine_outputs, reference_outputs, "engine vs reference")
 
 
-@pytest.mark.parametrize("name", ["stateful-fixed-batch", "airline"])
+@pytest.mark.parametrize("name", ["stateful-fixed-batch", "airline", "stateful-lstm-simple_rnn",
+                                  "mixed-lstm-gru-dense"])
 def test_carried_state_matches_stateful_keras(tmp_path, name):
     """Two consecutive chunks: stateful Keras carries its state; the engine's stream and
     predict(initial_state=...) must carry the same one."""
     case = CASES[name]
     batch = case.batch or 4
-    stateful_layers = [dict(spec, stateful=True) if spec["kind"] == "gru" else spec for spec in case.layers]
-    keras_model = build_model(stateful_layers, case.features, seed=3, batch=batch)
+    keras_model = build_model(stateful(case.layers), case.features, seed=3, batch=batch)
     subject = Subject(keras_model, name=f"stateful-{name}", workdir=tmp_path)
     run_engine = IMPLEMENTATIONS["engine"].prepare(subject, THREADS)
     engine = gru_engine.load(subject.bundle_path)
@@ -299,16 +319,27 @@ def _doubled(x):
     return 2.0 * x
 
 
+def _peephole_lstm():
+    """A user's LSTM subclass: it may compute anything, so it is refused, not read as an LSTM."""
+    class PeepholeLSTM(_layers().LSTM):
+        pass
+    return PeepholeLSTM
+
+
 def _layers():
     import keras
     return keras.layers
 
 
 UNSUPPORTED = {
-    "lstm": (lambda: _sequential(_layers().LSTM(4, name="my_lstm")), "my_lstm"),
-    "conv1d": (lambda: _sequential(_layers().Conv1D(4, 2, name="my_conv"), _layers().GRU(2)), "my_conv"),
-    "bidirectional-lstm": (lambda: _sequential(_layers().Bidirectional(_layers().LSTM(3), name="bi")),
-                           "forward_lstm"),
+    "lstm-subclass": (lambda: _sequential(_peephole_lstm()(4, name="peephole_lstm")), "peephole_lstm"),
+    "lstm-softmax": (lambda: _sequential(_layers().LSTM(4, activation="softmax", name="softmax_lstm")),
+                     "softmax_lstm"),
+    "simple_rnn-gelu": (lambda: _sequential(_layers().SimpleRNN(4, activation="gelu", name="gelu_rnn")), "gelu_rnn"),
+    "conv1d-transpose": (lambda: _sequential(_layers().Conv1DTranspose(4, 2, name="my_conv"), _layers().GRU(2)),
+                         "my_conv"),
+    "bidirectional-mixed": (lambda: _sequential(_layers().Bidirectional(
+        _layers().LSTM(3), backward_layer=_layers().GRU(3, go_backwards=True), name="mixed_bi")), "mixed_bi"),
     "branches": (_functional_branches, "right"),
     "shared-layer": (_functional_shared, "shared_gru"),
     "return-state-in-middle": (_functional_state_in_middle, "middle_gru"),
@@ -347,7 +378,7 @@ def test_models_that_are_not_a_sequence_chain_are_refused():
         keras_reader.read_keras(two_inputs)
     with pytest.raises(UnsupportedModelError, match=r"\(batch, time, features\)"):
         keras_reader.read_keras(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
-    with pytest.raises(UnsupportedModelError, match="no GRU layer"):
+    with pytest.raises(UnsupportedModelError, match="no recurrent layer"):
         keras_reader.read_keras(_sequential(keras.layers.Dense(2)))
 
 

@@ -10,25 +10,27 @@ import numpy as np
 import pytest
 
 import gru_engine
-from gru_engine.spec import max_excess
-from models import PARITY_MATRIX, build_model, is_causal, random_input, uses_masking
+from gru_engine.spec import max_excess, recurrent_configs
+from models import FAMILY_MATRIX, PARITY_MATRIX, build_model, is_causal, random_input, stateful, uses_masking
 
+MATRIX = {**PARITY_MATRIX, **FAMILY_MATRIX}
+# GRU options are many variants of one kernel: a selection; every streamable LSTM, SimpleRNN and mixed chain.
 CAUSAL_CASES = ["airline", "act-tanh-rec-hard_sigmoid", "act-relu-rec-sigmoid",
                 "reset_after-False-bias-True-back-False", "reset_after-True-bias-False-back-False",
-                "return-state-sequences", "masking", "masking-sequences-dense", "dense-softmax", "units-1"]
+                "return-state-sequences", "masking", "masking-sequences-dense", "dense-softmax", "units-1"] + [
+                    name for name, layers in FAMILY_MATRIX.items() if is_causal(layers)]
 FEATURES = 3
 
 
 @functools.cache
-def engine_model(case: str, stateful: bool = False):
+def engine_model(case: str, keep_state: bool = False):
     """(Keras model, engine Model) for a case; bundle written to a private temp dir."""
     import tempfile
 
     from gru_engine.exporters import export_bundle
-    layers = [dict(spec, stateful=True) if stateful and spec["kind"] == "gru" else spec
-              for spec in PARITY_MATRIX[case]]
+    layers = stateful(MATRIX[case]) if keep_state else MATRIX[case]
     features = 1 if case == "airline" else FEATURES
-    keras_model = build_model(layers, features, seed=3, batch=2 if stateful else None)
+    keras_model = build_model(layers, features, seed=3, batch=2 if keep_state else None)
     path = Path(tempfile.mkdtemp()) / f"{case}.gru.safetensors"
     export_bundle(keras_model, path)
     return keras_model, gru_engine.load(path)
@@ -40,12 +42,12 @@ def main_output(outputs):
 
 def case_input(case, batch, steps, seed):
     model = engine_model(case)[1]
-    return random_input(batch, steps, model.input_features, seed=seed, mask_value=uses_masking(PARITY_MATRIX[case]))
+    return random_input(batch, steps, model.input_features, seed=seed, mask_value=uses_masking(MATRIX[case]))
 
 
 @pytest.mark.parametrize("case", CAUSAL_CASES)
 def test_step_equals_predict_on_every_prefix(case):
-    assert is_causal(PARITY_MATRIX[case])
+    assert is_causal(MATRIX[case])
     _, model = engine_model(case)
     x = case_input(case, 3, 12, seed=5)
     stream = model.stream(batch=3)
@@ -73,7 +75,8 @@ def test_chunked_run_equals_one_predict(case):
         assert max_excess(per_step[:, 8], main_output(model.predict(x[:, :9]))) <= 0
 
 
-@pytest.mark.parametrize("case", ["airline", "masking", "reset_after-False-bias-True-back-False"])
+@pytest.mark.parametrize("case", ["airline", "masking", "reset_after-False-bias-True-back-False", "lstm-masking",
+                                  "mixed-lstm-gru-dense"])
 def test_state_round_trip_and_initial_state(case):
     _, model = engine_model(case)
     x = case_input(case, 2, 14, seed=7)
@@ -93,15 +96,16 @@ def test_state_round_trip_and_initial_state(case):
     assert max_excess(continued, expected) <= 0
 
 
-@pytest.mark.parametrize("case", ["airline", "dense-tanh", "masking-sequences-dense"])
+@pytest.mark.parametrize("case", ["airline", "dense-tanh", "masking-sequences-dense", "mixed-lstm-gru-dense",
+                                  "simple_rnn-masking"])
 def test_keras_stateful_model_fed_the_same_chunks(case):
     """Keras stateful chunks == predict(chunk, initial_state=carries so far), and, without masking,
     == the stream's run. (With masking, Keras emits zeros at masked steps that open a chunk; a stream
     emits the carry there, so that every step equals predict on the whole prefix.)"""
-    keras_model, model = engine_model(case, stateful=True)
-    assert all(layer.config["stateful"] for layer in model.spec.layers if layer.kind == "gru")
+    keras_model, model = engine_model(case, keep_state=True)
+    assert all(config["stateful"] for layer in model.spec.layers for config in recurrent_configs(layer))
     x = case_input(case, 2, 15, seed=8)
-    x[1, 4] = x[0, 9] = uses_masking(PARITY_MATRIX[case]) or 0.0  # chunks opening on a padded step
+    x[1, 4] = x[0, 9] = uses_masking(MATRIX[case]) or 0.0  # chunks opening on a padded step
     for layer in keras_model.layers:
         if getattr(layer, "stateful", False):
             layer.reset_state()
@@ -110,9 +114,36 @@ def test_keras_stateful_model_fed_the_same_chunks(case):
         keras_y = np.asarray(keras_model(x[:, a:b], training=False))
         assert max_excess(main_output(model.predict(x[:, a:b], initial_state=stream.state)), keras_y) <= 0
         streamed = stream.run(x[:, a:b])
-        if uses_masking(PARITY_MATRIX[case]) is None:
+        if uses_masking(MATRIX[case]) is None:
             streamed = streamed if model.shapes[-1].output_is_sequence else streamed[:, -1]
             assert max_excess(streamed, keras_y) <= 0, f"chunk {a}:{b}"
+
+
+@pytest.mark.parametrize("case", ["lstm-return-state", "mixed-simple_rnn-dense-lstm-gru"])
+def test_stream_state_is_every_carry_in_keras_order(case):
+    """LSTM: h then c, per direction, in layer order: what Keras's return_state and initial_state use."""
+    _, model = engine_model(case)
+    x = case_input(case, 2, 9, seed=9)
+    stream = model.stream(batch=2)
+    stream.run(x)
+    state = stream.state
+    kinds = [layer.kind for layer in model.spec.layers if recurrent_configs(layer)]
+    assert len(state) == sum(2 if kind == "lstm" else 1 for kind in kinds) == len(model.state_shapes)
+    if case == "lstm-return-state":
+        _, h, c = model.predict(x)
+        np.testing.assert_array_equal(state[0], h)
+        np.testing.assert_array_equal(state[1], c)
+        assert not np.allclose(h, c)
+    # Every carry matters: changing any one of them changes what comes next.
+    following = x[:, :3]
+    expected = main_output(model.predict(following, initial_state=state))
+    for index in range(len(state)):
+        changed = [array.copy() for array in state]
+        changed[index] += 0.5
+        assert not np.allclose(main_output(model.predict(following, initial_state=changed)), expected), index
+    stream.state = state
+    assert max_excess(main_output(stream.run(following))[:, -1], expected if expected.ndim == 2
+                      else expected[:, -1]) <= 0
 
 
 def test_single_sample_step_shapes_and_out_buffer():

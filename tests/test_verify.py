@@ -117,3 +117,21 @@ def test_compare_applies_the_parity_tolerance_and_refuses_mismatched_outputs():
     assert not compare(expected[:, :1], expected).ok
     assert "shape (1, 1), the reference (1, 2)" in compare(expected[:, :1], expected).describe()
     assert "2 outputs, the reference has 1" in compare([expected, expected], [expected]).describe()
+
+
+def test_lstm_and_simple_rnn_models_verify_and_inspect(tmp_path, capsys):
+    from gru_engine.exporters import export_onnx
+
+    layers = [{"kind": "lstm", "units": 6, "return_sequences": True},
+              {"kind": "simple_rnn", "units": 4, "return_sequences": True},
+              {"kind": "bidirectional", "layer": "lstm", "units": 3}, {"kind": "dense", "units": 2}]
+    keras_model = build_model(layers, features=3, seed=0)
+    model_path, bundle_path = _save(keras_model, tmp_path, "families")
+    onnx_path = export_onnx(keras_model, tmp_path / "families.onnx")
+    assert verify(model_path, bundle_path=bundle_path, onnx_path=onnx_path) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    assert cli_main(["inspect", str(bundle_path)]) == 0
+    out = capsys.readouterr().out
+    for layer in keras_model.layers:
+        assert f"{layer.name} ({type(layer).__name__})" in out
+        assert f"{layer.count_params():,}" in out

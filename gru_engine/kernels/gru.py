@@ -21,19 +21,10 @@ from numba import njit
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ONE, ZERO, activate, activate_with
 from .products import accumulate_rows, padded, project
-from .recurrent import MASKED_CARRY, MASKED_ZERO, PROJECT_AHEAD
-
-# One direction's columns in a plan row (see ``plan``), in this order.
-GRU_BLOCK = (
-    "units", "activation", "recurrent_activation", "reset_after", "go_backwards", "return_sequences",
-    "masked_output", "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry",
-    "params",  # ONNX activation parameters and clip: weight offset of 5 floats, or NO_PARAMS
-)
-BLOCK_WIDTH = len(GRU_BLOCK)
-(G_UNITS, G_ACT, G_REC_ACT, G_RESET_AFTER, G_GO_BACKWARDS, G_RETURN_SEQUENCES, G_MASKED_OUTPUT,
- G_KERNEL, G_RECURRENT_KERNEL, G_INPUT_BIAS, G_RECURRENT_BIAS, G_CARRY, G_PARAMS) = range(BLOCK_WIDTH)
-NO_PARAMS = -1
-PARAMS_SIZE = 5
+from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT, B_OPTION,
+                        B_PARAMS, B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS,
+                        MASKED_CARRY, MASKED_ZERO, NO_PARAMS, PARAMS_SIZE, PROJECT_AHEAD, carry_in, carry_out,
+                        masked_row)
 
 
 @njit(**KERNEL_FLAGS)
@@ -121,9 +112,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
             row = out[s, o]       # (>=H,)
             if masked and mask[s, t] == ZERO:
                 # Keras skips masked steps: the carry passes through, the output repeats it (or is zero).
-                repeat = (emitted >> s) & 1
-                for j in range(units):
-                    row[j] = hs[j] if repeat else ZERO
+                masked_row(row, hs, units, (emitted >> s) & 1)
                 continue
             if masked_output != MASKED_ZERO:
                 emitted |= 1 << s
@@ -142,35 +131,29 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
 @njit(**KERNEL_FLAGS)
 def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates, candidate,
               out, time_ordered_output):
-    """Run the GRU described by plan row columns col.. (one direction of a layer).
+    """Run the GRU described by plan row columns col.. (one direction block, see ``recurrent``).
 
     carry: (S, C) every direction's carry; hidden: (S, >=H) C-contiguous copy used while running.
     """
     prefer_wide_vectors()
-    units = row[col + G_UNITS]
+    units = row[col + B_UNITS]
     width = padded(3 * units)
-    k = row[col + G_KERNEL]
-    r = row[col + G_RECURRENT_KERNEL]
-    ib = row[col + G_INPUT_BIAS]
-    rb = row[col + G_RECURRENT_BIAS]
-    c = row[col + G_CARRY]
-    p = row[col + G_PARAMS]
+    k = row[col + B_KERNEL]
+    r = row[col + B_RECURRENT_KERNEL]
+    ib = row[col + B_INPUT_BIAS]
+    rb = row[col + B_RECURRENT_BIAS]
+    c = row[col + B_CARRY]
+    carry_in(samples, carry, c, units, hidden)
+    p = row[col + B_PARAMS]
     params = weights[p:p + PARAMS_SIZE] if p != NO_PARAMS else weights[:0]  # (5,) or (0,)
-    for s in range(samples):
-        carried = carry[s, c:c + units]  # (H,)
-        for j in range(units):
-            hidden[s, j] = carried[j]
     gru_layer(
         x, samples, steps, input_dim,
         weights[k:k + input_dim * width].reshape((input_dim, width)),
         weights[r:r + units * width],
         weights[ib:ib + width], weights[rb:rb + width],
-        row[col + G_ACT], row[col + G_REC_ACT], row[col + G_RESET_AFTER] != 0,
-        row[col + G_GO_BACKWARDS] != 0, row[col + G_MASKED_OUTPUT], mask, masked,
+        row[col + B_ACT], row[col + B_REC_ACT], row[col + B_OPTION] != 0,
+        row[col + B_GO_BACKWARDS] != 0, row[col + B_MASKED_OUTPUT], mask, masked,
         hidden, xw, gates, candidate, out, time_ordered_output, params,
     )
-    for s in range(samples):
-        carried = carry[s, c:c + units]  # (H,)
-        for j in range(units):
-            carried[j] = hidden[s, j]
-    return units, row[col + G_RETURN_SEQUENCES] != 0
+    carry_out(samples, hidden, carry, c, units)
+    return units, row[col + B_RETURN_SEQUENCES] != 0

@@ -11,17 +11,34 @@ from numba import njit, prange
 
 from .._flags import KERNEL_FLAGS, PARALLEL_KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO
+from .conv import conv1d_layer
 from .dense import dense_layer
-from .gru import BLOCK_WIDTH, gru_block
+from .gru import gru_block
+from .lstm import lstm_block
 from .masking import mask_lengths, mask_steps
+from .pooling import affine_layer, global_pool_layer, pool1d_layer
 from .products import BLOCK, padded
-from .recurrent import PROJECT_AHEAD, merge_directions
+from .recurrent import B_CELL, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN, PROJECT_AHEAD, merge_directions
+from .simple_rnn import simple_rnn_block
+from .transforms import CENTER, FIRST_STEP, transform_step
 
-# Layer kinds in column 0 of a plan row.
+# Layer kinds in column 0 of a plan row; a recurrent layer's kind is the cell its block runs.
 KIND_MASKING = 0
-KIND_GRU = 1
+KIND_GRU = CELL_GRU
 KIND_BIDIRECTIONAL = 2
 KIND_DENSE = 3
+KIND_LSTM = CELL_LSTM
+KIND_SIMPLE_RNN = CELL_SIMPLE_RNN
+# Front-end kinds (convolution, pooling, normalization) from 10 on; each may change the row count.
+KIND_CONV1D = 10
+KIND_MAX_POOLING = 11
+KIND_AVERAGE_POOLING = 12
+KIND_GLOBAL_MAX_POOLING = 13
+KIND_GLOBAL_AVERAGE_POOLING = 14
+KIND_BATCH_NORMALIZATION = 15
+
+# Rows of kind >= transforms.FIRST_STEP are a bundle's transform steps: the input steps lead the
+# plan, the output steps end it (see ``transforms``).
 
 # Plan row layout. Every row: kind, input_dim, output_dim, then kind-specific columns.
 PLAN_WIDTH = 32
@@ -30,9 +47,125 @@ COL_KIND, COL_IN, COL_OUT = 0, 1, 2
 COL_MASK_VALUE = 3
 # dense: activation, kernel offset, bias offset
 COL_DENSE_ACTIVATION, COL_DENSE_KERNEL, COL_DENSE_BIAS = 3, 4, 5
-# gru and bidirectional: merge mode, then one direction block (forward), then a second (backward)
+# recurrent and bidirectional: merge mode, then one direction block (forward), then a second
+# (backward); each block names its cell (see ``recurrent.DIRECTION_BLOCK``)
 COL_MERGE = 3
 COL_FORWARD, COL_BACKWARD = 4, 4 + BLOCK_WIDTH
+# conv1d: activation, kernel offset, bias offset, groups, kernel_size, strides, dilation, padding code,
+# carry offset of its history (-1: zero padding, not streamed)
+(COL_CONV_ACTIVATION, COL_CONV_KERNEL, COL_CONV_BIAS, COL_CONV_GROUPS, COL_CONV_SIZE, COL_CONV_STRIDES,
+ COL_CONV_DILATION, COL_CONV_PADDING, COL_CONV_HISTORY) = range(3, 12)
+# max and average pooling: pool_size, strides, padding code
+COL_POOL_SIZE, COL_POOL_STRIDES, COL_POOL_PADDING = 3, 4, 5
+# batch_normalization: weight offsets of its per-channel scale and shift
+COL_NORM_SCALE, COL_NORM_SHIFT = 3, 4
+
+# transform steps: transforms.STEP_COLUMNS
+COL_STEP = 3
+# What ``admit`` returns instead of a count of non-finite samples.
+WRONG_WIDTH, TRANSFORM_NOT_FINITE = -1, -2
+
+
+@njit(**KERNEL_FLAGS)
+def kept_means(plan, features):
+    """Floats per sample that CENTER steps keep for UNCENTER: one slot of ``features`` per CENTER row."""
+    slots = 0
+    for layer in range(plan.shape[0]):
+        slots += plan[layer, COL_KIND] == CENTER
+    return slots * features
+
+
+@njit(**KERNEL_FLAGS)
+def scratch(work, samples, steps, features, max_dim, max_gate_width, means_size):
+    """run_block's views of its scratch work (K,); every one C-contiguous, so LLVM knows the strides."""
+    size = samples * steps * max_dim
+    block = (samples, steps, max_dim)
+    current = work[:size].reshape(block)                          # (S, T, Dmax)
+    following = work[size:2 * size].reshape(block)               # (S, T, Dmax)
+    backward = work[2 * size:3 * size].reshape(block)             # (S, T, Dmax)
+    offset = 3 * size
+    ahead = min(steps, PROJECT_AHEAD)
+    xw = work[offset:offset + samples * ahead * max_gate_width].reshape((samples, ahead, max_gate_width))  # (S, A, Pmax)
+    offset += samples * ahead * max_gate_width
+    gates = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
+    offset += samples * max_gate_width
+    spare = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
+    offset += samples * max_gate_width
+    hidden = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))     # (S, Pmax)
+    offset += samples * max_gate_width
+    mask = work[offset:offset + samples * steps].reshape((samples, steps))               # (S, T)
+    offset += samples * steps
+    slots = means_size // features
+    means = work[offset:offset + samples * means_size].reshape((samples, slots, features))  # (S, slots, F)
+    return current, following, backward, xw, gates, spare, hidden, mask, means
+
+
+@njit(**KERNEL_FLAGS)
+def input_steps(plan, weights, x, current, means):
+    """Copy x (S, T, F) into current (S, T, >=F) and run the plan's leading transform steps on it.
+
+    Returns (index of the first layer row, whether every step's input was in its domain).
+    """
+    prefer_wide_vectors()
+    samples, steps, features = x.shape
+    for s in range(samples):
+        for t in range(steps):
+            for f in range(features):
+                current[s, t, f] = x[s, t, f]
+    ok = True
+    first = 0
+    while first < plan.shape[0] and plan[first, COL_KIND] >= FIRST_STEP:
+        ok &= transform_step(plan[first, COL_KIND], plan[first], COL_STEP, weights, current, samples, steps, means)
+        first += 1
+    return first, ok
+
+
+@njit(**KERNEL_FLAGS)
+def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, out):
+    """Run one front-end layer (kind >= KIND_CONV1D) from x into out; return its output rows.
+
+    x: (S, T, Dmax); out: (S, T, Dmax): no front-end layer returns more rows than it reads.
+    """
+    kind = row[COL_KIND]
+    input_dim = row[COL_IN]
+    output_dim = row[COL_OUT]
+    if kind == KIND_CONV1D:
+        groups, taps = row[COL_CONV_GROUPS], row[COL_CONV_SIZE]
+        k = row[COL_CONV_KERNEL]
+        b = row[COL_CONV_BIAS]
+        kernel = weights[k:k + taps * input_dim * output_dim // groups].reshape(
+            (groups, taps, input_dim // groups, output_dim // groups))  # (G, K, I/G, F/G)
+        return conv1d_layer(x, samples, rows, input_dim, kernel, weights[b:b + output_dim],
+                            row[COL_CONV_STRIDES], row[COL_CONV_DILATION], row[COL_CONV_PADDING],
+                            row[COL_CONV_ACTIVATION], carry, row[COL_CONV_HISTORY], out)
+    if kind == KIND_MAX_POOLING or kind == KIND_AVERAGE_POOLING:
+        return pool1d_layer(x, samples, rows, input_dim, row[COL_POOL_SIZE], row[COL_POOL_STRIDES],
+                            row[COL_POOL_PADDING], kind == KIND_MAX_POOLING, out)
+    if kind == KIND_BATCH_NORMALIZATION:
+        a = row[COL_NORM_SCALE]
+        b = row[COL_NORM_SHIFT]
+        affine_layer(x, samples, rows, input_dim, weights[a:a + input_dim], weights[b:b + input_dim], out)
+        return rows
+    global_pool_layer(x, samples, rows, input_dim, mask, masked, kind == KIND_GLOBAL_MAX_POOLING, out)
+    return 1
+
+
+@njit(**KERNEL_FLAGS)
+def run_direction(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates, spare,
+                  out, time_ordered_output):
+    """Run the direction block at columns col.. with its cell's kernel; returns (units, return_sequences).
+
+    hidden, spare: (S, >=Pmax) scratch: the carry h while running, and GRU's r * h or LSTM's c.
+    """
+    cell = row[col + B_CELL]
+    if cell == CELL_LSTM:
+        return lstm_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, spare,
+                          xw, gates, out, time_ordered_output)
+    if cell == CELL_SIMPLE_RNN:
+        return simple_rnn_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden,
+                                xw, gates, out, time_ordered_output)
+    return gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates,
+                     spare, out, time_ordered_output)
 
 
 @njit(**KERNEL_FLAGS)
@@ -43,65 +176,55 @@ def run_block(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, o
     weights: (W,)            float32, every layer's tensors packed
     x:       (S, T, F)       input
     lengths: (S,) or (0,)    int64 valid steps per sample (trailing padding is masked), or none
-    carry:   (S, C)          every GRU direction's carry, read as initial state, left as final state
+    carry:   (S, C)          every recurrent direction's carries, read as initial state, left as final state
     work:    (K,)            scratch, see ``workspace_size``
     out:     (S, rows * D)   the last layer's output, rows = T for sequences, else 1
     """
     prefer_wide_vectors()
     samples = x.shape[0]
     steps = x.shape[1]
-    features = x.shape[2]
-    size = samples * steps * max_dim
-    block = (samples, steps, max_dim)
-    # Every scratch view is C-contiguous, so LLVM knows the strides and vectorises.
-    current = work[:size].reshape(block)                          # (S, T, Dmax)
-    following = work[size:2 * size].reshape(block)               # (S, T, Dmax)
-    backward = work[2 * size:3 * size].reshape(block)             # (S, T, Dmax)
-    offset = 3 * size
-    ahead = min(steps, PROJECT_AHEAD)
-    xw = work[offset:offset + samples * ahead * max_gate_width].reshape((samples, ahead, max_gate_width))  # (S, A, Pmax)
-    offset += samples * ahead * max_gate_width
-    gates = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
-    offset += samples * max_gate_width
-    candidate = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))  # (S, Pmax)
-    offset += samples * max_gate_width
-    hidden = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))     # (S, Pmax)
-    offset += samples * max_gate_width
-    mask = work[offset:offset + samples * steps].reshape((samples, steps))               # (S, T)
-
-    for s in range(samples):
-        for t in range(steps):
-            for f in range(features):
-                current[s, t, f] = x[s, t, f]
+    current, following, backward, xw, gates, spare, hidden, mask, means = scratch(
+        work, samples, steps, x.shape[2], max_dim, max_gate_width, kept_means(plan, x.shape[2]))
+    first, _ = input_steps(plan, weights, x, current, means)  # ``admit`` has checked their domain
     rows = steps
-    limited = lengths.shape[0] > 0
-    if limited:
+    masked = lengths.shape[0] > 0
+    if masked:
         mask_lengths(lengths, samples, rows, mask, False)
-    masked = limited
-    for layer in range(plan.shape[0]):
+    for layer in range(first, plan.shape[0]):
         row = plan[layer]
         kind = row[COL_KIND]
         input_dim = row[COL_IN]
         output_dim = row[COL_OUT]
+        if kind >= FIRST_STEP:  # an output step: in place
+            transform_step(kind, row, COL_STEP, weights, current, samples, rows, means)
+            continue
         if kind == KIND_MASKING:
             mask_steps(current, samples, rows, input_dim, weights[row[COL_MASK_VALUE]], mask)
-            if limited and masked:
+            if lengths.shape[0]:
                 mask_lengths(lengths, samples, rows, mask, True)
             masked = True
             continue
-        if kind == KIND_DENSE:
+        if kind >= KIND_CONV1D:
+            rows = frontend_layer(row, weights, current, samples, rows, mask, masked, carry, following)
+            # Keras's Conv1D and pooling layers drop the mask; BatchNormalization passes it on. Lengths
+            # hold on (the runtime admits them only through front-ends that keep each step's row).
+            if lengths.shape[0] and kind != KIND_BATCH_NORMALIZATION:
+                mask_lengths(lengths, samples, rows, mask, False)
+            else:
+                masked = masked and kind == KIND_BATCH_NORMALIZATION
+        elif kind == KIND_DENSE:
             k = row[COL_DENSE_KERNEL]
             b = row[COL_DENSE_BIAS]
             dense_layer(current, samples, rows, input_dim,
                         weights[k:k + input_dim * output_dim].reshape((input_dim, output_dim)),
                         weights[b:b + output_dim], row[COL_DENSE_ACTIVATION], following)
         else:
-            units, sequences = gru_block(row, COL_FORWARD, weights, input_dim, current, samples, rows, mask,
-                                         masked, carry, hidden, xw, gates, candidate, following, False)
+            units, sequences = run_direction(row, COL_FORWARD, weights, input_dim, current, samples, rows, mask,
+                                             masked, carry, hidden, xw, gates, spare, following, False)
             bidirectional = kind == KIND_BIDIRECTIONAL
             if bidirectional:
-                backward_units, _ = gru_block(row, COL_BACKWARD, weights, input_dim, current, samples, rows,
-                                              mask, masked, carry, hidden, xw, gates, candidate, backward, True)
+                backward_units, _ = run_direction(row, COL_BACKWARD, weights, input_dim, current, samples, rows,
+                                                  mask, masked, carry, hidden, xw, gates, spare, backward, True)
             if not sequences:
                 # Keep the last output: forward at t=T-1 (a Bidirectional's backward one is at t=0).
                 for s in range(samples):
@@ -135,14 +258,28 @@ def count_nonfinite(x):
 
 
 @njit(**KERNEL_FLAGS)
-def admit(plan, x, carry, zero_carry):
+def admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry):
     """What run_batch and run_batch_parallel check before running anything, so no carry changes
-    half-way: -1 if x's width is not the plan's input width, else how many samples of x are not
-    finite. When that is 0 and ``zero_carry`` is set, carry (B, C) is zeroed (it is then scratch)."""
+    half-way: WRONG_WIDTH if x's width is not the plan's input width, else how many samples of x are
+    not finite, else TRANSFORM_NOT_FINITE if the plan's input steps turn any sample non-finite (the
+    log of a value <= 0, an overflow; run on work[0], block by block). When all is well and
+    ``zero_carry`` is set, carry (B, C) is zeroed (it is then scratch)."""
     prefer_wide_vectors()
     if x.shape[2] != plan[0, COL_IN]:
-        return -1
+        return WRONG_WIDTH
     bad = count_nonfinite(x)
+    if bad == 0 and plan[0, COL_KIND] >= FIRST_STEP:
+        for start in range(0, x.shape[0], BLOCK):
+            block = x[start:min(start + BLOCK, x.shape[0])]
+            current, _, _, _, _, _, _, _, means = scratch(work[0], block.shape[0], block.shape[1], block.shape[2],
+                                                          max_dim, max_gate_width, kept_means(plan, block.shape[2]))
+            _, ok = input_steps(plan, weights, block, current, means)
+            for s in range(block.shape[0]):
+                for t in range(block.shape[1]):
+                    for f in range(block.shape[2]):
+                        ok &= math.isfinite(current[s, t, f])
+            if not ok:
+                return TRANSFORM_NOT_FINITE
     if bad == 0 and zero_carry:
         carry[:] = ZERO
     return bad
@@ -157,7 +294,7 @@ def run_batch(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, z
     Returns ``admit``'s verdict: anything but 0 means nothing ran.
     """
     prefer_wide_vectors()
-    bad = admit(plan, x, carry, zero_carry)
+    bad = admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry)
     if bad == 0:
         for start in range(0, x.shape[0], BLOCK):
             stop = min(start + BLOCK, x.shape[0])
@@ -173,7 +310,7 @@ def run_batch_parallel(plan, weights, x, lengths, carry, work, max_dim, max_gate
     work: (ceil(B / BLOCK), K), one scratch per block.
     """
     prefer_wide_vectors()
-    bad = admit(plan, x, carry, zero_carry)
+    bad = admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry)
     if bad == 0:
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
             start = block * BLOCK
@@ -183,8 +320,8 @@ def run_batch_parallel(plan, weights, x, lengths, carry, work, max_dim, max_gate
     return bad
 
 
-def workspace_size(samples, steps, max_dim, max_gate_width):
-    """Floats of scratch run_block needs for a block of ``samples`` samples, in whole cache lines
-    so that each block's scratch starts on one."""
+def workspace_size(samples, steps, max_dim, max_gate_width, means_size):
+    """Floats of scratch run_block needs for a block of ``samples`` samples (``means_size``: see
+    ``kept_means``), in whole cache lines so that each block's scratch starts on one."""
     ahead = min(steps, PROJECT_AHEAD)
-    return padded(samples * (3 * steps * max_dim + ahead * max_gate_width + 3 * max_gate_width + steps))
+    return padded(samples * (3 * steps * max_dim + ahead * max_gate_width + 3 * max_gate_width + steps + means_size))

@@ -1,9 +1,10 @@
-"""What every recurrent family shares: masked-step outputs and Bidirectional's merge."""
+"""What every recurrent family shares: the direction block of a plan row, masked-step outputs,
+carries copied in and out, and Bidirectional's merge."""
 
 from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
-from .activations import HALF
+from .activations import HALF, ZERO
 
 # Time steps whose input projection is computed together, just before the recurrence reaches them:
 # enough rows to share kernel loads four at a time, few enough to stay in L1 (measured GRU(256),
@@ -13,6 +14,22 @@ PROJECT_AHEAD = 8
 # previous output in this call (zeros before the first unmasked step, whatever the initial state).
 # A stream emits the carry instead, so each step equals predict() on the whole prefix.
 MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY = 0, 1, 2
+# The cell a direction block runs (the same codes as the plan's layer kinds for single layers).
+CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN = 1, 4, 5
+# One direction's columns in a plan row (see ``plan``), in this order, for every family. Columns a
+# family does not use stay 0: LSTM and SimpleRNN have no recurrent bias (Keras keeps one bias, on
+# the input side), ``option`` is GRU's reset_after, and ``params`` (ONNX activation parameters and
+# cell clip: the weight offset of PARAMS_SIZE floats [recurrent alpha, recurrent beta, alpha, beta,
+# clip], or NO_PARAMS) is read by GRU only.
+DIRECTION_BLOCK = (
+    "cell", "units", "activation", "recurrent_activation", "go_backwards", "return_sequences", "masked_output",
+    "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry", "option", "params",
+)
+BLOCK_WIDTH = len(DIRECTION_BLOCK)
+(B_CELL, B_UNITS, B_ACT, B_REC_ACT, B_GO_BACKWARDS, B_RETURN_SEQUENCES, B_MASKED_OUTPUT, B_KERNEL,
+ B_RECURRENT_KERNEL, B_INPUT_BIAS, B_RECURRENT_BIAS, B_CARRY, B_OPTION, B_PARAMS) = range(BLOCK_WIDTH)
+NO_PARAMS = -1
+PARAMS_SIZE = 5
 MERGE_CONCAT, MERGE_SUM, MERGE_MUL, MERGE_AVE, MERGE_NONE = range(5)
 MERGE_CODES = {"concat": MERGE_CONCAT, "sum": MERGE_SUM, "mul": MERGE_MUL,
                "ave": MERGE_AVE, None: MERGE_NONE}  # None: written as concat, split on return
@@ -43,3 +60,35 @@ def merge_directions(merge, samples, rows, forward_units, backward_units, forwar
             else:
                 for j in range(forward_units):
                     merged[j] = HALF * (merged[j] + other[j])
+
+
+@njit(**KERNEL_FLAGS)
+def carry_in(samples, carry, start, units, state):
+    """state[s, :units] = carry[s, start:start + units]: a C-contiguous copy the products can read.
+
+    carry: (S, C) every direction's carries; state: (S, >=units)
+    """
+    prefer_wide_vectors()
+    for s in range(samples):
+        carried = carry[s, start:start + units]  # (H,)
+        row = state[s]                           # (>=H,)
+        for j in range(units):
+            row[j] = carried[j]
+
+
+@njit(**KERNEL_FLAGS)
+def carry_out(samples, state, carry, start, units):
+    """carry[s, start:start + units] = state[s, :units], the reverse of ``carry_in``."""
+    prefer_wide_vectors()
+    for s in range(samples):
+        carried = carry[s, start:start + units]  # (H,)
+        row = state[s]                           # (>=H,)
+        for j in range(units):
+            carried[j] = row[j]
+
+
+@njit(inline="always", **KERNEL_FLAGS)
+def masked_row(row, state, units, repeat):
+    """A masked step's output: the carry repeated (``repeat``) or zeros. row, state: (>=H,)."""
+    for j in range(units):
+        row[j] = state[j] if repeat else ZERO

@@ -1,0 +1,224 @@
+"""The C writer's layer families: one entry per layer kind in ``FAMILIES``, each one C function
+plus the Python that declares a layer's weights and state and emits its call in the network's
+body. Here: the helpers every family calls, Masking and Dense; the recurrent kinds (GRU, LSTM,
+SimpleRNN, Bidirectional) are in ``c_recurrent``.
+
+Adding a layer kind is one ``Family``: its C (types and one function; ``c_sources`` lists the
+parts a layer needs, each emitted once) and an ``emit(writer, index, layer, shape)`` that declares the layer's
+weights with ``writer.matrix`` (a ``*kernel`` tensor: int8 when asked) / ``writer.vector``
+(biases, always float32), its carries with ``writer.state_field``, its
+scratch and buffer needs, and appends its call with ``writer.call``. ``writer.flow`` tracks, at
+generation time, which buffer holds the current sequence, its width and whether a mask applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from gru_engine.spec import Layer, LayerShape
+
+from .c_recurrent import ACTIVATION_CODES, bidirectional, bidirectional_sources, c_sources, recurrent
+
+
+# ----- the helpers every family calls: a weight matrix, matvec, activations -----
+
+CORE_C = """
+/* A row-major weight matrix; `cols` floats (int8: bytes) per row. */
+typedef struct {
+%(matrix_fields)s
+} Matrix;
+
+%(matvec)s
+
+/* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9, the engine's approximation (error 1.4e-7; float32
+   tanhf: about 1e-7), evaluated in double because recurrences amplify rounding. The clamps are
+   written with fabs, not comparisons: under the default strict IEEE flags (-ftrapping-math) a
+   comparison keeps the loop around it from vectorising, and these clamps are exact in double. */
+static inline float tanh_approx(float v)
+{
+    const double c = (double)v;
+    const double x = 0.5 * (fabs(c + 9.0) - fabs(c - 9.0));  /* clamp to [-9, 9] */
+    const double x2 = x * x;
+    const double p = ((((-1.03821162e-11 * x2 + 2.78178600e-08) * x2 + 2.67446258e-05) * x2 + 3.80222599e-03) * x2
+                      + 1.36261799e-01) * x2 + 9.99999908e-01;
+    const double q = (((1.20278291e-06 * x2 + 3.82464926e-04) * x2 + 2.70007688e-02) * x2 + 4.69594857e-01) * x2
+                     + 1.0;
+    const double y = x * p / q;
+    return (float)(0.5 * (fabs(y + 1.0) - fabs(y - 1.0)));  /* clamp to [-1, 1] */
+}
+
+enum { ACT_LINEAR, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTMAX };
+
+/* Keras activations, in place on v[n]. */
+static void activate(float *v, size_t n, int activation)
+{
+    size_t j;
+    float peak, total;
+    switch (activation) {
+    case ACT_TANH:
+        for (j = 0; j < n; j++)
+            v[j] = tanh_approx(v[j]);
+        break;
+    case ACT_SIGMOID:  /* sigmoid(x) = (tanh(x / 2) + 1) / 2, exactly */
+        for (j = 0; j < n; j++)
+            v[j] = 0.5f * tanh_approx(0.5f * v[j]) + 0.5f;
+        break;
+    case ACT_HARD_SIGMOID:  /* Keras 3: clip(x / 6 + 0.5, 0, 1) (tf.keras 2 used 0.2 x + 0.5) */
+        for (j = 0; j < n; j++) {
+            const double s = (double)(v[j] * (1.0f / 6.0f) + 0.5f);
+            v[j] = (float)(0.5 * (fabs(s) - fabs(s - 1.0)) + 0.5);  /* clamp to [0, 1], exact */
+        }
+        break;
+    case ACT_RELU:
+        for (j = 0; j < n; j++)
+            v[j] = 0.5f * (v[j] + fabsf(v[j]));  /* max(v, 0), exact */
+        break;
+    case ACT_SOFTMAX:
+        peak = v[0];
+        for (j = 1; j < n; j++)
+            peak = v[j] > peak ? v[j] : peak;
+        total = 0.0f;
+        for (j = 0; j < n; j++) {
+            v[j] = expf(v[j] - peak);
+            total += v[j];
+        }
+        for (j = 0; j < n; j++)
+            v[j] /= total;
+        break;
+    default:  /* ACT_LINEAR */
+        break;
+    }
+}
+"""
+
+MATVEC_FLOAT = """/* acc[j] += sum_i v[i] * m[i][first + j] for j < count; four rows per pass, so each acc[j] is
+   loaded and stored a quarter as often. */
+static void matvec_acc(float *acc, const float *v, size_t rows, const Matrix *m, size_t first, size_t count)
+{
+    size_t i = 0, j;
+    for (; i + 4 <= rows; i += 4) {
+        const float v0 = v[i], v1 = v[i + 1], v2 = v[i + 2], v3 = v[i + 3];
+        const float *r0 = m->values + i * m->cols + first, *r1 = r0 + m->cols, *r2 = r1 + m->cols, *r3 = r2 + m->cols;
+        for (j = 0; j < count; j++)
+            acc[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j]);
+    }
+    for (; i < rows; i++) {
+        const float vi = v[i];
+        const float *r0 = m->values + i * m->cols + first;
+        for (j = 0; j < count; j++)
+            acc[j] += vi * r0[j];
+    }
+}"""
+
+MATVEC_INT8 = """/* acc[j] += scale[first + j] * sum_i v[i] * m[i][first + j] for j < count: the int8 products are
+   summed in float over a block of columns, then scaled once per column. */
+#define MATVEC_BLOCK 32
+static void matvec_acc(float *acc, const float *v, size_t rows, const Matrix *m, size_t first, size_t count)
+{
+    size_t start, i, j;
+    for (start = 0; start < count; start += MATVEC_BLOCK) {
+        const size_t n = count - start < MATVEC_BLOCK ? count - start : MATVEC_BLOCK;
+        float sum[MATVEC_BLOCK] = {0.0f};
+        for (i = 0; i < rows; i++) {
+            const float vi = v[i];
+            const int8_t *row = m->values + i * m->cols + first + start;
+            for (j = 0; j < n; j++)
+                sum[j] += vi * (float)row[j];
+        }
+        for (j = 0; j < n; j++)
+            acc[start + j] += sum[j] * m->scale[first + start + j];
+    }
+}"""
+
+MATRIX_FIELDS = {
+    "float32": "    const float *values;\n    size_t cols;",
+    "int8": "    const int8_t *values;\n    const float *scale;   /* (cols): float value = int8 value * scale of its column */\n"
+            "    size_t cols;",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    c_sources: Callable[[Layer], tuple[str, ...]]  # the C a layer needs, shared parts first; each emitted once
+    emit: Callable[..., None]                      # (writer, index, layer, shape) -> None
+
+
+MASKING_C = """
+/* Keras Masking: a step whose features all equal mask_value is skipped by the recurrent layers
+   after it (mask[t] = 0), and its features are zeroed, as Keras multiplies them by the mask. */
+static void masking_run(float *x, size_t rows, size_t features, float mask_value, float *mask)
+{
+    size_t t, f;
+    for (t = 0; t < rows; t++) {
+        float *row = x + t * features;
+        int keep = 0;
+        for (f = 0; f < features; f++)
+            keep |= row[f] != mask_value;
+        mask[t] = keep ? 1.0f : 0.0f;
+        if (!keep)
+            memset(row, 0, features * sizeof *row);
+    }
+}
+"""
+
+
+def _masking(writer, index: int, layer: Layer, shape: LayerShape) -> None:
+    flow = writer.flow
+    writer.uses_mask()
+    writer.call(index, layer, "Masking",
+                [f"masking_run({flow.current}, rows, {shape.input_dim}, "
+                 f"{writer.float_literal(layer.config['mask_value'])}, mask);"])
+    flow.masked = True
+
+
+DENSE_C = """
+/* Keras Dense, applied to each row: y = activation(x kernel + bias). */
+typedef struct {
+    size_t input_dim, units;
+    Matrix kernel;          /* (input_dim, units) */
+    const float *bias;      /* (units), NULL: use_bias=False */
+    int activation;
+} DenseLayer;
+
+static void dense_run(const DenseLayer *layer, const float *x, size_t rows, float *y)
+{
+    size_t t;
+    for (t = 0; t < rows; t++) {
+        float *row = y + t * layer->units;
+        if (layer->bias != NULL)
+            memcpy(row, layer->bias, layer->units * sizeof *row);
+        else
+            memset(row, 0, layer->units * sizeof *row);
+        matvec_acc(row, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, layer->units);
+        activate(row, layer->units, layer->activation);
+    }
+}
+"""
+
+
+def _dense(writer, index: int, layer: Layer, shape: LayerShape) -> None:
+    config = layer.config
+    ident = writer.ident(index, layer)
+    kernel = writer.matrix(f"{ident}_kernel", layer.weights["kernel"],
+                           f"layer '{layer.name}' kernel: (input_dim, units)")
+    bias = "NULL"
+    if config["use_bias"]:
+        bias = writer.vector(f"{ident}_bias", layer.weights["bias"], f"layer '{layer.name}' bias: (units)")
+    table = f"{ident}_layer"
+    writer.table(f"static const DenseLayer {table} = {{ {shape.input_dim}, {config['units']}, {kernel}, {bias}, "
+                 f"{ACTIVATION_CODES[config['activation']]} }};")
+    flow = writer.flow
+    source, target = flow.current, flow.swap()
+    writer.call(index, layer, f"Dense, {config['units']} units, {config['activation']}",
+                [f"dense_run(&{table}, {source}, rows, {target});"])
+
+
+FAMILIES: dict[str, Family] = {
+    "masking": Family(lambda layer: (MASKING_C,), _masking),
+    "gru": Family(lambda layer: c_sources("gru"), recurrent),
+    "lstm": Family(lambda layer: c_sources("lstm"), recurrent),
+    "simple_rnn": Family(lambda layer: c_sources("simple_rnn"), recurrent),
+    "bidirectional": Family(bidirectional_sources, bidirectional),
+    "dense": Family(lambda layer: (DENSE_C,), _dense),
+}
