@@ -8,11 +8,12 @@ this package costs nothing extra.
     export_onnx("model.gru.safetensors", "model.onnx")           # from a bundle: no TensorFlow needed
     export_c("model.gru.safetensors", "c-out", name="model")     # dependency-free C99
     import_onnx("pytorch_gru.onnx", "pytorch_gru.gru.safetensors")
+    session = onnx_session("pytorch_gru.onnx")  # onnxruntime's InferenceSession interface, converted on the fly
 """
 
 from .c_writer import export_c
 from .keras_reader import export_bundle, read_keras
-from .onnx_reader import import_onnx, read_onnx
+from .onnx_reader import import_onnx, onnx_session, read_onnx
 from .onnx_writer import export_onnx
 
-__all__ = ["export_bundle", "read_keras", "export_c", "export_onnx", "import_onnx", "read_onnx"]
+__all__ = ["export_bundle", "read_keras", "export_c", "export_onnx", "import_onnx", "onnx_session", "read_onnx"]

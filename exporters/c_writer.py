@@ -204,6 +204,22 @@ class CCode:
     report: dict
 
 
+def _refuse_onnx_options(spec: ModelSpec) -> None:
+    """The C has Keras's recurrent activations only: refuse ONNX's others, their alpha/beta and clip."""
+    from gru_engine.spec import GRU_PARAMETER_KEYS, ONNX_ACTIVATIONS, RECURRENT_ACTIVATIONS, recurrent_configs
+
+    for index, layer in enumerate(spec.layers):
+        for config in recurrent_configs(layer):
+            options = [f"{field} {config[field]!r}" for field in ("recurrent_activation", "activation")
+                       if config.get(field) in ONNX_ACTIVATIONS]
+            options += [f"{key} {config[key]!r}" for key in GRU_PARAMETER_KEYS if key in config]
+            if options:
+                raise UnsupportedModelError(
+                    f"layer {index} '{layer.name}' uses {', '.join(options)} (from an ONNX graph), which the C "
+                    f"writer does not implement; it writes the activations {', '.join(RECURRENT_ACTIVATIONS)} at "
+                    "Keras's parameters, without clip")
+
+
 def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", origin: str | None = None,
             tolerance: tuple[float, float] = (PARITY_ATOL, PARITY_RTOL)) -> CCode:
     """The two files' text for a spec (validated here); ``tolerance``: the self-check's (atol, rtol)."""
@@ -217,6 +233,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
                     f"layer {index} '{getattr(layer, 'name', '?')}' is a {getattr(layer, 'kind', '?')!r} layer, which "
                     f"the C writer cannot express; it writes {', '.join(FAMILIES)}")
     shapes = validate(spec)
+    _refuse_onnx_options(spec)
     writer = _Writer(spec, shapes, weights)
     writer.generate()
     main_width = main_width_of(spec, shapes)

@@ -118,8 +118,8 @@ def write_layer(g, layer, shape, x: str, channels_first: bool, history: str | No
 # ----- reading (methods of onnx_reader's interpreter: each gets it, the operands and attributes) -----
 
 def _labels():
-    from . import onnx_reader  # imported here: onnx_reader imports this module's writer side indirectly
-    return onnx_reader
+    from . import onnx_values  # imported here: the writer side needs none of the reader's modules
+    return onnx_values
 
 
 def _channels_first(reader, value):
@@ -162,7 +162,7 @@ def _one(reader, attributes, name: str) -> int:
 def _append(chain, layer, width: int, axes=None, open_for: str = ""):
     import dataclasses
     return dataclasses.replace(chain, layers=chain.layers + (layer,), width=width, axes=axes or chain.axes,
-                               open=open_for, origin=())
+                               open=open_for, origin=(), keys=chain.keys + ((),))
 
 
 def read_conv(reader, operands, attributes):

@@ -14,14 +14,23 @@ like any other; its zero initial_h and initial_c are sized from the input's Shap
 ONNX RNN: H_t = f(X_t W^T + H_{t-1} R^T + Wb + Rb) is Keras's SimpleRNN with kernel = W[d].T,
 recurrent_kernel = R[d].T, bias = Wb + Rb, activation = f.
 
+sequence_lens, initial states (initial_c as initial_h) and the X layout (time-major, or the model
+input read batch-major by swapping) are read as for GRU nodes; layout=1 is refused.
+
 Refused, with the reason: peepholes P that are not all zero (Keras's LSTM has none, so no Keras
 configuration computes them), input_forget=1 (it couples the forget gate to the input gate, which
-Keras's LSTM does not), g and h that differ, and, as for GRU nodes, clip, sequence_lens and layout=1.
+Keras's LSTM does not), g and h that differ, clip, and activations or alpha/beta the engine's LSTM
+and SimpleRNN do not compute (Keras's: Sigmoid, Tanh, Relu, HardSigmoid(1/6, 0.5), Affine(1, 0)).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from gru_engine.spec import RECURRENT_ACTIVATIONS
+
+from .onnx_gru import SwappedInput
+from .onnx_values import BATCH, DIRECTION, FEATURE, TIME, CELL_CARRY, _Direction, _Recurrent
 
 LSTM_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
                    "input_forget", "layout"}
@@ -39,8 +48,6 @@ def _keras_gates(matrix: np.ndarray) -> np.ndarray:
 def _common(reader, kind: str, operands, attributes, allowed: set[str], gates: int):
     """What LSTM and RNN nodes share with each other (and GRU): attribute and input checks, the
     weights as Keras matrices. Returns (x, direction, count, units, kernels, recurrent kernels, biases)."""
-    from .onnx_reader import BATCH, FEATURE, TIME
-
     op = reader.node.op_type
     unknown = sorted(set(attributes) - allowed)
     if unknown:
@@ -50,11 +57,10 @@ def _common(reader, kind: str, operands, attributes, allowed: set[str], gates: i
     if attributes.get("layout", 0) != 0:
         reader.fail("layout=1 (batch-major) is not run by onnxruntime; transpose to (time, batch, features)")
     x, w, r, b, sequence_lens = operands[:5]
-    if sequence_lens is not None:
-        reader.fail("sequence_lens (per-sample lengths) is not supported: the engine runs every sample over the "
-                    "whole time axis")
     x = reader.chain(x)
     if x.axes != (TIME, BATCH, FEATURE):
+        if not x.layers and x.axes == (BATCH, TIME, FEATURE) and not reader.input_settled:
+            raise SwappedInput()
         reader.fail(f"input X has axes ({', '.join(x.axes)}); the model input is (batch, time, features) and an "
                     f"{op} with layout=0 reads (time, batch, features), so a Transpose [1, 0, 2] belongs before it")
     direction = attributes.get("direction", "forward")
@@ -70,6 +76,8 @@ def _common(reader, kind: str, operands, attributes, allowed: set[str], gates: i
         if array is not None and (array.shape != shape or array.dtype != np.float32):
             reader.malformed(f"{name} is {array.dtype} {array.shape}; expected float32 {shape} "
                              f"({count} direction(s), hidden size {units}, input size {x.width})")
+    reader.input_settled = True
+    reader._read_lengths(sequence_lens, x)
     if attributes.get("hidden_size", units) != units:
         reader.malformed(f"hidden_size {attributes['hidden_size']} disagrees with R's hidden size {units}")
     reorder = _keras_gates if kind == "lstm" else (lambda matrix: matrix)
@@ -82,8 +90,6 @@ def _common(reader, kind: str, operands, attributes, allowed: set[str], gates: i
 def _directions(reader, kind: str, x, direction: str, count: int, units: int, configs: list[dict], kernels,
                 recurrent_kernels, biases, outputs: int) -> list:
     """The node's outputs as the reader's values: Y, Y_h (and Y_c for an LSTM)."""
-    from .onnx_reader import BATCH, DIRECTION, FEATURE, TIME, _Direction, _Recurrent
-
     directions = []
     for d in range(count):
         reverse = direction == "reverse" or d == 1
@@ -96,7 +102,27 @@ def _directions(reader, kind: str, x, direction: str, count: int, units: int, co
         directions.append(_Direction(reader.layer_name(), (reader.node_index, d), config, weights, x, reverse, kind))
     directions = tuple(directions)
     return [_Recurrent(directions, (TIME, DIRECTION, BATCH, FEATURE), sequence=True)] + [
-        _Recurrent(directions, (DIRECTION, BATCH, FEATURE), sequence=False, carry=carry) for carry in range(outputs)]
+        _Recurrent(directions, (DIRECTION, BATCH, FEATURE), sequence=False, state=True, carry=carry)
+        for carry in range(outputs)]
+
+
+def _initial_states(reader, count: int, units: int, initial_h, initial_c=None) -> None:
+    """Record where each direction's h (and c) start from, keyed as the reader keys carries."""
+    for carry, initial in enumerate((initial_h, initial_c)[:1 + (initial_c is not None)]):
+        for d, source in enumerate(reader._initial_sources(initial, count, units, 0)):
+            reader.initial_states[(reader.node_index, d) + ((CELL_CARRY,) if carry else ())] = source
+
+
+def _keras_activations(reader, attributes, count: int, per_direction: int) -> list[str]:
+    """The node's activations as Keras names; LSTM and SimpleRNN compute only Keras's functions."""
+    names = []
+    for name, params in reader._activations(attributes, count, per_direction):
+        if params or name not in RECURRENT_ACTIVATIONS:
+            detail = f" with {params}" if params else ""
+            reader.fail(f"activation {name}{detail}: an {reader.node.op_type} imports with Keras's activations only "
+                        f"({', '.join(RECURRENT_ACTIVATIONS)}; HardSigmoid as alpha 1/6, beta 0.5)")
+        names.append(name)
+    return names
 
 
 def read_lstm(reader, operands, attributes) -> list:
@@ -117,9 +143,8 @@ def read_lstm(reader, operands, attributes) -> list:
         if np.any(p):
             reader.fail("the peephole weights P are not zero; Keras's LSTM, which the engine computes, has no "
                         "peepholes, so no bundle can reproduce this node (with P all zero it imports exactly)")
-    reader._check_initial_h(initial_h, count, units, "initial_h")
-    reader._check_initial_h(initial_c, count, units, "initial_c")
-    names = reader._activations(attributes, count, 3)
+    _initial_states(reader, count, units, initial_h, initial_c)
+    names = _keras_activations(reader, attributes, count, 3)
     configs = []
     for d in range(count):
         recurrent_activation, activation, output_activation = names[3 * d:3 * d + 3]
@@ -135,8 +160,8 @@ def read_rnn(reader, operands, attributes) -> list:
     operands = operands + [None] * (6 - len(operands))
     x, direction, count, units, kernels, recurrent_kernels, biases = _common(
         reader, "simple_rnn", operands, attributes, RNN_ATTRIBUTES, 1)
-    reader._check_initial_h(operands[5], count, units, "initial_h")
-    names = reader._activations(attributes, count, 1)
+    _initial_states(reader, count, units, operands[5])
+    names = _keras_activations(reader, attributes, count, 1)
     configs = [{"activation": name} for name in names]
     return _directions(reader, "simple_rnn", x, direction, count, units, configs, kernels, recurrent_kernels,
                        biases, 1)

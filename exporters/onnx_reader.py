@@ -1,8 +1,9 @@
 """ONNX graph of GRU, LSTM and RNN nodes -> ModelSpec (``read_onnx``) -> self-checking bundle (``import_onnx``).
 
-LSTM and RNN nodes are read by ``onnx_lstm`` (its docstring has their mapping); this module's
-description of GRU nodes' glue, initial states and outputs holds for them too (an LSTM's initial_c
-and Y_c as its initial_h and Y_h).
+LSTM and RNN nodes are read by ``onnx_lstm`` (its docstring has their mapping), Conv, pooling and
+BatchNormalization by ``onnx_conv``; this module's description of GRU nodes' glue, initial states,
+sequence_lens and outputs holds for LSTM and RNN nodes too (an LSTM's initial_c and Y_c as its
+initial_h and Y_h).
 
 So that ONNX models from other frameworks run on the engine (PyTorch exports nn.GRU as one ONNX
 GRU node per layer, gates already in z, r, h order, linear_before_reset=1). The graph is
@@ -10,19 +11,28 @@ interpreted node by node: every tensor is known as a constant, a shape vector, a
 state input, GRU outputs not yet turned into a layer, or "the model input after these layers, with
 these axes"; each node extends that chain of layers or is refused with an error naming it.
 
-Accepted:
-- GRU, direction forward, reverse or bidirectional, linear_before_reset 0 or 1, activations
-  Sigmoid, Tanh, Relu, HardSigmoid(alpha=1/6, beta=0.5) (Keras 3 hard_sigmoid) and
-  Affine(alpha=1, beta=0) (linear); as in onnxruntime, activation_alpha/beta values are consumed
-  only by the functions that take them.
-- initial_h absent, all zeros (a constant, or ConstantOfShape/Expand of zeros sized from the
-  input's Shape, as PyTorch exports it), or fed by graph inputs (see below).
+Accepted (the modules: onnx_values the kinds of tensor, onnx_glue layout operators, onnx_heads
+merges and Dense layers, onnx_gru the GRU node):
+- GRU (opset 7 on), direction forward, reverse or bidirectional, linear_before_reset 0 or 1,
+  layout 0 or 1, every ONNX RNN activation with activation_alpha/beta (consumed as onnxruntime
+  does: each list in order, by the functions that take it), clip; stacked nodes.
+- X in the node's own layout: the model input may be (time, batch, features) or (batch, time,
+  features), decided by the first GRU that reads it.
+- sequence_lens: a graph input (int32, (batch,)) or a constant, the same for every GRU node; it
+  becomes ``Model.predict(lengths=...)``: Y zero past a sample's length, Y_h its state at its last
+  valid step, a reverse direction reading each sample backwards from there.
+- initial_h: absent or zeros (also ConstantOfShape/Expand of zeros sized from the input's Shape, as
+  PyTorch writes it), a non-zero constant, or graph inputs (sliced, unsqueezed, concatenated).
 - Glue: Transpose, Squeeze, Unsqueeze, Reshape, Identity, Cast; Gather/Slice to pick a direction,
   reverse time (step -1) or take the last time step; Concat/Add/Mul (and Mul 0.5 or Div 2 after the
-  Add) of the two directions of a bidirectional GRU: Keras merge modes concat, sum, mul, ave.
+  Add) of the two directions of a bidirectional GRU: Keras merge modes concat, sum, mul, ave;
+  Shape/Slice/Mul/Concat arithmetic on shape vectors.
 - Dense: MatMul, or Gemm on 2-D data, with a constant weight; Add of a constant bias; then Relu,
   Sigmoid, Tanh or Softmax over the feature axis.
-- Constants: initializers, Constant nodes, and any node whose inputs are all constant (folded).
+- Constants: initializers, Constant nodes, and any node whose inputs are all constant (folded,
+  such as PyTorch's Slice/Concat/Unsqueeze reordering of its gates).
+- Outputs: Y and/or Y_h of the last GRU in any layout (with their direction axis), or the chain's
+  output (any axis order) and the final states (Y_h, also PyTorch's h_n of every layer).
 
 Mapping, the inverse of ``onnx_writer``'s: kernel = W[d].T (I, 3H), recurrent_kernel = R[d].T
 (H, 3H); linear_before_reset=1 is reset_after=True with bias = [Wb, Rb] (2, 3H);
@@ -30,57 +40,39 @@ linear_before_reset=0 is reset_after=False with bias = Wb + Rb (3H,): every bias
 added before its activation. A GRU reading its input from the end (a reverse direction, or a
 forward GRU over a time-reversed input) is Keras go_backwards=True.
 
-A graph input feeding initial_h (directly as (directions, batch, units), sliced along its first
-axis, or unsqueezed from (batch, units)) becomes the engine's ``initial_state``: pass
-``Model.predict(x, initial_state=[...])`` one (batch, units) array per GRU direction in layer
-order, the slice of initial_h for that direction. Left out, it is zero, which is also what the
-bundle's self-check feeds onnxruntime.
-
-The first graph input (not an initializer) is the model input, float32 (batch, time, features)
-with a fixed feature count. The graph outputs must be what a Keras model of these layers returns:
-the main output(s), (batch, time, D) or (batch, D), then optionally the final states of the last
-layer's directions.
+The bundle records the graph's interface (``gru_engine.interface``): which input is X and in which
+layout, which is sequence_lens, how initial_h feeds each direction's ``initial_state``, and how each
+graph output is built from ``predict``'s outputs, so that ``gru_engine.InferenceSession`` answers
+as onnxruntime does. Its self-check feeds onnxruntime zeros for initial_h inputs and full lengths
+(constants as they are); a layout=1 GRU, which onnxruntime refuses, is checked as the equivalent
+layout=0 node between Transposes.
 
 Refused (UnsupportedModelError naming the node or tensor): other operators, among them the Loop
-that tf2onnx writes for a Keras GRU (import the native export instead); GRU clip,
-sequence_lens or layout=1 (onnxruntime cannot run it); a non-zero constant initial_h; other
-activations or alpha/beta; a time-major or non-float32 model input; outputs that are not the
-chain's. Malformed files (unreadable, failing onnx.checker, a GRU weight that is not a constant or
-has the wrong shape) raise BundleError.
+that tf2onnx writes for a Keras GRU (import the native export instead); other activations; GRUs
+with different sequence_lens; outputs that are not the chain's, its GRUs' final states, or one
+GRU's Y/Y_h; a non-float32 model input. Malformed files (unreadable, failing onnx.checker, a GRU
+weight that is not a constant or has the wrong shape, bad attributes) raise BundleError.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from gru_engine import bundle
 from gru_engine.errors import BundleError, UnsupportedModelError
-from gru_engine.spec import Layer, ModelSpec, recurrent_configs, recurrent_kind, sample_input, validate
+from gru_engine.spec import Layer, ModelSpec, recurrent_configs, sample_input, validate
 
-from . import onnx_conv
+from . import onnx_conv, onnx_lstm
 from .keras_reader import SELF_CHECK_BATCH, SELF_CHECK_STEPS
-from . import onnx_lstm
-from .onnx_writer import RECURRENT_ACTIVATIONS
+from .onnx_glue import GlueOps
+from .onnx_gru import GruOps, SwappedInput
+from .onnx_heads import HeadOps
+from .onnx_values import (BATCH, DIRECTION, FEATURE, MAX_FOLDED_ELEMENTS, ONE, RECURRENT_OPS, SUPPORTED, TIME, _Chain,
+                          _Const, _describe, _is_sequence, _Lengths, _Recurrent, _StateInput, _States, _text,
+                          carry_keys, state_keys)
 
-# Axis labels: the model's batch and time, a feature axis, the GRU's direction axis, a size-1 axis.
-BATCH, TIME, FEATURE, DIRECTION, ONE = "batch", "time", "features", "direction", "1"
-SUPPORTED = ("GRU, LSTM and RNN nodes with Transpose/Squeeze/Unsqueeze/Reshape/Gather/Slice/Concat glue, merges of the two "
-             "directions (Concat/Add/Mul), MatMul/Gemm + Add + Relu/Sigmoid/Tanh/Softmax dense layers, "
-             "Conv (+ Relu/Sigmoid/Tanh), MaxPool, AveragePool, GlobalMaxPool, GlobalAveragePool, "
-             "BatchNormalization")
-RECURRENT_OPS = ("GRU", "LSTM", "RNN")  # never folded, even with every input constant
-GRU_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
-                  "layout", "linear_before_reset"}
-# ONNX activation (lower case) -> (Keras name, alpha, beta) of the ones the engine computes exactly.
-ACTIVATIONS = {onnx_name.lower(): (keras_name, alpha, beta)
-               for keras_name, (onnx_name, alpha, beta) in RECURRENT_ACTIVATIONS.items()}
-# A Slice bound at or beyond these reaches the end of the axis (PyTorch and numpy both use them).
-SLICE_END = 2**31 - 1
-SLICE_BEFORE_START = -(2**31)
-MAX_FOLDED_ELEMENTS = 50_000_000
 # With an update gate z outside [0, 1] (recurrent activation tanh, relu or linear), h' = z h + (1 - z) hh
 # can grow the carry, and float32 rounding grows with it: onnxruntime and the engine order their sums
 # differently, so such models are self-checked over fewer steps, where both still agree.
@@ -88,80 +80,21 @@ CONTRACTING_GATES = ("sigmoid", "hard_sigmoid")
 EXPANDING_SELF_CHECK_STEPS = 4
 
 
-@dataclasses.dataclass(eq=False)
-class _Const:
-    array: np.ndarray
-
-
-@dataclasses.dataclass(eq=False)
-class _Shape:
-    """An int64 vector of sizes: ints, or BATCH / TIME for the model's dynamic sizes."""
-
-    dims: tuple
-    scalar: bool = False
-
-
-@dataclasses.dataclass(eq=False)
-class _Zeros:
-    """An all-zero float tensor (its shape is left to onnxruntime)."""
-
-
-@dataclasses.dataclass(eq=False)
-class _StateInput:
-    """Graph inputs on their way to initial_h (the engine's initial_state)."""
-
-    axes: tuple
-    directions: int    # size of the DIRECTION axis
-
-
-@dataclasses.dataclass(eq=False)
-class _Chain:
-    """The model input after ``layers``; ``flipped``: reversed in time relative to their output."""
-
-    layers: tuple
-    axes: tuple
-    width: int         # size of the FEATURE axis
-    flipped: bool = False
-    open: str = ""     # the last layer still absorbs: "kernel" (a bias), "bias" (an activation), "sum" (-> ave)
-    origin: tuple = ()  # GRU directions of the last layer, when it is recurrent
-
-
-@dataclasses.dataclass(eq=False)
-class _Direction:
-    name: str          # the GRU node's name, for the layer
-    key: tuple         # (GRU node index, direction index)
-    config: dict       # the GRU config; return_sequences is set when it becomes a layer
-    weights: dict
-    source: _Chain     # what the GRU reads
-    flipped: bool      # its Y runs opposite to its processing order (a reverse ONNX direction)
-    kind: str = "gru"  # the layer kind it becomes: gru, lstm or simple_rnn
-
-
-@dataclasses.dataclass(eq=False)
-class _Recurrent:
-    """Y (sequence) or Y_h of a GRU node, before the directions become a layer."""
-
-    directions: tuple
-    axes: tuple        # DIRECTION stays while the directions are still stacked
-    sequence: bool
-    carry: int = 0     # which final carry a non-sequence value is: 0 h (Y_h), 1 an LSTM's c (Y_c)
-
-
-def _describe(value) -> str:
-    if isinstance(value, _Const):
-        return f"a constant of shape {value.array.shape}"
-    if isinstance(value, (_Chain, _Recurrent, _StateInput)):
-        return f"a tensor with axes ({', '.join(value.axes)})"
-    return {_Shape: "a shape vector", _Zeros: "a zero tensor"}.get(type(value), "an unknown value")
-
-
-class _Reader:
-    def __init__(self, model, path):
+class _Reader(GlueOps, HeadOps, GruOps):
+    def __init__(self, model, path, time_major: bool = False):
         self.model, self.path = model, path
         self.opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+        self.producer = model.producer_name or ""
         self.values: dict[str, object] = {}
         self.node = None  # the node being read, named in errors
         self.node_index = 0
+        # The model input's axes are a hypothesis until the first GRU reads it (see SwappedInput).
+        self.input_axes = (TIME, BATCH, FEATURE) if time_major else (BATCH, TIME, FEATURE)
+        self.input_settled = False
+        self.initial_states: dict[tuple, dict | None] = {}  # GRU direction key -> its initial state source
+        self.state_axes: dict[str, tuple] = {}               # initial_h graph input -> its axes
+        self.gru_count = 0
+        self.lengths = None  # the GRUs' sequence_lens: None, {"input": name} or {"values": [...]}
 
     # ----- errors and operands -----
     def where(self) -> str:
@@ -198,10 +131,11 @@ class _Reader:
             direction = value.directions[0]
             if value.carry:
                 self.fail("it uses an LSTM's final cell state Y_c as data; a Keras model only returns it as a state")
-            config = dict(direction.config, return_sequences=value.sequence)
+            config = dict(direction.config, return_sequences=value.sequence, zero_output_for_mask=not value.state)
             layer = Layer(direction.kind, direction.name, config, direction.weights)
             return _Chain(direction.source.layers + (layer,), tuple(ONE if a == DIRECTION else a for a in value.axes),
-                          config["units"], direction.flipped and value.sequence, origin=(direction.key,))
+                          config["units"], direction.flipped and value.sequence, origin=carry_keys(direction),
+                          keys=direction.source.keys + (carry_keys(direction),))
         self.fail(f"expects the model's data, got {_describe(value)}")
 
     def layer_name(self) -> str:
@@ -233,11 +167,12 @@ class _Reader:
         self.features = self._main_input_features(inputs[0])
         # A graph exported with a fixed batch or time has those sizes baked into its Reshape targets.
         dims = inputs[0].type.tensor_type.shape.dim
-        self.batch_size = dims[0].dim_value or BATCH
-        self.time_size = dims[1].dim_value or TIME
-        self.values[inputs[0].name] = _Chain((), (BATCH, TIME, FEATURE), self.features)
-        for state in inputs[1:]:
-            self.values[state.name] = self._state_input(state)
+        self.batch_size = dims[self.input_axes.index(BATCH)].dim_value or BATCH
+        self.time_size = dims[self.input_axes.index(TIME)].dim_value or TIME
+        self.values[inputs[0].name] = _Chain((), self.input_axes, self.features)
+        self.other_inputs = inputs[1:]
+        for value in inputs[1:]:
+            self.values[value.name] = self._other_input(value)
         needed = self._needed_nodes(graph)
         for index in sorted(needed):
             if graph.node[index].op_type in ("Loop", "Scan", "If"):
@@ -272,18 +207,23 @@ class _Reader:
                                         f"{tensor.elem_type}); gru-engine runs float32 models")
         dims = tensor.shape.dim
         if len(dims) != 3 or not dims[2].HasField("dim_value"):
-            raise UnsupportedModelError(f"{self.path}: input '{value.name}' must be (batch, time, features) with a "
-                                        "fixed feature count")
+            raise UnsupportedModelError(f"{self.path}: input '{value.name}' must be (time, batch, features) or "
+                                        "(batch, time, features) with a fixed feature count")
         return int(dims[2].dim_value)
 
-    def _state_input(self, value) -> _StateInput:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) == 3 and dims[0].HasField("dim_value"):
-            return _StateInput((DIRECTION, BATCH, FEATURE), int(dims[0].dim_value))
-        if len(dims) == 2:
-            return _StateInput((BATCH, FEATURE), 1)
-        raise UnsupportedModelError(f"{self.path}: input '{value.name}' is neither the model input nor an initial "
-                                    "state (directions, batch, units) or (batch, units)")
+    def _other_input(self, value):
+        """A graph input after the first: sequence_lens (int32, (batch,)) or one on its way to initial_h."""
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value or None for d in tensor.shape.dim)
+        if tensor.elem_type == 6 and len(dims) == 1:  # int32
+            return _Lengths(value.name)
+        if tensor.elem_type == 1 and len(dims) == 3:
+            return _StateInput((DIRECTION, BATCH, FEATURE), tuple((value.name, i) for i in range(dims[0] or 0)), dims)
+        if tensor.elem_type == 1 and len(dims) == 2:
+            return _StateInput((BATCH, FEATURE), ((value.name, None),), dims)
+        raise UnsupportedModelError(f"{self.path}: input '{value.name}' is neither the model input, nor sequence_lens "
+                                    "(int32, (batch,)), nor an initial state (directions, batch, units) or "
+                                    "(batch, units) float32")
 
     def _needed_nodes(self, graph) -> set[int]:
         """Nodes the graph outputs depend on; others are never interpreted."""
@@ -320,462 +260,6 @@ class _Reader:
             self.malformed(f"cannot evaluate this constant expression ({type(exc).__name__}: {exc})")
         return [_Const(np.asarray(result)) for result in results]
 
-    # ----- layout ops -----
-    def _op_Identity(self, operands, attributes):
-        return operands[0]
-
-    def _op_Cast(self, operands, attributes):
-        value = operands[0]
-        if isinstance(value, _Shape) or (isinstance(value, (_Chain, _Recurrent, _Zeros)) and attributes.get("to") == 1):
-            return value
-        self.fail(f"casts {_describe(value)} to ONNX type {attributes.get('to')}")
-
-    def _relabel(self, value, axes):
-        if isinstance(value, _Zeros):
-            return value
-        return dataclasses.replace(value, axes=tuple(axes))
-
-    def _op_Transpose(self, operands, attributes):
-        value = operands[0]
-        if not isinstance(value, (_Chain, _Recurrent, _StateInput, _Zeros)):
-            self.fail(f"transposes {_describe(value)}")
-        if isinstance(value, _Zeros):
-            return value
-        perm = attributes.get("perm", list(range(len(value.axes)))[::-1])
-        if sorted(perm) != list(range(len(value.axes))):
-            self.malformed(f"perm {perm} is not a permutation of {len(value.axes)} axes")
-        return self._relabel(value, [value.axes[p] for p in perm])
-
-    def _op_Squeeze(self, operands, attributes):
-        value = operands[0]
-        axes = self.attribute_or_input(operands, 1, "axes", attributes)
-        if isinstance(value, _Zeros):
-            return value
-        if isinstance(value, _Shape) and len(value.dims) == 1 and axes in ([0], [-1]):
-            return _Shape(value.dims, scalar=True)
-        if not isinstance(value, (_Chain, _Recurrent)):
-            self.fail(f"squeezes {_describe(value)}")
-        if axes is None:
-            self.fail("Squeeze without axes depends on the runtime batch size; give the axes")
-        drop = {self.axis(value, axis) for axis in axes}
-        for axis in drop:
-            single_direction = value.axes[axis] == DIRECTION and len(value.directions) == 1
-            if value.axes[axis] != ONE and not single_direction:
-                self.fail(f"squeezes the {value.axes[axis]} axis")
-        return self._relabel(value, [a for i, a in enumerate(value.axes) if i not in drop])
-
-    def _op_Unsqueeze(self, operands, attributes):
-        value = operands[0]
-        axes = self.attribute_or_input(operands, 1, "axes", attributes)
-        if isinstance(value, _Zeros):
-            return value
-        if isinstance(value, _Shape) and value.scalar and axes in ([0], [-1]):
-            return _Shape(value.dims)
-        if isinstance(value, _StateInput) and value.axes == (BATCH, FEATURE) and axes in ([0], [-3]):
-            return _StateInput((DIRECTION, BATCH, FEATURE), 1)
-        if not isinstance(value, (_Chain, _Recurrent)) or axes is None:
-            self.fail(f"unsqueezes {_describe(value)}")
-        rank = len(value.axes) + len(axes)
-        inserted = {self.axis(value, axis, rank) for axis in axes}
-        remaining = iter(value.axes)
-        return self._relabel(value, [ONE if i in inserted else next(remaining) for i in range(rank)])
-
-    def _sizes(self, value) -> list:
-        """Each axis's size: an int, or BATCH / TIME."""
-        sizes = {BATCH: self.batch_size, TIME: self.time_size, ONE: 1}
-        if isinstance(value, _Recurrent):
-            sizes[DIRECTION] = len(value.directions)
-            sizes[FEATURE] = value.directions[0].config["units"]
-        elif isinstance(value, _StateInput):
-            sizes[DIRECTION] = value.directions
-            sizes[FEATURE] = None
-        else:
-            sizes[FEATURE] = value.width
-        return [sizes[axis] for axis in value.axes]
-
-    def _op_Shape(self, operands, attributes):
-        value = operands[0]
-        if not isinstance(value, (_Chain, _Recurrent)):
-            self.fail(f"takes the shape of {_describe(value)}")
-        sizes = self._sizes(value)
-        return _Shape(tuple(sizes[attributes.get("start", 0):attributes.get("end", len(sizes))]))
-
-    def _op_Reshape(self, operands, attributes):
-        """Only reshapes that add or drop size-1 axes, or join (direction, features) = Concat of the directions."""
-        value, target = operands[0], operands[1]
-        if isinstance(value, _Zeros):
-            return value
-        if not isinstance(value, (_Chain, _Recurrent)):
-            self.fail(f"reshapes {_describe(value)}")
-        if isinstance(target, _Shape):
-            target = list(target.dims)
-        else:
-            target = self.ints(target, "the target shape")
-        sizes = self._sizes(value)
-        target = [sizes[i] if size == 0 and not attributes.get("allowzero") and i < len(sizes) else size
-                  for i, size in enumerate(target)]
-        axes = list(value.axes)
-        if isinstance(value, _Recurrent) and DIRECTION in axes and axes.index(DIRECTION) + 1 < len(axes) \
-                and axes[axes.index(DIRECTION) + 1] == FEATURE and len(value.directions) == 2:
-            # (..., direction, features) -> (..., direction * features), as PyTorch writes a bidirectional output
-            joined = axes.index(DIRECTION)
-            units = value.directions[0].config["units"]
-            merged_sizes = sizes[:joined] + [2 * units] + sizes[joined + 2:]
-            merged_axes = axes[:joined] + [FEATURE] + axes[joined + 2:]
-            labels = _match_reshape(merged_axes, merged_sizes, target)
-            if labels is not None:
-                forward, backward = self._split_pair(value)
-                chain = self._merge(forward, backward, "concat")
-                return dataclasses.replace(chain, axes=tuple(labels))
-        labels = _match_reshape(axes, sizes, target)
-        if labels is None:
-            self.fail(f"reshapes axes ({', '.join(axes)}) to {target}; only size-1 axes may be added or removed")
-        return self._relabel(value, labels)
-
-    # ----- picking parts -----
-    def _split_pair(self, value: _Recurrent) -> tuple[_Recurrent, _Recurrent]:
-        axes = tuple(a for a in value.axes if a != DIRECTION)
-        return tuple(_Recurrent((direction,), axes, value.sequence) for direction in value.directions)
-
-    def _pick_direction(self, value, index: int, keep: bool):
-        count = len(value.directions) if isinstance(value, _Recurrent) else value.directions
-        if not -count <= index < count:
-            self.malformed(f"direction index {index} is out of range for {count} directions")
-        axes = value.axes if keep else tuple(a for a in value.axes if a != DIRECTION)
-        if isinstance(value, _StateInput):
-            if not keep:
-                self.fail("initial states must keep their direction axis")
-            return _StateInput(axes, 1)
-        return dataclasses.replace(value, directions=(value.directions[index],), axes=axes)
-
-    def _last_step(self, value, position: int, keep: bool):
-        """The last step a GRU processed: Keras return_sequences=False (equal to the GRU's final state)."""
-        axes = tuple((ONE if keep else None) if a == TIME else a for a in value.axes)
-        axes = tuple(a for a in axes if a is not None)
-        if isinstance(value, _Recurrent) and len(value.directions) == 1:
-            if position != (0 if value.directions[0].flipped else -1):
-                self.fail("takes a time step other than the last one the GRU processed")
-            return _Recurrent(value.directions, axes, sequence=False)
-        chain = self.chain(value)
-        recurrent = [i for i, layer in enumerate(chain.layers) if layer.kind != "dense"]
-        if position != (0 if chain.flipped else -1) or not recurrent \
-                or chain.layers[recurrent[-1]].kind == "bidirectional":
-            self.fail("takes a time step other than the last one a (unidirectional) GRU processed")
-        index = recurrent[-1]
-        layer = chain.layers[index]
-        layer = dataclasses.replace(layer, config=dict(layer.config, return_sequences=False))
-        return dataclasses.replace(chain, layers=chain.layers[:index] + (layer,) + chain.layers[index + 1:],
-                                   axes=axes, flipped=False)
-
-    def _reverse_time(self, value):
-        if isinstance(value, _Recurrent) and value.sequence:
-            flipped = tuple(dataclasses.replace(d, flipped=not d.flipped) for d in value.directions)
-            return dataclasses.replace(value, directions=flipped)
-        chain = self.chain(value)
-        return dataclasses.replace(chain, flipped=not chain.flipped)
-
-    def _op_Gather(self, operands, attributes):
-        value = operands[0]
-        indices = self.constant(operands[1], "the indices")
-        if isinstance(value, _Zeros):
-            return value
-        if isinstance(value, _Shape):
-            picked = tuple(value.dims[int(i)] for i in indices.reshape(-1))
-            return _Shape(picked, scalar=indices.ndim == 0)
-        if not isinstance(value, (_Chain, _Recurrent, _StateInput)) or indices.size != 1 or indices.ndim > 1:
-            self.fail(f"gathers {_describe(value)} with indices of shape {indices.shape}")
-        axis = self.axis(value, attributes.get("axis", 0))
-        keep, index = indices.ndim == 1, int(indices.reshape(-1)[0])
-        if value.axes[axis] == DIRECTION:
-            return self._pick_direction(value, index, keep)
-        if value.axes[axis] == TIME:
-            return self._last_step(value, index, keep)
-        self.fail(f"gathers along the {value.axes[axis]} axis")
-
-    def _op_Slice(self, operands, attributes):
-        value = operands[0]
-        if isinstance(value, _Zeros):
-            return value
-        if not isinstance(value, (_Chain, _Recurrent, _StateInput)):
-            self.fail(f"slices {_describe(value)}")
-        starts = self.attribute_or_input(operands, 1, "starts", attributes)
-        ends = self.attribute_or_input(operands, 2, "ends", attributes)
-        axes = self.attribute_or_input(operands, 3, "axes", attributes) or list(range(len(starts)))
-        steps = self.attribute_or_input(operands, 4, "steps", attributes) or [1] * len(starts)
-        if not len(starts) == len(ends) == len(axes) == len(steps):
-            self.malformed("starts, ends, axes and steps have different lengths")
-        for start, end, axis, step in zip(starts, ends, axes, steps):
-            label = value.axes[self.axis(value, axis)]
-            if start == 0 and end >= SLICE_END and step == 1:
-                continue  # the whole axis
-            if label == TIME and step == -1 and (start == -1 or start >= SLICE_END) and end <= SLICE_BEFORE_START:
-                value = self._reverse_time(value)
-            elif label == TIME and start == -1 and end >= SLICE_END and step == 1:
-                value = self._last_step(value, -1, keep=True)
-            elif label == DIRECTION and step == 1 and end == start + 1 and start >= 0:
-                value = self._pick_direction(value, start, keep=True)
-            elif label == DIRECTION and isinstance(value, _StateInput) and step == 1 and 0 <= start < end:
-                value = _StateInput(value.axes, min(end, value.directions) - start)
-            else:
-                self.fail(f"slices [{start}:{end}:{step}] of the {label} axis")
-        return value
-
-    # ----- merges and arithmetic -----
-    def _merge(self, forward, backward, mode) -> _Chain:
-        """Two GRU directions over the same input -> a Bidirectional layer (merge_mode None, concat, ...)."""
-        pair = (forward, backward)
-        if not all(isinstance(v, _Recurrent) and len(v.directions) == 1 for v in pair):
-            self.fail(f"combines {_describe(forward)} and {_describe(backward)}; only two GRU directions merge")
-        f, b = forward.directions[0], backward.directions[0]
-        sequence = forward.sequence
-        if backward.sequence != sequence or forward.axes != backward.axes or f.source is not b.source \
-                or f.kind != b.kind or forward.carry or backward.carry:
-            self.fail("merges GRU outputs of different kinds, layouts or inputs")
-        if f.config["go_backwards"] or not b.config["go_backwards"]:
-            self.fail("a Bidirectional merge takes the forward direction first and the backward one second")
-        if sequence and f.flipped == b.flipped:
-            self.fail("the two directions' sequences are not aligned in time")
-        if mode not in ("concat", None) and f.config["units"] != b.config["units"]:
-            self.fail(f"merge '{mode}' needs the same units in both directions")
-        configs = {"forward": dict(f.config, return_sequences=sequence),
-                   "backward": dict(b.config, return_sequences=sequence)}
-        weights = {f"{side}.{name}": array for side, d in (("forward", f), ("backward", b))
-                   for name, array in d.weights.items()}
-        wrapped = {"layer": f.kind} if f.kind != "gru" else {}  # as the Keras reader writes it
-        layer = Layer("bidirectional", f.name, {"merge_mode": mode, **wrapped, **configs}, weights)
-        width = f.config["units"] + (b.config["units"] if mode == "concat" else 0)
-        return _Chain(f.source.layers + (layer,), forward.axes, width, f.flipped and sequence,
-                      open="sum" if mode == "sum" else "", origin=(f.key, b.key))
-
-    def _op_Concat(self, operands, attributes):
-        if all(isinstance(v, _Shape) or (isinstance(v, _Const) and v.array.dtype.kind == "i") for v in operands):
-            dims = sum((v.dims if isinstance(v, _Shape) else tuple(int(d) for d in v.array.reshape(-1))
-                        for v in operands), ())
-            return _Shape(dims)
-        if all(isinstance(v, _Zeros) for v in operands):
-            return operands[0]
-        if all(isinstance(v, _StateInput) and v.axes[0] == DIRECTION for v in operands) \
-                and attributes.get("axis") in (0, -3):
-            return _StateInput(operands[0].axes, sum(v.directions for v in operands))
-        if len(operands) == 2 and all(isinstance(v, _Recurrent) for v in operands) \
-                and operands[0].axes[self.axis(operands[0], attributes.get("axis", 0))] == FEATURE:
-            return self._merge(operands[0], operands[1], "concat")
-        self.fail("only the two directions of a GRU (along the feature axis) or shape vectors are concatenated")
-
-    def _op_Add(self, operands, attributes):
-        if all(isinstance(v, _Recurrent) for v in operands):
-            return self._merge(operands[0], operands[1], "sum")
-        data, bias = operands if isinstance(operands[1], _Const) else operands[::-1]
-        if not isinstance(bias, _Const):
-            self.fail("adds two tensors that are not the two directions of a GRU")
-        chain = self.chain(data)
-        if chain.open != "kernel" or chain.axes[-1] != FEATURE:
-            self.fail("adds a constant that is not the bias of a MatMul over the feature axis")
-        array = bias.array  # broadcast along the feature axis only: (), (U,), (1, U), (1, 1, U), ...
-        along_features = array.ndim <= len(chain.axes) and all(size == 1 for size in array.shape[:-1]) \
-            and array.size in (1, chain.width)
-        if array.dtype != np.float32 or not along_features:
-            self.fail(f"adds a constant of shape {array.shape} {array.dtype}; a Dense bias is ({chain.width},) float32")
-        layer = chain.layers[-1]
-        weights = dict(layer.weights, bias=np.broadcast_to(array.reshape(-1), (chain.width,)).astype(np.float32))
-        layer = dataclasses.replace(layer, config=dict(layer.config, use_bias=True), weights=weights)
-        return dataclasses.replace(chain, layers=chain.layers[:-1] + (layer,), open="bias")
-
-    def _average(self, operands, factor: float):
-        data, constant = operands if isinstance(operands[1], _Const) else operands[::-1]
-        if isinstance(data, _Chain) and data.open == "sum" and isinstance(constant, _Const) \
-                and constant.array.size == 1 and float(constant.array.reshape(-1)[0]) == factor:
-            layer = data.layers[-1]
-            layer = dataclasses.replace(layer, config=dict(layer.config, merge_mode="ave"))
-            return dataclasses.replace(data, layers=data.layers[:-1] + (layer,), open="")
-        return None
-
-    def _op_Mul(self, operands, attributes):
-        if all(isinstance(v, _Recurrent) for v in operands):
-            return self._merge(operands[0], operands[1], "mul")
-        average = self._average(operands, 0.5)
-        if average is None:
-            self.fail("multiplies tensors other than the two directions of a GRU, or their sum by 0.5")
-        return average
-
-    def _op_Div(self, operands, attributes):
-        average = self._average(operands, 2.0) if isinstance(operands[1], _Const) else None
-        if average is None:
-            self.fail("divides anything but the sum of a GRU's two directions by 2")
-        return average
-
-    # ----- dense -----
-    def _dense(self, chain: _Chain, kernel: np.ndarray, bias: np.ndarray | None) -> _Chain:
-        """Append a Dense layer: x (..., I) @ kernel (I, U) (+ bias (U,))."""
-        if chain.axes[-1] != FEATURE:
-            self.fail(f"multiplies axes ({', '.join(chain.axes)}); a Dense layer acts on the last, feature axis")
-        if kernel.dtype != np.float32 or kernel.ndim != 2 or kernel.shape[0] != chain.width:
-            self.malformed(f"the weight is {kernel.dtype} {kernel.shape}; a Dense kernel here is float32 "
-                           f"({chain.width}, units)")
-        config = {"units": int(kernel.shape[1]), "activation": "linear", "use_bias": bias is not None}
-        weights = {"kernel": np.ascontiguousarray(kernel)}
-        if bias is not None:
-            weights["bias"] = bias
-        layer = Layer("dense", self.layer_name(), config, weights)
-        return _Chain(chain.layers + (layer,), chain.axes, config["units"], chain.flipped,
-                      open="bias" if bias is not None else "kernel")
-
-    def _op_MatMul(self, operands, attributes):
-        if isinstance(operands[0], _Const):
-            self.fail("multiplies a constant by the data; a Dense layer is data @ weight")
-        return self._dense(self.chain(operands[0]), self.constant(operands[1], "the weight"), None)
-
-    def _op_Gemm(self, operands, attributes):
-        chain = self.chain(operands[0])
-        if chain.axes != (BATCH, FEATURE) or attributes.get("transA", 0):
-            self.fail(f"Gemm on axes ({', '.join(chain.axes)}); a Dense Gemm takes (batch, features), transA=0")
-        alpha, beta = attributes.get("alpha", 1.0), attributes.get("beta", 1.0)
-        kernel = self.constant(operands[1], "the weight")
-        kernel = kernel.T if attributes.get("transB", 0) else kernel
-        bias = None
-        if len(operands) > 2 and operands[2] is not None:
-            bias = self.constant(operands[2], "the bias")
-            units = kernel.shape[-1]
-            if bias.dtype != np.float32 or bias.size not in (1, units):
-                self.malformed(f"the bias is {bias.dtype} {bias.shape}; a Dense bias here is float32 ({units},)")
-            bias = np.broadcast_to(bias.reshape(-1) * np.float32(beta), (units,)).astype(np.float32)
-        return self._dense(chain, (kernel * np.float32(alpha)).astype(kernel.dtype) if alpha != 1 else kernel, bias)
-
-    def _activation(self, operands, name: str):
-        chain = self.chain(operands[0])
-        if chain.open not in ("kernel", "bias"):
-            self.fail("an activation is supported right after a MatMul/Gemm (+ bias), as a Dense layer's")
-        layer = chain.layers[-1]
-        layer = dataclasses.replace(layer, config=dict(layer.config, activation=name))
-        return dataclasses.replace(chain, layers=chain.layers[:-1] + (layer,), open="")
-
-    def _op_Relu(self, operands, attributes):
-        return self._activation(operands, "relu")
-
-    def _op_Sigmoid(self, operands, attributes):
-        return self._activation(operands, "sigmoid")
-
-    def _op_Tanh(self, operands, attributes):
-        return self._activation(operands, "tanh")
-
-    def _op_Softmax(self, operands, attributes):
-        value = operands[0]
-        rank = len(value.axes) if isinstance(value, (_Chain, _Recurrent)) else 0
-        axis = attributes.get("axis", -1 if self.opset >= 13 else 1)
-        if not rank or self.axis(value, axis) != rank - 1:
-            self.fail("Softmax must run over the last (feature) axis")
-        return self._activation(operands, "softmax")
-
-    # ----- zeros -----
-    def _op_ConstantOfShape(self, operands, attributes):
-        fill = attributes.get("value")
-        if fill is not None:
-            from onnx import numpy_helper
-            fill = numpy_helper.to_array(fill)
-        if fill is not None and (fill.dtype != np.float32 or np.any(fill != 0)):
-            self.fail("only a float32 zero fill is supported (an initial state of zeros)")
-        return _Zeros()
-
-    def _op_Expand(self, operands, attributes):
-        value = operands[0]
-        if isinstance(value, _Zeros) or (isinstance(value, _Const) and not np.any(value.array)):
-            return _Zeros()
-        self.fail(f"expands {_describe(value)}; only zeros (an initial state) are expanded")
-
-    # ----- GRU -----
-    def _op_GRU(self, operands, attributes):
-        unknown = sorted(set(attributes) - GRU_ATTRIBUTES)
-        if unknown:
-            self.malformed(f"unknown attributes {unknown}")
-        if "clip" in attributes:
-            self.fail("the clip attribute (cell clipping) has no Keras equivalent")
-        if attributes.get("layout", 0) != 0:
-            self.fail("layout=1 (batch-major) is not run by onnxruntime; transpose to (time, batch, features)")
-        operands = operands + [None] * (6 - len(operands))
-        x, w, r, b, sequence_lens, initial_h = operands[:6]
-        if sequence_lens is not None:
-            self.fail("sequence_lens (per-sample lengths) is not supported: the engine runs every sample over the "
-                      "whole time axis")
-        x = self.chain(x)
-        if x.axes != (TIME, BATCH, FEATURE):
-            self.fail(f"input X has axes ({', '.join(x.axes)}); the model input is (batch, time, features) and a "
-                      "GRU with layout=0 reads (time, batch, features), so a Transpose [1, 0, 2] belongs before it")
-        direction = attributes.get("direction", "forward")
-        if direction not in ("forward", "reverse", "bidirectional"):
-            self.malformed(f"direction {direction!r} is not forward, reverse or bidirectional")
-        count = 2 if direction == "bidirectional" else 1
-        w, r = self.constant(w, "W"), self.constant(r, "R")
-        b = None if b is None else self.constant(b, "B")
-        units = r.shape[-1] if r.ndim == 3 else -1
-        expected = {"W": (w, (count, 3 * units, x.width)), "R": (r, (count, 3 * units, units)),
-                    "B": (b, (count, 6 * units))}
-        for name, (array, shape) in expected.items():
-            if array is not None and (array.shape != shape or array.dtype != np.float32):
-                self.malformed(f"{name} is {array.dtype} {array.shape}; expected float32 {shape} "
-                               f"({count} direction(s), hidden size {units}, input size {x.width})")
-        if attributes.get("hidden_size", units) != units:
-            self.malformed(f"hidden_size {attributes['hidden_size']} disagrees with R's hidden size {units}")
-        linear_before_reset = attributes.get("linear_before_reset", 0)
-        if linear_before_reset not in (0, 1):
-            self.malformed(f"linear_before_reset is {linear_before_reset}; it must be 0 or 1")
-        self._check_initial_h(initial_h, count, units)
-        activations = self._activations(attributes, count, 2)
-        directions = []
-        for d in range(count):
-            reverse = direction == "reverse" or d == 1
-            recurrent_activation, activation = activations[2 * d:2 * d + 2]
-            config = {"units": int(units), "activation": activation, "recurrent_activation": recurrent_activation,
-                      "use_bias": b is not None, "reset_after": linear_before_reset == 1,
-                      "return_sequences": False, "return_state": False, "go_backwards": reverse != x.flipped,
-                      "zero_output_for_mask": False, "stateful": False}
-            weights = {"kernel": np.ascontiguousarray(w[d].T), "recurrent_kernel": np.ascontiguousarray(r[d].T)}
-            if b is not None:
-                input_bias, recurrent_bias = b[d, :3 * units], b[d, 3 * units:]
-                weights["bias"] = np.stack([input_bias, recurrent_bias]) if linear_before_reset \
-                    else input_bias + recurrent_bias
-            directions.append(_Direction(self.layer_name(), (self.node_index, d), config, weights, x, reverse))
-        directions = tuple(directions)
-        return [_Recurrent(directions, (TIME, DIRECTION, BATCH, FEATURE), sequence=True),
-                _Recurrent(directions, (DIRECTION, BATCH, FEATURE), sequence=False)]
-
-    def _check_initial_h(self, initial_h, count: int, units: int, name: str = "initial_h") -> None:
-        if initial_h is None or isinstance(initial_h, _Zeros):
-            return
-        if isinstance(initial_h, _Const):
-            if np.any(initial_h.array):
-                self.fail(f"{name} is a non-zero constant; a bundle starts from zero or from the initial_state "
-                          "passed to predict, so feed it as a graph input instead")
-            return
-        if not isinstance(initial_h, _StateInput) or initial_h.axes != (DIRECTION, BATCH, FEATURE) \
-                or initial_h.directions != count:
-            self.fail(f"{name} is {_describe(initial_h)}; expected zeros or a graph input ({count}, batch, "
-                      f"{units})")
-
-    def _activations(self, attributes, count: int, per_direction: int) -> list[str]:
-        """ONNX activations (GRU [f, g], LSTM [f, g, h], RNN [f] per direction) -> Keras names;
-        alpha/beta go only to the functions that take them."""
-        defaults = {1: ["Tanh"], 2: ["Sigmoid", "Tanh"], 3: ["Sigmoid", "Tanh", "Tanh"]}[per_direction]
-        names = attributes.get("activations", defaults * count)
-        alphas = list(attributes.get("activation_alpha", []))
-        betas = list(attributes.get("activation_beta", []))
-        if len(names) != per_direction * count:
-            self.malformed(f"{len(names)} activations for {count} direction(s); an {self.node.op_type} takes "
-                           f"{per_direction} per direction")
-        keras_names = []
-        for name in names:
-            keras_name, alpha, beta = ACTIVATIONS.get(name.lower(), (None, None, None))
-            if keras_name is None:
-                self.fail(f"activation {name} is not supported; supported: Sigmoid, Tanh, Relu, "
-                          "HardSigmoid(alpha=1/6, beta=0.5), Affine(alpha=1, beta=0)")
-            if alpha is not None:
-                given = (alphas.pop(0) if alphas else None, betas.pop(0) if betas else None)
-                if given[0] is None or not np.isclose(given[0], alpha, rtol=1e-6) \
-                        or given[1] is None or not np.isclose(given[1], beta, rtol=1e-6):
-                    self.fail(f"activation {name} with alpha, beta = {given}; only ({alpha:.6g}, {beta:.6g}) "
-                              f"matches Keras's {keras_name}")
-            keras_names.append(keras_name)
-        return keras_names
-
     _op_LSTM = onnx_lstm.read_lstm
     _op_RNN = onnx_lstm.read_rnn
     _op_Conv = onnx_conv.read_conv
@@ -786,86 +270,140 @@ class _Reader:
     _op_BatchNormalization = onnx_conv.read_batch_normalization
 
     # ----- outputs -----
-    def outputs(self) -> tuple[_Chain, int]:
-        """The chain the graph returns, and how many of the last layer's states it returns."""
+    def outputs(self) -> tuple[list[Layer], list[dict]]:
+        """The model's layers, and how each graph output is built from what its ``predict`` returns."""
         graph = self.model.graph
         if not graph.output:
             raise BundleError(f"{self.path}: the graph has no output")
         values = [self.values.get(output.name) for output in graph.output]
         producers = {name: node for node in graph.node for name in node.output}
-        self.node = producers.get(graph.output[0].name) if graph.output else None
+        self.node = producers.get(graph.output[0].name)
         if any(value is None for value in values):
             raise BundleError(f"{self.path}: a graph output is not computed by any node")
-        if len(values) >= 2 and _directions_of_one_layer(values[0], values[1]):  # Bidirectional merge_mode=None
-            chain, states = self._merge(values[0], values[1], None), values[2:]
+        if all(isinstance(value, _Recurrent) for value in values):
+            layers, keys, records = self._recurrent_outputs(values)
         else:
-            chain, states = self.chain(values[0]), values[1:]
-        expected = (BATCH, TIME, FEATURE) if chain.layers and _is_sequence(chain) else (BATCH, FEATURE)
-        if chain.axes != expected or chain.flipped or not chain.layers:
-            raise UnsupportedModelError(
-                f"{self.path}: output '{graph.output[0].name}' has axes ({', '.join(chain.axes)})"
-                f"{', reversed in time' if chain.flipped else ''}; a gru-engine model returns "
-                f"({', '.join(expected)}) computed by GRU layers")
-        if states:
-            keys = [(v.directions[0].key, v.carry) if isinstance(v, _Recurrent) and len(v.directions) == 1
-                    and not v.sequence and v.axes == (BATCH, FEATURE) else None for v in states]
-            carries = 2 if recurrent_kind(chain.layers[-1]) == "lstm" else 1
-            if keys != [(key, carry) for key in chain.origin for carry in range(carries)]:
-                raise UnsupportedModelError(
-                    f"{self.path}: outputs {[o.name for o in graph.output[-len(states):]]} are not the final states "
-                    "of the last layer's directions (in order; an LSTM's h then c), the only extra outputs a Keras "
-                    "model returns")
-        return chain, len(states)
+            layers, keys, records = self._chain_outputs(values)
+        for record, output in zip(records, graph.output):
+            record["name"] = output.name
+            dims = output.type.tensor_type.shape.dim
+            record["shape"] = [_dim(d) for d in dims] if len(dims) == len(record["axes"]) else \
+                [None] * len(record["axes"])
+        self.carry_keys = [key for layer_keys in keys for key in layer_keys]
+        return layers, records
+
+    def _output_record(self, value, parts: list, core: tuple, reverse_time: bool) -> dict:
+        stacked = (DIRECTION,) if DIRECTION in value.axes else ()
+        if sorted(a for a in value.axes if a != ONE) != sorted(core + stacked):
+            self.fail(f"a graph output has axes ({', '.join(value.axes)}); an output holds "
+                      f"({', '.join(core + stacked)}) in any order")
+        return {"parts": parts, "axes": list(value.axes), "reverse_time": reverse_time}
+
+    def _recurrent_outputs(self, values):
+        """Outputs that are all Y / Y_h (/ Y_c) of one recurrent node (or its directions), with no layer after it."""
+        directions = {d.key: d for value in values for d in value.directions}
+        if len({key[0] for key in directions}) != 1:
+            self.fail("the graph returns the outputs of several GRU nodes; it may return one GRU's Y and Y_h, or a "
+                      "chain of layers and the final states of its last GRU")
+        ordered = [directions[key] for key in sorted(directions)]
+        if all(v.carry for v in values):
+            self.fail("it returns an LSTM's final cell state Y_c as data; a Keras model only returns it as a state, "
+                      "after the LSTM's output")
+        sequences = any(v.sequence for v in values)
+        states = any(v.state for v in values)
+        lasts = any(not v.sequence and not v.state for v in values)
+        if lasts and (sequences or states):
+            self.fail("the graph returns the last step of Y together with Y or Y_h")
+        # Predict returns each direction's main output, then (return_state) each direction's final
+        # carries (h, then c for an LSTM). Without a sequence, a direction's first Y_h is its main output
+        # and a second one its state; Y_c is always a state.
+        count, seen, all_parts = len(ordered), set(), []
+        carries = len(carry_keys(ordered[0]))
+        for value in values:
+            parts = []
+            for d in value.directions:
+                index = sorted(directions).index(d.key)
+                later = value.carry or (value.state if sequences else d.key in seen)
+                parts.append(count + index * carries + value.carry if later else index)
+                seen.add(d.key)
+            all_parts.append(parts)
+        return_state = any(part >= count for parts in all_parts for part in parts)
+        config = {"return_sequences": sequences, "return_state": return_state,
+                  "zero_output_for_mask": sequences or not states}
+        first = ordered[0]
+        if len(ordered) == 1:
+            layer = Layer(first.kind, first.name, dict(first.config, **config), first.weights)
+        else:
+            layer = self._merge(*(_Recurrent((d,), (), sequences) for d in ordered), None).layers[-1]
+            layer = Layer("bidirectional", layer.name, {
+                **layer.config, "merge_mode": None, "forward": dict(layer.config["forward"], **config),
+                "backward": dict(layer.config["backward"], **config)}, layer.weights)
+        records = []
+        for value, parts in zip(values, all_parts):
+            reverse_time = False
+            if value.sequence:
+                flips = {d.flipped != (len(ordered) == 2 and d.key == ordered[1].key) for d in value.directions}
+                if len(ordered) == 2 and flips != {False}:
+                    self.fail("a bidirectional GRU's Y is returned reversed in time")
+                reverse_time = len(ordered) == 1 and value.directions[0].flipped
+            core = (BATCH, TIME, FEATURE) if value.sequence else (BATCH, FEATURE)
+            records.append(self._output_record(value, parts, core, reverse_time))
+        keys = first.source.keys + (sum((carry_keys(d) for d in ordered), ()),)
+        return list(first.source.layers) + [layer], keys, records
+
+    def _chain_outputs(self, values):
+        """The first output is the model's (a chain of layers); the others final states of its last GRU."""
+        chain = self.chain(values[0])
+        if not chain.layers:
+            self.fail("the graph returns its input unchanged")
+        core = (BATCH, TIME, FEATURE) if _is_sequence(chain) else (BATCH, FEATURE)
+        records = [self._output_record(chain, [0], core, chain.flipped)]
+        extras = values[1:]
+        returned = [key for v in extras if isinstance(v, _Recurrent) and v.state for key in state_keys(v)]
+        if extras and all(isinstance(v, _Recurrent) and v.state for v in extras) and chain.layers[-1].kind != "dense" \
+                and sorted(returned) == sorted(chain.origin):
+            # Every final carry of the last layer: Keras's return_state.
+            for value in extras:
+                parts = [1 + chain.origin.index(key) for key in state_keys(value)]
+                records.append(self._output_record(value, parts, (BATCH, FEATURE), False))
+            return _finish_layers(chain.layers, len(extras)), chain.keys, records
+        # Final states of any layers (PyTorch's h_n): the model's carries, after its one output.
+        carries = [key for layer_keys in chain.keys for key in layer_keys]
+        for value in extras:
+            keys = value.keys if isinstance(value, _States) else state_keys(value) \
+                if isinstance(value, _Recurrent) and value.state else ()
+            if not keys or not all(key in carries for key in keys):
+                self.fail("besides the model's output, a graph may only return final states (Y_h, an LSTM's Y_c) of "
+                          "its recurrent layers")
+            records.append(self._output_record(value, [1 + carries.index(key) for key in keys], (BATCH, FEATURE),
+                                               False))
+        return _finish_layers(chain.layers, 0), chain.keys, records
+
+    def interface(self, records) -> dict:
+        """The graph's inputs and outputs for ``gru_engine.InferenceSession``."""
+        inputs = [{"name": self.main_input.name, "role": "x", "axes": list(self.input_axes),
+                   "shape": [_dim(d) for d in self.main_input.type.tensor_type.shape.dim]}]
+        initial = [self.initial_states.get(key) for key in self.carry_keys]
+        used = {source["input"] for source in initial if source and "input" in source}
+        for value in self.other_inputs:
+            dims = [_dim(d) for d in value.type.tensor_type.shape.dim]
+            if self.lengths == {"input": value.name}:
+                inputs.append({"name": value.name, "role": "lengths", "axes": [BATCH], "shape": dims})
+            elif value.name in used:
+                default = (DIRECTION, BATCH, FEATURE) if len(dims) == 3 else (BATCH, FEATURE)
+                inputs.append({"name": value.name, "role": "initial_h",
+                               "axes": list(self.state_axes.get(value.name, default)), "shape": dims})
+            else:
+                raise UnsupportedModelError(f"{self.path}: input '{value.name}' feeds none of the graph's outputs "
+                                            "as sequence_lens or initial_h")
+        return {"inputs": inputs, "outputs": records, "initial_state": initial, "lengths": self.lengths}
 
 
-def _directions_of_one_layer(forward, backward) -> bool:
-    """Whether two values are a forward and a backward GRU direction over the same input, not yet merged."""
-    if not all(isinstance(v, _Recurrent) and len(v.directions) == 1 for v in (forward, backward)):
-        return False
-    f, b = forward.directions[0], backward.directions[0]
-    return f.source is b.source and forward.sequence == backward.sequence and not f.config["go_backwards"] \
-        and b.config["go_backwards"]
-
-
-def _text(value):
-    """ONNX string attributes arrive as bytes."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [_text(item) for item in value]
-    return value
-
-
-def _is_sequence(chain: _Chain) -> bool:
-    sequence = True
-    for layer in chain.layers:
-        if layer.kind in onnx_conv.frontends.GLOBAL_POOLING_KINDS:
-            sequence = False
-        sequence = recurrent_configs(layer)[-1]["return_sequences"] if recurrent_configs(layer) else sequence
-    return sequence
-
-
-def _match_reshape(axes: list, sizes: list, target: list):
-    """Labels for ``target`` if it only inserts/removes size-1 axes around ``axes`` (None otherwise)."""
-    core = [(axis, size) for axis, size in zip(axes, sizes) if axis != ONE]
-    free = target.count(-1)
-    if free > 1:
-        return None
-
-    def match(t: int, c: int) -> list | None:
-        if t == len(target):
-            return [] if c == len(core) else None
-        entry = target[t]
-        if c < len(core) and (entry == core[c][1] or entry == -1):
-            rest = match(t + 1, c + 1)
-            if rest is not None:
-                return [core[c][0]] + rest
-        if entry == 1:
-            rest = match(t + 1, c)
-            if rest is not None:
-                return [ONE] + rest
-        return None
-    return match(0, 0)
+def _dim(dim):
+    """An ONNX dimension as onnxruntime reports it: its size, its name, or None."""
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    return dim.dim_param or None
 
 
 def _finish_layers(layers: tuple, returned_states: int) -> list[Layer]:
@@ -900,22 +438,76 @@ def _load(onnx_path):
     return model, path
 
 
-def _onnxruntime_outputs(model, x: np.ndarray, path) -> list[np.ndarray]:
-    """The graph's outputs for x, state inputs fed zeros (the engine's default carry)."""
+def _layout0(model):
+    """The same graph with every layout=1 GRU (which onnxruntime refuses) as a layout=0 GRU between
+    Transposes, exactly as the ONNX operator defines layout=1."""
+    from onnx import helper
+
+    model = type(model).FromString(model.SerializeToString())
+    nodes = []
+    for node in model.graph.node:
+        layout = next((a for a in node.attribute if a.name == "layout"), None)
+        if node.op_type != "GRU" or layout is None or layout.i != 1:
+            nodes.append(node)
+            continue
+        node.attribute.remove(layout)
+        inputs, outputs = list(node.input), list(node.output)
+        before, after = [], []
+        for position in (0, 5):  # X (B, T, I) and initial_h (B, D, H)
+            if len(inputs) > position and inputs[position]:
+                before.append(helper.make_node("Transpose", [inputs[position]], [inputs[position] + ".layout0"],
+                                               perm=[1, 0, 2]))
+                inputs[position] += ".layout0"
+        for position, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2])):  # Y (T, D, B, H), Y_h (D, B, H)
+            if len(outputs) > position and outputs[position]:
+                after.append(helper.make_node("Transpose", [outputs[position] + ".layout0"], [outputs[position]],
+                                              perm=perm))
+                outputs[position] += ".layout0"
+        node.ClearField("input")
+        node.input.extend(inputs)
+        node.ClearField("output")
+        node.output.extend(outputs)
+        nodes += before + [node] + after
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _onnxruntime_outputs(model, interface: dict, x: np.ndarray, path) -> list[np.ndarray]:
+    """The graph's outputs for x (batch, time, features): sequence_lens fed the full length, initial_h
+    inputs zeros (the engine's default carry)."""
     import onnxruntime as ort
 
+    from gru_engine.interface import arrange
+
+    feeds = {}
+    for entry in interface["inputs"]:
+        if entry["role"] == "x":
+            feeds[entry["name"]] = arrange(x, (BATCH, TIME, FEATURE), entry["axes"])
+        elif entry["role"] == "lengths":
+            feeds[entry["name"]] = np.full(x.shape[0], x.shape[1], np.int32)
+        else:
+            sizes = {BATCH: x.shape[0]}
+            feeds[entry["name"]] = np.zeros([d if isinstance(d, int) else sizes.get(axis, 1)
+                                             for d, axis in zip(entry["shape"], entry["axes"])], np.float32)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        feeds = {}
-        for index, value in enumerate(session.get_inputs()):
-            if index == 0:
-                feeds[value.name] = x
-            else:
-                shape = [d if isinstance(d, int) else x.shape[0] for d in value.shape]
-                feeds[value.name] = np.zeros(shape, np.float32)
+        session = ort.InferenceSession(_layout0(model).SerializeToString(), providers=["CPUExecutionProvider"])
         return [np.asarray(y, np.float32) for y in session.run(None, feeds)]
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BundleError(f"{path}: onnxruntime cannot run the graph for the self-check: {exc}") from None
+
+
+def _read(model, path) -> tuple[_Reader, list[Layer], list[dict]]:
+    """Read the graph with its input batch-major, or time-major when its first GRU says so."""
+    for time_major in (False, True):
+        reader = _Reader(model, path, time_major)
+        try:
+            reader.run()
+        except SwappedInput:
+            continue
+        layers, records = reader.outputs()
+        return reader, layers, records
+    raise UnsupportedModelError(f"{path}: the model input reaches the first GRU neither time- nor batch-major")
 
 
 def read_onnx(onnx_path) -> ModelSpec:
@@ -923,23 +515,34 @@ def read_onnx(onnx_path) -> ModelSpec:
     import onnx
     import onnxruntime
 
+    from gru_engine.interface import constants, predict_outputs
+
     model, path = _load(onnx_path)
-    reader = _Reader(model, path)
-    reader.run()
-    chain, returned_states = reader.outputs()
+    reader, layers, records = _read(model, path)
     source = {"framework": "onnx", "version": f"opset {reader.opset}",
               "producer": f"{model.producer_name} {model.producer_version}".strip(),
               "runtime": f"onnxruntime {onnxruntime.__version__}", "onnx": onnx.__version__}
-    spec = ModelSpec(reader.features, _finish_layers(chain.layers, returned_states), source)
+    spec = ModelSpec(reader.features, layers, source)
+    spec.interface = reader.interface(records)
     validate(spec)
-    dims = reader.main_input.type.tensor_type.shape.dim
-    batch = dims[0].dim_value or SELF_CHECK_BATCH
+    states, lengths = constants(spec.interface)
+    dims = {axis: dim for axis, dim in zip(reader.input_axes, spec.interface["inputs"][0]["shape"])}
+    # The batch is fixed by any input with a fixed batch axis, or by constant lengths or initial_h.
+    fixed = [entry["shape"][entry["axes"].index(BATCH)] for entry in spec.interface["inputs"]]
+    fixed = [size for size in fixed if isinstance(size, int)] + [len(s) for s in states if s is not None]
+    fixed += [len(lengths)] if lengths is not None else []
+    batch = fixed[0] if fixed else SELF_CHECK_BATCH
     gates = [config.get("recurrent_activation", config["activation"]) for layer in spec.layers
              for config in recurrent_configs(layer)]
-    steps = dims[1].dim_value or max(onnx_conv.frontends.min_steps(spec), SELF_CHECK_STEPS if set(gates) <= set(
-        CONTRACTING_GATES) else EXPANDING_SELF_CHECK_STEPS)
+    steps = max(onnx_conv.frontends.min_steps(spec), SELF_CHECK_STEPS if set(gates) <= set(CONTRACTING_GATES)
+                else EXPANDING_SELF_CHECK_STEPS)
+    steps = dims[TIME] if isinstance(dims[TIME], int) else max(steps, max(lengths, default=1) if lengths is not None
+                                                               else 1)
     spec.self_check_input = sample_input(spec, batch, steps, np.random.default_rng(0))
-    spec.self_check_outputs = _onnxruntime_outputs(model, spec.self_check_input, path)
+    outputs = _onnxruntime_outputs(model, spec.interface, spec.self_check_input, path)
+    spec.self_check_outputs = predict_outputs(spec.interface, outputs, spec.output_count)
+    if any(output is None for output in spec.self_check_outputs):
+        raise UnsupportedModelError(f"{path}: the graph's outputs leave out part of what the model computes")
     validate(spec)
     return spec
 
@@ -951,3 +554,17 @@ def import_onnx(onnx_path, out_path) -> Path:
     spec = read_onnx(onnx_path)
     bundle.self_check(Model(spec), Path(onnx_path))
     return bundle.save(spec, out_path)
+
+
+def onnx_session(onnx_path, bundle_path=None):
+    """onnxruntime's ``InferenceSession`` interface over an ONNX graph converted on the fly (written to
+    ``bundle_path`` too when given)."""
+    from gru_engine.runtime import Model
+    from gru_engine.session import InferenceSession
+
+    spec = read_onnx(onnx_path)
+    model = Model(spec)
+    bundle.self_check(model, Path(onnx_path))
+    if bundle_path is not None:
+        bundle.save(spec, bundle_path)
+    return InferenceSession(model)

@@ -62,20 +62,23 @@ import numpy as np
 from gru_engine import frontends
 from gru_engine.errors import UnsupportedModelError
 from gru_engine.fileio import atomic_write_bytes
-from gru_engine.spec import Layer, ModelSpec, recurrent_configs, recurrent_kind, validate
+from gru_engine.spec import ACTIVATION_PARAMETERS, Layer, ModelSpec, recurrent_configs, recurrent_kind, validate
 
 from . import onnx_conv
 from .onnx_interface import (DEFAULT_OPSET, INPUT, MIN_OPSET, carried_state_dims, initial_state_name, main_names,
                              output_names, returned_states, state_name)
 
 
-# Keras activation -> (ONNX activation, alpha, beta). Keras 3 hard_sigmoid is clip(x / 6 + 0.5, 0, 1).
+# Spec activation -> (ONNX activation, default alpha, default beta), None where the function takes none.
+# Keras 3 hard_sigmoid is HardSigmoid(1/6, 0.5), linear Affine(1, 0); a GRU config may set the
+# parameters (spec.ACTIVATION_PARAMETERS). Only GRU configs hold the names after "linear".
 RECURRENT_ACTIVATIONS = {
-    "sigmoid": ("Sigmoid", None, None),
-    "tanh": ("Tanh", None, None),
-    "relu": ("Relu", None, None),
-    "hard_sigmoid": ("HardSigmoid", 1.0 / 6.0, 0.5),
-    "linear": ("Affine", 1.0, 0.0),
+    name: (onnx_name, *({"linear": (1.0, 0.0)}.get(name) or ACTIVATION_PARAMETERS.get(name, (None, None))))
+    for name, onnx_name in (("sigmoid", "Sigmoid"), ("tanh", "Tanh"), ("relu", "Relu"),
+                            ("hard_sigmoid", "HardSigmoid"), ("linear", "Affine"), ("affine", "Affine"),
+                            ("leaky_relu", "LeakyRelu"), ("thresholded_relu", "ThresholdedRelu"),
+                            ("scaled_tanh", "ScaledTanh"), ("elu", "Elu"), ("softsign", "Softsign"),
+                            ("softplus", "Softplus"))
 }
 DENSE_ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax"}  # else linear
 # Keras's LSTM gate blocks i, f, c, o, in ONNX's order i, o, f, c.
@@ -150,6 +153,9 @@ def _refuse_unexpressible(spec: ModelSpec) -> None:
                 f"layer '{layer.name}' (Masking): the native ONNX export cannot reproduce Keras masking exactly "
                 "(Keras skips masked steps anywhere in a sequence; an ONNX node's sequence_lens only drops "
                 "trailing steps). Export this model with method='tf2onnx', or remove the Masking layer")
+        if layer.kind == "bidirectional" and layer.config["forward"].get("clip") != layer.config["backward"].get("clip"):
+            raise UnsupportedModelError(f"layer '{layer.name}': its two directions clip differently, and one ONNX "
+                                        "GRU node has one clip")
 
 
 def _gru_bias(config: dict, bias) -> np.ndarray:
@@ -194,11 +200,16 @@ def _activation_attributes(cell: _OnnxCell, configs: list[dict]) -> dict:
             onnx_name, alpha, beta = RECURRENT_ACTIVATIONS[config[field]]
             names.append(onnx_name)
             if alpha is not None:
-                alphas.append(alpha)
-                betas.append(beta)
+                alphas.append(float(config.get(f"{field}_alpha", alpha)))
+            if beta is not None:
+                betas.append(float(config.get(f"{field}_beta", beta)))
     attributes = {"activations": names}
     if alphas:
-        attributes.update(activation_alpha=alphas, activation_beta=betas)
+        attributes["activation_alpha"] = alphas
+    if betas:
+        attributes["activation_beta"] = betas
+    if "clip" in configs[0]:
+        attributes["clip"] = float(configs[0]["clip"])
     return attributes
 
 

@@ -4,6 +4,9 @@
     model = gru_engine.load("airline.gru.safetensors")   # validates, then replays the self-check
     y = model.predict(x)                                  # x: (batch, time, features)
     stream = model.stream()                               # one time step at a time
+
+    session = gru_engine.InferenceSession("imported.gru.safetensors")  # onnxruntime's interface
+    outputs = session.run(None, {"X": x})
 """
 
 from pathlib import Path
@@ -11,10 +14,12 @@ from pathlib import Path
 from . import bundle
 from .errors import BundleError, InputError, UnsupportedModelError
 from .runtime import Model, Stream
+from .session import InferenceSession
 from .spec import ModelSpec
 
 __version__ = "0.1.0"
-__all__ = ["load", "loads", "Model", "Stream", "ModelSpec", "BundleError", "InputError", "UnsupportedModelError",
+__all__ = ["load", "loads", "Model", "Stream", "InferenceSession", "ModelSpec", "BundleError", "InputError",
+           "UnsupportedModelError",
            "__version__"]
 
 

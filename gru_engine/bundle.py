@@ -9,6 +9,9 @@ dtype, shape and byte range, then the raw little-endian float32 data. The header
      "layers": [{"kind": ..., "name": ..., "config": {...}}, ...],
      "transforms": [...], "self_check": true | false}
 
+A bundle imported from an ONNX graph also holds ``"interface"`` (see ``gru_engine.interface``) and is
+written as format version 2; every other bundle stays version 1, readable by older releases.
+
 Tensors are named ``layers.<i>.<weight>`` (``layers.<i>.forward.kernel`` for Bidirectional),
 ``self_check.input`` and ``self_check.output.<k>``. The header is parsed here, not by a library,
 so every offset is checked before any byte of data is touched.
@@ -25,12 +28,14 @@ import numpy as np
 
 from .errors import BundleError
 from .fileio import atomic_write_bytes
-from .spec import FORMAT_NAME, FORMAT_VERSION, Layer, ModelSpec, max_excess, validate
+from .spec import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, Layer, ModelSpec, max_excess, validate
 
 METADATA_KEY = "gru_engine"
 MAX_HEADER_BYTES = 16 << 20
 MANIFEST_KEYS = {"format", "format_version", "dtype", "input_features", "source", "layers", "transforms",
                  "self_check"}
+# What each format version adds to the manifest.
+VERSION_KEYS = {1: MANIFEST_KEYS, 2: MANIFEST_KEYS | {"interface"}}
 
 
 def to_bytes(spec: ModelSpec) -> bytes:
@@ -49,7 +54,7 @@ def to_bytes(spec: ModelSpec) -> bytes:
             tensors[f"self_check.output.{index}"] = np.ascontiguousarray(output)
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if spec.interface is None else FORMAT_VERSION,
         "dtype": "float32",
         "input_features": spec.input_features,
         "source": dict(spec.source),
@@ -57,6 +62,8 @@ def to_bytes(spec: ModelSpec) -> bytes:
         "transforms": spec.transforms,
         "self_check": has_check,
     }
+    if spec.interface is not None:
+        manifest["interface"] = spec.interface
     return save(tensors, metadata={METADATA_KEY: json.dumps(manifest)})
 
 
@@ -125,11 +132,14 @@ def _manifest(metadata: dict, path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{path}: manifest format is not '{FORMAT_NAME}'")
     version = manifest.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format_version {version!r}; this gru-engine reads version "
-                          f"{FORMAT_VERSION}. Re-export the model with this version's gru-engine export")
-    if set(manifest) != MANIFEST_KEYS:
-        raise BundleError(f"{path}: manifest fields {sorted(manifest)}; expected exactly {sorted(MANIFEST_KEYS)}")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        newer = type(version) is int and version > max(READABLE_VERSIONS)
+        raise BundleError(f"{path}: bundle format_version {version!r}; this gru-engine reads versions "
+                          f"{list(READABLE_VERSIONS)}. " + ("Upgrade gru-engine to read it" if newer else
+                                                            "Re-export the model with this version's gru-engine"))
+    if set(manifest) != VERSION_KEYS[version]:
+        raise BundleError(f"{path}: manifest fields {sorted(manifest)}; format version {version} has exactly "
+                          f"{sorted(VERSION_KEYS[version])}")
     if manifest["dtype"] != "float32":
         raise BundleError(f"{path}: manifest dtype {manifest['dtype']!r}; only float32 is supported")
     if not isinstance(manifest["layers"], list) or not isinstance(manifest["source"], dict) \
@@ -159,7 +169,9 @@ def from_buffer(buffer, path="<bundle>") -> ModelSpec:
     if manifest["self_check"] != (check_input is not None):
         raise BundleError(f"{path}: manifest self_check={manifest['self_check']} disagrees with the tensors present")
     spec = ModelSpec(manifest["input_features"], layers, manifest["source"], manifest["transforms"],
-                     check_input, check_outputs)
+                     check_input, check_outputs, manifest.get("interface"))
+    if manifest["format_version"] == 2 and spec.interface is None:
+        raise BundleError(f"{path}: a format version 2 manifest needs an interface object")
     try:
         validate(spec)
     except BundleError as exc:
@@ -187,7 +199,15 @@ def self_check(model, path="<bundle>") -> float:
     spec = model.spec
     if spec.self_check_input is None:
         raise BundleError(f"{path}: the bundle has no self-check; load it with verify=False to run it anyway")
-    outputs = model.predict_raw(spec.self_check_input)
+    initial_state, lengths = None, None
+    if spec.interface is not None:  # a graph's constant initial_h and sequence_lens are part of its function
+        from .interface import constants
+
+        states, lengths = constants(spec.interface)
+        if any(state is not None for state in states):
+            initial_state = [np.zeros((spec.self_check_input.shape[0], units), np.float32) if state is None
+                             else state for state, units in zip(states, model.state_shapes)]
+    outputs = model.predict_raw(spec.self_check_input, initial_state, lengths)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     worst = max(max_excess(actual, expected) for actual, expected in zip(outputs, spec.self_check_outputs))
     if worst > 0:

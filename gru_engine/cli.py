@@ -125,8 +125,11 @@ def _inspect(args) -> None:
     from .runtime import Model
     spec = bundle.read(args.bundle)
     model = Model(spec)
-    print(f"{args.bundle}: gru-engine bundle, format version {bundle.FORMAT_VERSION}")
+    version = 1 if spec.interface is None else bundle.FORMAT_VERSION
+    print(f"{args.bundle}: gru-engine bundle, format version {version}")
     model.summary()
+    if spec.source.get("producer"):
+        print(f"Producer: {spec.source['producer']}")
     for index, layer in enumerate(spec.layers):
         options = ", ".join(f"{k}={v}" for k, v in layer.config.items() if not isinstance(v, dict))
         print(f"  layer {index} {layer.name} [{layer.kind}] {options}")
@@ -134,6 +137,11 @@ def _inspect(args) -> None:
             print(f"      {name}: {tuple(array.shape)} float32")
     if spec.transforms:
         print("transforms: " + "; ".join(step["kind"] for step in spec.transforms))
+    if spec.interface is not None:
+        for entry in spec.interface["inputs"]:
+            print(f"graph input  {entry['name']} ({entry['role']}): {entry['shape']} ({', '.join(entry['axes'])})")
+        for entry in spec.interface["outputs"]:
+            print(f"graph output {entry['name']}: {entry['shape']} ({', '.join(entry['axes'])})")
     check = spec.self_check_input
     print(f"self-check: {'input ' + str(tuple(check.shape)) if check is not None else 'none'}")
 

@@ -118,6 +118,18 @@ def not_streamable(layer) -> str | None:
     return None
 
 
+def lengths_blocker(spec) -> str | None:
+    """Why ``predict(lengths=)`` cannot mask this chain's padding, or None: the mask needs each time step
+    to stay one row with no later input in it (causal Conv1D of strides 1; global pooling honours it)."""
+    for layer in spec.layers:
+        reason = None if layer.kind in GLOBAL_POOLING_KINDS else not_streamable(layer)
+        if reason:
+            return (f"lengths= cannot be honoured: layer '{layer.name}' ({KERAS_CLASS_NAMES[layer.kind]}) {reason}, "
+                    "so padded steps leak into the valid ones; run each sample at its own length instead "
+                    "(predict(x[s:s + 1, :length]))")
+    return None
+
+
 def history_steps(layer) -> int:
     """Past input steps a streamed causal Conv1D keeps: (kernel_size - 1) * dilation_rate."""
     return (layer.config["kernel_size"] - 1) * layer.config["dilation_rate"]

@@ -17,7 +17,7 @@ from . import folding, frontends, transforms
 from .kernels import activations, lstm, plan, products, recurrent
 from .kernels.transforms import S_FIRST, S_SECOND, S_SLOT, S_WIDTH
 from .errors import InputError
-from .spec import RECURRENT_FAMILIES, ModelSpec, output_shapes, recurrent_kind, stream_blockers, validate
+from .spec import RECURRENT_FAMILIES, ModelSpec, activation_parameters, output_shapes, recurrent_kind, stream_blockers, validate
 
 # Below this batch size, waking Numba's thread pool costs more than it saves.
 PARALLEL_MIN_BATCH = 8
@@ -26,6 +26,8 @@ MAX_CALL_FLOATS = 1 << 31
 FLOAT32 = np.dtype(np.float32)
 # Numeric dtypes accepted and cast to float32.
 ACCEPTED_KINDS = "fiub"
+# ``lengths`` left out: the kernels take an empty array for "every step of every sample".
+NO_LENGTHS = np.zeros(0, np.int64)
 
 
 def pad_columns(matrix, width):
@@ -186,11 +188,19 @@ class _Program:
                 "carry": sum(carry_dims),
                 "option": tensors.pop("option", 0),
                 "recurrent_bias": 0,
+                "params": activation_params(config) if kind == "gru" else recurrent.NO_PARAMS,
             }
             block.update({name: put(array) for name, array in tensors.items()})
             carry_dims.extend([units] * RECURRENT_FAMILIES[kind].carries)
             carry_shapes.extend([(units,)] * RECURRENT_FAMILIES[kind].carries)
             return [block[name] for name in recurrent.DIRECTION_BLOCK]
+
+        def activation_params(config) -> int:
+            """PARAMS_SIZE floats for ONNX activation parameters and clip, only when a GRU direction has them."""
+            parameters = activation_parameters(config)
+            if parameters is None:
+                return recurrent.NO_PARAMS
+            return put(np.float32(parameters))
 
         def frontend_row(row, layer, input_dim):
             """Fill the plan row of a front-end layer."""
@@ -320,13 +330,15 @@ class _Program:
     def output(self, batch: int, steps: int) -> np.ndarray:
         return np.empty(self.output_shape(batch, steps), np.float32)
 
-    def run(self, x, carry, work, out, zero_carry=False) -> None:
-        """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``."""
+    def run(self, x, carry, work, out, zero_carry=False, lengths=NO_LENGTHS) -> None:
+        """Run the plan on x (B, T, F) from ``carry`` (B, C), or from zero state with ``zero_carry``;
+        ``lengths`` (B,) int64 masks each sample's steps from its length on."""
         if work.shape[0] == 1:
-            bad = plan.run_batch(self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width,
-                                    zero_carry, out)
+            bad = plan.run_batch(self.plan, self.weights, x, lengths, carry, work, self.max_dim,
+                                 self.max_gate_width, zero_carry, out)
         else:
-            args = (self.plan, self.weights, x, carry, work, self.max_dim, self.max_gate_width, zero_carry, out)
+            args = (self.plan, self.weights, x, lengths, carry, work, self.max_dim, self.max_gate_width, zero_carry,
+                    out)
             if parallel_launch_is_thread_safe():
                 bad = plan.run_batch_parallel(*args)
             else:
@@ -340,7 +352,7 @@ class _Program:
         and the Python between it and the kernel is most of a step's overhead."""
         if work.shape[0] != 1:
             return functools.partial(self.run, x, carry, work, out)
-        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, carry, work, self.max_dim,
+        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, NO_LENGTHS, carry, work, self.max_dim,
                                    self.max_gate_width, False, out)
 
         def run():
@@ -394,6 +406,18 @@ def as_input(x, features: int, check_size=None) -> np.ndarray:
     if check_size is not None:
         check_size(x.shape[0], x.shape[1])
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def as_lengths(lengths, batch: int, steps: int) -> np.ndarray:
+    """Check per-sample lengths: integers in [1, steps], one per sample; as a (batch,) int64 array."""
+    lengths = as_array(lengths, "lengths")
+    if lengths.dtype.kind not in "iu" or lengths.shape != (batch,):
+        raise InputError(f"lengths must be an integer array of shape ({batch},), one length per sample, "
+                         f"got {lengths.dtype} {lengths.shape}")
+    if batch and (lengths.min() < 1 or lengths.max() > steps):
+        raise InputError(f"lengths must lie between 1 and the {steps} time steps of x, got values from "
+                         f"{lengths.min()} to {lengths.max()}")
+    return np.ascontiguousarray(lengths, np.int64)
 
 
 def fill_carry(states, batch: int, program: _Program, carry=None) -> np.ndarray:
@@ -474,22 +498,45 @@ class Model:
         (see ``state_shapes``), in layer order."""
         return fill_carry(initial_state, batch, self._program, carry)
 
-    def predict(self, x, initial_state=None, out=None):
+    def predict(self, x, initial_state=None, out=None, lengths=None):
         """Run the model on x (batch, time, features); returns what Keras ``model.predict`` returns.
 
         ``out``: a float32 array of the returned shape to write the result into (then returned),
         for a model with one output; a call with ``out`` allocates nothing once the input shape
         has been seen.
-        """
-        return self._run(as_input(x, self._features, self._program.check_size), initial_state, out)
 
-    def predict_raw(self, x, initial_state=None):
+        ``lengths`` (batch,) ints: sample s is x[s, :lengths[s]], the rest trailing padding. As with
+        a Keras mask, the recurrent layers skip padded steps (carrying the state through), and their
+        sequences there are zero, or repeat the last output, per ``zero_output_for_mask``.
+        """
+        return self._run(as_input(x, self._features, self._program.check_size), initial_state, out, lengths)
+
+    def predict_raw(self, x, initial_state=None, lengths=None):
         """``predict`` without the bundle's input/output transforms (the network's own units)."""
+        return self._raw_model().predict(x, initial_state, lengths=lengths)
+
+    def _raw_model(self) -> "Model":
         if self._raw is None:
             self._raw = Model(dataclasses.replace(self.spec, transforms=[]))
-        return self._raw.predict(x, initial_state)
+        return self._raw
 
-    def _run(self, x, initial_state, out=None):
+    def predict_states(self, x, initial_state=None, lengths=None):
+        """``predict_raw``, and the final carries (see ``state_shapes``) in layer order, (batch, units) each."""
+        raw = self._raw_model()
+        outputs = raw.predict(x, initial_state, lengths=lengths)
+        carry, carries, offset = raw._scratch.carry, [], 0
+        for units in raw._program.carry_dims:
+            carries.append(carry[:, offset:offset + units].copy())
+            offset += units
+        return outputs, carries
+
+    def _lengths(self, lengths, batch: int, steps: int) -> np.ndarray:
+        blocker = frontends.lengths_blocker(self.spec)
+        if blocker:
+            raise InputError(blocker)
+        return as_lengths(lengths, batch, steps)
+
+    def _run(self, x, initial_state, out=None, lengths=None):
         batch, steps = x.shape[0], x.shape[1]
         program = self._program
         scratch = self._scratch
@@ -503,6 +550,7 @@ class Model:
             scratch.returned_shape = program.returned_shape(batch, steps)
             scratch.key = key
         carry = scratch.carry
+        lengths = NO_LENGTHS if lengths is None else self._lengths(lengths, batch, steps)
         if out is not None:
             if not self._single_output:
                 raise InputError("out= needs a model with one output; this one returns "
@@ -515,7 +563,7 @@ class Model:
         if out is None:
             out = np.empty(scratch.output_shape, FLOAT32)
             result = out if self._plain_output else None
-        program.run(x, carry, scratch.work, out, zero_carry=initial_state is None)
+        program.run(x, carry, scratch.work, out, zero_carry=initial_state is None, lengths=lengths)
         if result is not None:
             return result
         return self._outputs(out, carry, batch, steps)

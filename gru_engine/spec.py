@@ -8,7 +8,10 @@ names, and float32 weights in Keras's layout:
                      return_sequences, return_state, go_backwards, zero_output_for_mask, stateful``;
                      weights ``kernel (input_dim, 3*units)``, ``recurrent_kernel (units, 3*units)``,
                      ``bias (2, 3*units)`` when reset_after else ``(3*units,)``, only when use_bias.
-                     Gate columns are z | r | h.
+                     Gate columns are z | r | h. Graphs from ONNX may also use the rest of ONNX's
+                     RNN activations (``ONNX_ACTIVATIONS``), and optional fields
+                     ``[recurrent_]activation_alpha/_beta`` (for the functions that take them,
+                     default ``ACTIVATION_PARAMETERS``) and ``clip`` (ONNX's cell clip).
 - ``lstm``:          config as GRU's without ``reset_after``; weights ``kernel (input_dim, 4*units)``,
                      ``recurrent_kernel (units, 4*units)``, ``bias (4*units,)`` when use_bias. Gate
                      columns are i | f | c | o. Two carries per direction: h, then c.
@@ -38,9 +41,18 @@ from . import transforms
 from .errors import BundleError, is_float32_number
 
 FORMAT_NAME = "gru-engine-bundle"
-FORMAT_VERSION = 1
+# Version 2 bundles carry an ONNX graph's interface (``gru_engine.interface``); others stay version 1.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 RECURRENT_ACTIVATIONS = ("tanh", "sigmoid", "hard_sigmoid", "relu", "linear")
+# The rest of ONNX's RNN activation family (Keras's names where Keras has the function).
+ONNX_ACTIVATIONS = ("affine", "leaky_relu", "thresholded_relu", "scaled_tanh", "elu", "softsign", "softplus")
+# (alpha, beta) each activation takes, as meant when a config leaves them out (None: not taken).
+ACTIVATION_PARAMETERS = {"hard_sigmoid": (1.0 / 6.0, 0.5), "affine": (1.0, 0.0), "leaky_relu": (0.2, None),
+                         "thresholded_relu": (1.0, None), "scaled_tanh": (1.0, 1.0), "elu": (1.0, None)}
+GRU_PARAMETER_KEYS = ("recurrent_activation_alpha", "recurrent_activation_beta", "activation_alpha",
+                      "activation_beta", "clip")
 DENSE_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
 LAYER_KINDS = ("masking", "gru", "lstm", "simple_rnn", "bidirectional", "dense")
@@ -115,6 +127,8 @@ class ModelSpec:
     # A small input (batch, time, features) and the source framework's outputs for it.
     self_check_input: np.ndarray | None = None
     self_check_outputs: list[np.ndarray] = dataclasses.field(default_factory=list)
+    # An imported ONNX graph's inputs and outputs, for ``gru_engine.InferenceSession``.
+    interface: dict[str, Any] | None = None
 
     def shapes(self) -> list[LayerShape]:
         return trace_shapes(self)
@@ -217,11 +231,11 @@ def _fail(layer_index: int | None, message: str) -> None:
     raise BundleError(f"{where}: {message}")
 
 
-def _check_keys(index: int, config: Any, keys: dict[str, type], what: str) -> None:
+def _check_keys(index: int, config: Any, keys: dict[str, type], what: str, optional=()) -> None:
     if not isinstance(config, dict):
         _fail(index, f"{what} config must be a JSON object, got {type(config).__name__}")
     missing = sorted(set(keys) - set(config))
-    extra = sorted(set(config) - set(keys))
+    extra = sorted(set(config) - set(keys) - set(optional))
     if missing or extra:
         _fail(index, f"{what} config has missing fields {missing} and unknown fields {extra}; "
                      f"expected exactly {sorted(keys)}")
@@ -238,13 +252,40 @@ def _check_units(index: int, units: int, field: str) -> None:
 
 
 def _check_recurrent_config(index: int, kind: str, config: Any, what: str) -> None:
-    _check_keys(index, config, RECURRENT_FAMILIES[kind].config_keys, what)
+    onnx = kind == "gru"  # ONNX's activation parameters and clip reach the GRU kernel only
+    _check_keys(index, config, RECURRENT_FAMILIES[kind].config_keys, what, GRU_PARAMETER_KEYS if onnx else ())
     _check_units(index, config["units"], "units")
+    supported = RECURRENT_ACTIVATIONS + ONNX_ACTIVATIONS if onnx else RECURRENT_ACTIVATIONS
     for field in ("activation", "recurrent_activation"):
-        if field in config and config[field] not in RECURRENT_ACTIVATIONS:
-            _fail(index, f"{what} '{field}' is {config[field]!r}; supported: {list(RECURRENT_ACTIVATIONS)}")
+        if field not in config:
+            continue
+        if config[field] not in supported:
+            _fail(index, f"{what} '{field}' is {config[field]!r}; supported: {list(supported)}")
+        taken = ACTIVATION_PARAMETERS.get(config[field], (None, None))
+        for name, default in zip(("alpha", "beta"), taken):
+            value = config.get(f"{field}_{name}")
+            if value is None:
+                continue
+            if default is None:
+                _fail(index, f"{what} has '{field}_{name}', but {config[field]} takes no {name}")
+            if not is_float32_number(value):
+                _fail(index, f"{what} '{field}_{name}' is {value!r:.40}; it must be a number finite in float32")
+    clip = config.get("clip")
+    if clip is not None and not (is_float32_number(clip) and clip > 0):
+        _fail(index, f"{what} 'clip' is {clip!r:.40}; it must be a positive number")
 
 
+def activation_parameters(config: dict[str, Any]) -> list[float] | None:
+    """[recurrent alpha, recurrent beta, alpha, beta, clip (0: none)] for the GRU kernel, or None when
+    the direction needs none (the activations of Keras, at Keras's parameters, unclipped)."""
+    names = (config["recurrent_activation"], config["activation"])
+    if not any(name in ONNX_ACTIVATIONS for name in names) and not any(key in config for key in GRU_PARAMETER_KEYS):
+        return None
+    values = []
+    for field in ("recurrent_activation", "activation"):
+        alpha, beta = ACTIVATION_PARAMETERS.get(config[field], (None, None))
+        values += [config.get(f"{field}_alpha", alpha or 0.0), config.get(f"{field}_beta", beta or 0.0)]
+    return [float(v) for v in values] + [float(config.get("clip", 0.0))]
 def _refuse_unknown_kind(index: int, kind: Any, known) -> None:
     """A kind this version does not know comes from a newer gru-engine (or a damaged file): never guess."""
     _fail(index, f"unknown layer kind {kind!r:.80}; this gru-engine knows {list(known)}. If a newer "
@@ -364,6 +405,10 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
                 _fail(index, f"tensor '{name}' contains NaN or infinite values")
         frontends.check_weights(index, layer)
     _validate_self_check(spec, shapes)
+    if spec.interface is not None:
+        from .interface import validate_interface
+
+        validate_interface(spec, shapes)
     # Transforms undo themselves on the main output: for merge_mode=None, one direction's width.
     main_output_width = output_shapes(spec, shapes, 1, 1)[0][-1]
     transforms.validate(spec.transforms, spec.input_features, main_output_width)

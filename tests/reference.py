@@ -38,7 +38,7 @@ import dataclasses
 
 import numpy as np
 
-from gru_engine.spec import (PARITY_ATOL, PARITY_RTOL, RECURRENT_FAMILIES, Layer, ModelSpec, trace_shapes,
+from gru_engine.spec import (ACTIVATION_PARAMETERS, PARITY_ATOL, PARITY_RTOL, RECURRENT_FAMILIES, Layer, ModelSpec, trace_shapes,
                              weight_shapes)
 
 
@@ -63,11 +63,36 @@ ACTIVATIONS = {
 }
 
 
+# ONNX's RNN activations with their parameters (the ONNX operator's table), by the spec's names.
+PARAMETRIC = {
+    "hard_sigmoid": lambda x, a, b: np.clip(a * x + b, 0.0, 1.0),
+    "affine": lambda x, a, b: a * x + b,
+    "leaky_relu": lambda x, a, b: np.where(x >= 0, x, a * x),
+    "thresholded_relu": lambda x, a, b: np.where(x > a, x, 0.0),
+    "scaled_tanh": lambda x, a, b: a * np.tanh(b * x),
+    "elu": lambda x, a, b: np.where(x >= 0, x, a * np.expm1(np.minimum(x, 0.0))),
+}
+ACTIVATIONS.update({"softsign": lambda x: x / (1.0 + np.abs(x)), "softplus": lambda x: np.logaddexp(0.0, x)})
+
+
+def _activation(config, field):
+    """The activation ``field`` of a GRU config with its parameters, after its clip (if any)."""
+    name = config[field]
+    clip = config.get("clip")
+    if name in PARAMETRIC:
+        alpha, beta = ACTIVATION_PARAMETERS[name]
+        alpha, beta = config.get(f"{field}_alpha", alpha), config.get(f"{field}_beta", beta)
+        function = lambda x: PARAMETRIC[name](x, alpha, beta)  # noqa: E731
+    else:
+        function = ACTIVATIONS[name]
+    return function if clip is None else (lambda x: function(np.clip(x, -clip, clip)))
+
+
 def _gru_cell(config, weights):
     """The GRU step: (x_t (B, I), [h (B, H)]) -> (output, [h'])."""
     units = config["units"]
-    activation = ACTIVATIONS[config["activation"]]
-    recurrent_activation = ACTIVATIONS[config["recurrent_activation"]]
+    activation = _activation(config, "activation")
+    recurrent_activation = _activation(config, "recurrent_activation")
     kernel = weights["kernel"].astype(np.float64)                      # (I, 3H)
     recurrent_kernel = weights["recurrent_kernel"].astype(np.float64)  # (H, 3H)
     if not config["use_bias"]:
@@ -249,11 +274,13 @@ def invert_transforms(steps, y, context):
     return y
 
 
-def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = True):
+def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = True, lengths=None):
     """Run ``spec`` on x (B, T, F); returns (Keras's outputs list, every final carry).
 
     initial_state: None or one (B, units) array per carry in layer order (forward before backward;
     LSTM: h then c), as ``Model.predict`` takes it. The final carries come in the same order.
+    lengths: None or (B,) valid steps per sample: a mask of trailing padding, as ``Model.predict`` takes it
+    (it holds through causal Conv1D layers of strides 1, the only time-axis layers it is given with).
     """
     values = np.asarray(x, np.float64)  # (B, T, F)
     context = []
@@ -269,7 +296,8 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
             return [np.zeros((batch, units))] * count
         return [np.asarray(pending.pop(0), np.float64) for _ in range(count)]
 
-    mask = None
+    padding = None if lengths is None else np.arange(values.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    mask = padding  # (B, T) or None
     outputs = None
     for layer in spec.layers:
         config = layer.config
@@ -277,8 +305,9 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
             # Keras compares in the input's dtype, float32.
             mask = np.any(values.astype(np.float32) != np.float32(config["mask_value"]), axis=-1)  # (B, T)
             values = values * mask[..., None]
+            mask = mask if padding is None else mask & padding
         elif layer.kind == "conv1d":
-            values, mask = conv1d(config, layer.weights, values), None  # Keras's Conv1D drops the mask
+            values, mask = conv1d(config, layer.weights, values), padding  # Keras's Conv1D drops the mask
         elif layer.kind in ("max_pooling1d", "average_pooling1d"):
             values, mask = pool1d(config, values, layer.kind == "max_pooling1d"), None
         elif layer.kind == "global_max_pooling1d":
@@ -334,9 +363,10 @@ def reference_run(spec: ModelSpec, x, initial_state=None, transforms: bool = Tru
     return outputs, carries
 
 
-def reference_predict(spec: ModelSpec, x, initial_state=None, transforms: bool = True) -> list[np.ndarray]:
+def reference_predict(spec: ModelSpec, x, initial_state=None, transforms: bool = True,
+                      lengths=None) -> list[np.ndarray]:
     """What Keras's model(x) returns for the model ``spec`` describes, as a list of float64 arrays."""
-    return reference_run(spec, x, initial_state, transforms)[0]
+    return reference_run(spec, x, initial_state, transforms, lengths)[0]
 
 
 def rounding_sensitivity(spec: ModelSpec, x, seed: int = 0) -> float:
@@ -395,3 +425,63 @@ def random_spec(layers: list[Layer], input_features: int, seed: int = 0, check_s
     spec.self_check_input = x
     spec.self_check_outputs = [output.astype(np.float32) for output in reference_predict(spec, x, transforms=False)]
     return spec
+
+
+def onnx_gru(x, w, r, b=None, sequence_lens=None, initial_h=None, direction="forward", linear_before_reset=0,
+             layout=0, activations=None, activation_alpha=(), activation_beta=(), clip=None):
+    """The ONNX GRU operator written out from its definition, in float64: returns (Y, Y_h).
+
+    x (T, B, I) (layout 1: (B, T, I)), w (D, 3H, I), r (D, 3H, H), b (D, 6H), sequence_lens (B,),
+    initial_h (D, B, H) (layout 1: (B, D, H)); Y (T, D, B, H), Y_h (D, B, H) (layout 1: batch first).
+    A sample's Y is zero past its length; Y_h is its state at its last valid step; a reverse
+    direction reads each sample backwards from its own last valid step.
+    """
+    x = np.asarray(x, np.float64)
+    if layout:
+        x = x.swapaxes(0, 1)
+        initial_h = None if initial_h is None else np.asarray(initial_h).swapaxes(0, 1)
+    steps, batch, _ = x.shape
+    count, units = r.shape[0], r.shape[2]
+    lengths = np.full(batch, steps) if sequence_lens is None else np.asarray(sequence_lens)
+    names = list(activations or ["Sigmoid", "Tanh"] * count)
+    alphas, betas = list(activation_alpha), list(activation_beta)
+    onnx_names = {"hardsigmoid": "hard_sigmoid", "leakyrelu": "leaky_relu", "thresholdedrelu": "thresholded_relu",
+                  "scaledtanh": "scaled_tanh"}
+    # Defaults when activation_alpha/_beta run out: the operators' own, else 0 (as onnxruntime does).
+    defaults = {"hard_sigmoid": (0.2, 0.5), "affine": (0.0, 0.0), "leaky_relu": (0.01, None),
+                "thresholded_relu": (0.0, None), "scaled_tanh": (0.0, 0.0), "elu": (1.0, None)}
+    functions = []
+    for name in names:
+        name = onnx_names.get(name.lower(), name.lower())
+        alpha, beta = defaults.get(name, (None, None))
+        alpha = None if alpha is None else (alphas.pop(0) if alphas else alpha)
+        beta = None if beta is None else (betas.pop(0) if betas else beta)
+        base = (lambda f, a, bb: lambda v: f(v, a, bb))(PARAMETRIC[name], alpha, beta) if name in PARAMETRIC \
+            else ACTIVATIONS[name]
+        functions.append(base if clip is None else (lambda f: lambda v: f(np.clip(v, -clip, clip)))(base))
+    y = np.zeros((steps, count, batch, units))
+    y_h = np.zeros((count, batch, units))
+    for d in range(count):
+        f, g = functions[2 * d:2 * d + 2]
+        w_z, w_r, w_h = np.split(np.asarray(w[d], np.float64), 3)
+        r_z, r_r, r_h = np.split(np.asarray(r[d], np.float64), 3)
+        bias = np.zeros(6 * units) if b is None else np.asarray(b[d], np.float64)
+        wb_z, wb_r, wb_h, rb_z, rb_r, rb_h = np.split(bias, 6)
+        reverse = direction == "reverse" or d == 1
+        for s in range(batch):
+            h = np.zeros(units) if initial_h is None else np.asarray(initial_h[d, s], np.float64)
+            order = range(lengths[s] - 1, -1, -1) if reverse else range(lengths[s])
+            for t in order:
+                x_t = x[t, s]
+                z = f(x_t @ w_z.T + h @ r_z.T + wb_z + rb_z)
+                r_t = f(x_t @ w_r.T + h @ r_r.T + wb_r + rb_r)
+                if linear_before_reset:
+                    hh = g(x_t @ w_h.T + r_t * (h @ r_h.T + rb_h) + wb_h)
+                else:
+                    hh = g(x_t @ w_h.T + (r_t * h) @ r_h.T + rb_h + wb_h)
+                h = (1.0 - z) * hh + z * h
+                y[t, d, s] = h
+            y_h[d, s] = h
+    if layout:
+        return y.transpose(2, 0, 1, 3), y_h.swapaxes(0, 1)
+    return y, y_h

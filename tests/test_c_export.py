@@ -339,6 +339,19 @@ def test_export_c_refuses_a_layer_kind_it_cannot_express_naming_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("options, named", [
+    ({"activation": "elu"}, "activation 'elu'"),
+    ({"recurrent_activation": "hard_sigmoid", "recurrent_activation_alpha": 0.2}, "recurrent_activation_alpha 0.2"),
+    ({"clip": 3.0}, "clip 3.0"),
+])
+def test_export_c_refuses_onnx_activation_options_naming_layer_and_option(tmp_path, options, named):
+    """GRUs imported from ONNX may use activations, alpha/beta or a cell clip that the C does not compute."""
+    spec = random_spec([Layer("gru", "onnx_gru", gru_config(3, **options))], 2, seed=3)
+    with pytest.raises(UnsupportedModelError, match=f"layer 0 'onnx_gru' uses {named}.*C writer does not"):
+        export_c(spec, tmp_path / "out", name="model")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_c_refuses_an_unwritable_directory_and_unknown_weights(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -95,6 +95,7 @@ def seed_specs():
                                  "output_scale": None, "output_offset": None}]),
         random_spec([Layer("gru", "gru", gru_config(3))], 2, seed=5,
                     transforms=[{"kind": "center", "invert_output": True, "output_features": [0, 1, 1]}]),
+        imported_spec(),
         random_spec([Layer("conv1d", "conv", {"filters": 4, "kernel_size": 3, "strides": 2, "padding": "valid",
                                               "dilation_rate": 1, "groups": 2, "activation": "relu", "use_bias": True}),
                      Layer("batch_normalization", "norm", {"epsilon": 1e-3, "center": True, "scale": False}),
@@ -121,6 +122,32 @@ def seed_specs():
                                                    "backward": recurrent_config("simple_rnn", 2, go_backwards=True)})],
                     1, seed=8),
     ]
+
+
+def imported_spec():
+    """A bundle as import_onnx writes it: ONNX activations with parameters, clip, and the graph interface
+    (time-major X, sequence_lens and initial_h inputs, Y and Y_h with a direction axis)."""
+    from gru_engine.spec import Layer
+    from reference import gru_config, random_spec
+
+    onnx_options = dict(return_sequences=True, return_state=True, zero_output_for_mask=True, clip=3.0,
+                        recurrent_activation="hard_sigmoid", recurrent_activation_alpha=0.2,
+                        activation="scaled_tanh", activation_alpha=1.5, activation_beta=0.5)
+    spec = random_spec([Layer("bidirectional", "gru", {
+        "merge_mode": None, "forward": gru_config(3, **onnx_options),
+        "backward": gru_config(3, go_backwards=True, **onnx_options)})], 2, seed=6)
+    spec.interface = {
+        "inputs": [{"name": "X", "role": "x", "axes": ["time", "batch", "features"], "shape": ["T", None, 2]},
+                   {"name": "lens", "role": "lengths", "axes": ["batch"], "shape": ["B"]},
+                   {"name": "h0", "role": "initial_h", "axes": ["direction", "batch", "features"],
+                    "shape": [2, "B", 3]}],
+        "outputs": [{"name": "Y", "parts": [0, 1], "axes": ["time", "direction", "batch", "features"],
+                     "reverse_time": False, "shape": ["T", 2, "B", 3]},
+                    {"name": "Y_h", "parts": [2, 3], "axes": ["direction", "batch", "features"],
+                     "reverse_time": False, "shape": [2, "B", 3]}],
+        "initial_state": [{"input": "h0", "index": 0}, {"input": "h0", "index": 1}],
+        "lengths": {"input": "lens"}}
+    return spec
 
 
 # Values a JSON edit may put anywhere: wrong types, edge numbers, absurd sizes, deep nesting.
@@ -294,11 +321,33 @@ def check_loaded_model(model, rng) -> None:
     outputs = outputs if isinstance(outputs, list) else [outputs]
     expected = output_shapes(model.spec, model.shapes, 2, 4)
     assert [o.shape for o in outputs] == expected, ([o.shape for o in outputs], expected)
+    if model.spec.interface is not None:
+        check_session(model, rng)
     try:
         stream = model.stream(batch=2)
     except InputError:
         return  # bidirectional, backwards or windowed transforms: refused with a reason
     stream.step(x[:, 0])
+
+
+def check_session(model, rng) -> None:
+    """A bundle with a graph interface also answers through InferenceSession, as many outputs as it names."""
+    from gru_engine import InferenceSession, InputError
+
+    session = InferenceSession(model)
+    sizes = {"batch": 2, "time": 4, "features": model.input_features}
+    feeds = {}
+    for entry in model.spec.interface["inputs"]:
+        shape = [d if isinstance(d, int) else sizes.get(axis, 1) for d, axis in zip(entry["shape"], entry["axes"])]
+        if entry["role"] == "lengths":
+            feeds[entry["name"]] = rng.integers(1, 5, shape).astype(np.int32)
+        else:
+            feeds[entry["name"]] = rng.standard_normal(shape).astype(np.float32)
+    try:
+        outputs = session.run(None, feeds)
+    except InputError:
+        return
+    assert len(outputs) == len(session.get_outputs())
 
 
 def fuzz_bundles(examples: int, workdir: str, progress: str) -> str:

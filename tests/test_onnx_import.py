@@ -254,17 +254,6 @@ def _single_gru(attributes=None, gru_inputs=("x_t", "W", "R", "B"), op="GRU", we
             [_value("output", ["batch", "time", UNITS])], initializers)
 
 
-def _time_major_input():
-    nodes, inputs, outputs, initializers = _single_gru(gru_inputs=("input", "W", "R", "B"))
-    return nodes[1:], inputs, outputs, initializers  # no Transpose before the GRU
-
-
-def _reverse_output_left_reversed():
-    return (_reverse_gru_nodes(reverse_back=False), [_value("input", ["batch", "time", FEATURES])],
-            [_value("output", ["batch", "time", UNITS]), _value("state", ["batch", UNITS])],
-            _gru_weights(5, 1, UNITS, FEATURES) + REVERSE_INITIALIZERS)
-
-
 def _state_of_first_layer():
     """Two GRUs; the graph returns the second one's sequence and the first one's final state."""
     nodes = [_to_time_major(),
@@ -289,7 +278,7 @@ def _residual_add():
     return nodes, inputs, [_value("output", ["batch", "time", FEATURES])], initializers
 
 
-def _unmerged_directions():
+def _direction_axis_output():
     """Both directions of a bidirectional GRU returned as (batch, time, 2, units)."""
     nodes, inputs, _, initializers = _single_gru(attributes={"direction": "bidirectional"},
                                                  weights=_gru_weights(9, 2, UNITS, FEATURES))
@@ -297,19 +286,37 @@ def _unmerged_directions():
     return nodes, inputs, [_value("output", ["batch", "time", 2, UNITS])], initializers
 
 
+def _time_major_input():
+    """No Transpose before the GRU: the model input is (time, batch, features), as the node reads it."""
+    nodes, inputs, outputs, initializers = _single_gru(gru_inputs=("input", "W", "R", "B"))
+    return nodes[1:], [_value("input", ["time", "batch", FEATURES])], outputs, initializers
+
+
+@pytest.mark.parametrize("build", [_direction_axis_output, _time_major_input])
+def test_graph_layouts_run_through_the_session(tmp_path, build):
+    """Graphs once refused: a stacked direction axis in the output, a time-major input."""
+    path = _save(tmp_path, *build())
+    session = gru_engine.InferenceSession(import_onnx(path, tmp_path / "g.gru.safetensors"))
+    x = np.random.default_rng(0).standard_normal((5, 2, FEATURES)).astype(np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    for actual, wanted in zip(session.run(None, {"input": x}), expected):
+        assert max_excess(actual, wanted) <= 0
+
+
 BAD_GRAPHS = {
     "lstm-with-gru-weights": (lambda: _single_gru(op="LSTM"), BundleError,
                               r"the_gru.*W is float32 \(1, 12, 3\); expected float32 \(1, 16, 3\)"),
-    "clip": (lambda: _single_gru({"clip": 3.0}), UnsupportedModelError, r"the_gru.*clip"),
-    "sequence-lens": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "B", "lens"), extra_initializers=[
-        numpy_helper.from_array(np.array([2], np.int32), "lens")]), UnsupportedModelError, r"the_gru.*sequence_lens"),
-    "nonzero-initial-h": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "B", "", "h0"), extra_initializers=[
-        numpy_helper.from_array(np.ones((1, 1, UNITS), np.float32), "h0")]), UnsupportedModelError,
-        r"the_gru.*non-zero constant"),
-    "keras2-hard-sigmoid": (lambda: _single_gru({"activations": ["HardSigmoid", "Tanh"], "activation_alpha": [0.2],
-                                                 "activation_beta": [0.5]}), UnsupportedModelError, r"alpha, beta"),
-    "elu": (lambda: _single_gru({"activations": ["Sigmoid", "Elu"]}), UnsupportedModelError, r"Elu is not supported"),
-    "layout-1": (lambda: _single_gru({"layout": 1}), UnsupportedModelError, r"layout=1"),
+    "clip-negative": (lambda: _single_gru({"clip": -3.0}), BundleError, r"the_gru.*clip is -3.0"),
+    "lengths-zero": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "B", "lens"), extra_initializers=[
+        numpy_helper.from_array(np.array([0], np.int32), "lens")]), BundleError, r"the_gru.*at least 1"),
+    "lengths-float": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "B", "lens"), extra_initializers=[
+        numpy_helper.from_array(np.array([2.0], np.float32), "lens")]), UnsupportedModelError,
+        r"the_gru.*sequence_lens is a constant"),
+    "initial-h-shape": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "B", "", "h0"), extra_initializers=[
+        numpy_helper.from_array(np.ones((2, 1, UNITS), np.float32), "h0")]), BundleError, r"the_gru.*initial_h"),
+    "gelu": (lambda: _single_gru({"activations": ["Sigmoid", "Gelu"]}), UnsupportedModelError,
+             r"Gelu is not one of ONNX's RNN activations"),
+    "layout-2": (lambda: _single_gru({"layout": 2}), BundleError, r"layout is 2"),
     "weight-is-an-input": (lambda: _single_gru(gru_inputs=("x_t", "Wi", "R", "B"),
                                                extra_inputs=[_value("Wi", [1, 3 * UNITS, FEATURES])]),
                            BundleError, r"the_gru.*W must be a constant"),
@@ -317,11 +324,8 @@ BAD_GRAPHS = {
                      r"the_gru.*W is float32 \(1, 12, 5\); expected float32 \(1, 12, 3\)"),
     "undefined-tensor": (lambda: _single_gru(gru_inputs=("x_t", "W", "R", "nowhere")), BundleError,
                          r"not a valid ONNX model"),
-    "time-major-input": (_time_major_input, UnsupportedModelError, r"Transpose \[1, 0, 2\] belongs before it"),
-    "output-reversed-in-time": (_reverse_output_left_reversed, UnsupportedModelError, r"reversed in time"),
-    "state-of-first-layer": (_state_of_first_layer, UnsupportedModelError, r"not the final states of the last layer"),
+    "state-of-first-layer": (_state_of_first_layer, UnsupportedModelError, r"outputs of several GRU nodes"),
     "residual-add": (_residual_add, UnsupportedModelError, r"residual.*adds two tensors"),
-    "unmerged-directions": (_unmerged_directions, UnsupportedModelError, r"both directions"),
 }
 
 

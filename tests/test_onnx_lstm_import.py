@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper, numpy_helper
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
-from gru_engine import BundleError, UnsupportedModelError
+from gru_engine import BundleError, InferenceSession, UnsupportedModelError
 from gru_engine.exporters import import_onnx
+from gru_engine.spec import max_excess
 from test_onnx_import import (FEATURES, _assert_matches_onnxruntime, _imported, _ints, _pytorch_zero_h0, _save,
                               _to_time_major, _value)
 
@@ -135,6 +137,28 @@ def test_pytorch_rnn_relu_with_final_state(tmp_path):
     _assert_matches_onnxruntime(path, model)
 
 
+@pytest.mark.parametrize("op", ["LSTM", "RNN"])
+def test_sequence_lens_and_states_in_graph_order_run_through_the_session(tmp_path, op):
+    """sequence_lens on an LSTM (RNN) node as a graph input, the final states returned c before h: the
+    session answers as onnxruntime, unequal lengths included."""
+    nodes, inputs, outputs, initializers = _lstm_with_states(extra_inputs=("lens",),
+                                                             outputs=("Y_c", "Y_h") if op == "LSTM" else ("Y_h",))
+    nodes[1] = helper.make_node(op, ["x_t", "W", "R", "B", "lens"], ["Y", "Y_h", "Y_c"][:3 if op == "LSTM" else 2],
+                                name="the_node", hidden_size=UNITS, direction="reverse")
+    initializers[:3] = _weights(op, 4, 1, FEATURES)
+    inputs.append(_value("lens", ["batch"], TensorProto.INT32))
+    path = _save(tmp_path, nodes, inputs, outputs, initializers)
+    session = InferenceSession(import_onnx(path, tmp_path / "lens.gru.safetensors"))
+    oracle = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    feeds = {"input": rng.standard_normal((4, 6, FEATURES)).astype(np.float32), "lens": np.int32([6, 3, 1, 5])}
+    expected = oracle.run(None, feeds)
+    actual = session.run(None, feeds)
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape and max_excess(a, e) <= 0
+
+
 def _c_as_data():
     nodes, inputs, _, initializers = _lstm_with_states(outputs=())
     nodes[2:] = [helper.make_node("Squeeze", ["Y_c", "axis0"], ["output"])]
@@ -149,8 +173,6 @@ BAD_GRAPHS = {
                      r"the_lstm.*input_forget=1 couples"),
     "different-g-and-h": (lambda: _lstm_with_states({"activations": ["Sigmoid", "Tanh", "Relu"]}),
                           UnsupportedModelError, r"g=tanh and h=relu differ"),
-    "c-before-h": (lambda: _lstm_with_states(outputs=("Y_c", "Y_h")), UnsupportedModelError,
-                   r"not the final states of the last layer"),
     "c-as-data": (_c_as_data, UnsupportedModelError, r"final cell state Y_c as data"),
     "peephole-shape": (lambda: _lstm_with_states(extra_inputs=("", "", "", "P"), extra_initializers=[
         numpy_helper.from_array(np.zeros((1, 2 * UNITS), np.float32), "P")]), BundleError,

@@ -17,8 +17,14 @@ from numba import njit
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 
 LINEAR, TANH, SIGMOID, HARD_SIGMOID, RELU, SOFTMAX = range(6)
+# The rest of the ONNX RNN family; those taking alpha/beta run through ``activate_with``.
+AFFINE, LEAKY_RELU, THRESHOLDED_RELU, SCALED_TANH, ELU, SOFTSIGN, SOFTPLUS = range(6, 13)
 ACTIVATION_CODES = {"linear": LINEAR, "tanh": TANH, "sigmoid": SIGMOID, "hard_sigmoid": HARD_SIGMOID,
-                    "relu": RELU, "softmax": SOFTMAX}
+                    "relu": RELU, "softmax": SOFTMAX, "affine": AFFINE, "leaky_relu": LEAKY_RELU,
+                    "thresholded_relu": THRESHOLDED_RELU, "scaled_tanh": SCALED_TANH, "elu": ELU,
+                    "softsign": SOFTSIGN, "softplus": SOFTPLUS}
+# Above this, log(1 + e^x) is x in float32 (and e^x would overflow long before).
+SOFTPLUS_LINEAR = 20.0
 
 TANH_CLAMP = 9.0
 P0, P1, P2, P3, P4, P5 = (
@@ -72,3 +78,52 @@ def activate(buf, code):
             total += buf[j]
         for j in range(n):
             buf[j] = buf[j] / total
+
+
+@njit(**KERNEL_FLAGS)
+def activate_with(buf, code, alpha, beta, clip):
+    """``activate`` for the functions that take parameters, after clipping to [-clip, clip] when
+    clip > 0 (ONNX's cell clip). buf: (N,) in place.
+
+    hard_sigmoid:     clip(alpha x + beta, 0, 1)     (Keras 3: alpha 1/6; ONNX default 0.2, beta 0.5)
+    affine:           alpha x + beta
+    leaky_relu:       x if x >= 0 else alpha x
+    thresholded_relu: x if x > alpha else 0
+    scaled_tanh:      alpha tanh(beta x)
+    elu:              x if x >= 0 else alpha (e^x - 1)
+    softsign:         x / (1 + |x|)
+    softplus:         log(1 + e^x)
+    """
+    prefer_wide_vectors()
+    n = buf.shape[0]
+    if clip > ZERO:
+        for j in range(n):
+            buf[j] = min(max(buf[j], -clip), clip)
+    if code == HARD_SIGMOID:
+        for j in range(n):
+            buf[j] = min(max(buf[j] * alpha + beta, ZERO), ONE)
+    elif code == AFFINE:
+        for j in range(n):
+            buf[j] = buf[j] * alpha + beta
+    elif code == LEAKY_RELU:
+        for j in range(n):
+            buf[j] = buf[j] if buf[j] >= ZERO else alpha * buf[j]
+    elif code == THRESHOLDED_RELU:
+        for j in range(n):
+            buf[j] = buf[j] if buf[j] > alpha else ZERO
+    elif code == SCALED_TANH:
+        for j in range(n):
+            buf[j] = alpha * fast_tanh(beta * buf[j])
+    elif code == ELU:
+        # float64 exp: expm1 near 0 keeps the small negative values exact.
+        for j in range(n):
+            buf[j] = buf[j] if buf[j] >= ZERO else np.float32(alpha * math.expm1(np.float64(buf[j])))
+    elif code == SOFTSIGN:
+        for j in range(n):
+            buf[j] = buf[j] / (ONE + abs(buf[j]))
+    elif code == SOFTPLUS:
+        for j in range(n):
+            v = np.float64(buf[j])
+            buf[j] = np.float32(v if v > SOFTPLUS_LINEAR else math.log1p(math.exp(v)))
+    else:
+        activate(buf, code)

@@ -10,21 +10,27 @@ GRU step (Keras; gates z, r, h; ``x_*`` the input projection, ``R_*`` the recurr
 
 where ``x_g = x @ kernel_g + input_bias_g`` and ``b_g`` is the recurrent bias (zero when reset_after
 is False, where Keras has a single bias on the input side).
+
+Graphs from ONNX may give the activations parameters (alpha, beta) and a cell clip, applied to the
+pre-activations of z, r and hh: a block's ``params`` column then points at five floats
+[recurrent alpha, recurrent beta, alpha, beta, clip] (see ``activations.activate_with``).
 """
 
 from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
-from .activations import ONE, ZERO, activate
+from .activations import ONE, ZERO, activate, activate_with
 from .products import accumulate_rows, padded, project
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT, B_OPTION,
-                        B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS, MASKED_CARRY,
-                        MASKED_ZERO, PROJECT_AHEAD, carry_in, carry_out, masked_row)
+                        B_PARAMS, B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS,
+                        MASKED_CARRY, MASKED_ZERO, NO_PARAMS, PARAMS_SIZE, PROJECT_AHEAD, carry_in, carry_out,
+                        masked_row)
+
 
 @njit(**KERNEL_FLAGS)
 def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias, recurrent_bias, activation,
               recurrent_activation, reset_after, go_backwards, masked_output, mask, masked,
-              h, xw, gates, candidate, out, time_ordered_output):
+              h, xw, gates, candidate, out, time_ordered_output, params):
     """Run one GRU direction over ``steps`` time steps of ``samples`` samples in lockstep.
 
     x:                (S, >=steps, >=I) layer input in time order
@@ -43,6 +49,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     candidate:        (S, >=H)       scratch: r * h (reset_after=False)
     out:              (S, >=steps, >=H) output after each step: in processing order (Keras
                                      go_backwards), or in time order when ``time_ordered_output``
+    params:           (5,) or (0,)   [recurrent alpha, recurrent beta, alpha, beta, clip], or none
     """
     prefer_wide_vectors()
     row_width = kernel.shape[1]    # P
@@ -81,7 +88,10 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
             g = gates[s]          # (>=P,)
             z_r = g[:two]         # (2H,)
             x_t = xw[s, t - first]  # (>=P,)
-            activate(z_r, recurrent_activation)
+            if params.shape[0]:
+                activate_with(z_r, recurrent_activation, params[0], params[1], params[4])
+            else:
+                activate(z_r, recurrent_activation)
             # Slices, not offset indices (see activate): these loops vectorise only so (measured 3-11%).
             r = g[units:two]          # (H,)
             hh = g[two:three]         # (H,) recurrent h sum, then the candidate's pre-activation
@@ -108,7 +118,10 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
                 emitted |= 1 << s
             g = gates[s]
             hh = g[two:three]     # (H,)
-            activate(hh, activation)
+            if params.shape[0]:
+                activate_with(hh, activation, params[2], params[3], params[4])
+            else:
+                activate(hh, activation)
             for j in range(units):
                 z = g[j]
                 hs[j] = z * hs[j] + (ONE - z) * hh[j]
@@ -131,6 +144,8 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
     rb = row[col + B_RECURRENT_BIAS]
     c = row[col + B_CARRY]
     carry_in(samples, carry, c, units, hidden)
+    p = row[col + B_PARAMS]
+    params = weights[p:p + PARAMS_SIZE] if p != NO_PARAMS else weights[:0]  # (5,) or (0,)
     gru_layer(
         x, samples, steps, input_dim,
         weights[k:k + input_dim * width].reshape((input_dim, width)),
@@ -138,7 +153,7 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
         weights[ib:ib + width], weights[rb:rb + width],
         row[col + B_ACT], row[col + B_REC_ACT], row[col + B_OPTION] != 0,
         row[col + B_GO_BACKWARDS] != 0, row[col + B_MASKED_OUTPUT], mask, masked,
-        hidden, xw, gates, candidate, out, time_ordered_output,
+        hidden, xw, gates, candidate, out, time_ordered_output, params,
     )
     carry_out(samples, hidden, carry, c, units)
     return units, row[col + B_RETURN_SEQUENCES] != 0

@@ -15,7 +15,7 @@ from .conv import conv1d_layer
 from .dense import dense_layer
 from .gru import gru_block
 from .lstm import lstm_block
-from .masking import mask_steps
+from .masking import mask_lengths, mask_steps
 from .pooling import affine_layer, global_pool_layer, pool1d_layer
 from .products import BLOCK, padded
 from .recurrent import B_CELL, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN, PROJECT_AHEAD, merge_directions
@@ -169,12 +169,13 @@ def run_direction(row, col, weights, input_dim, x, samples, steps, mask, masked,
 
 
 @njit(**KERNEL_FLAGS)
-def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
+def run_block(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, out):
     """Run the whole chain on a block of up to BLOCK samples in lockstep.
 
     plan:    (L, PLAN_WIDTH) int64
     weights: (W,)            float32, every layer's tensors packed
     x:       (S, T, F)       input
+    lengths: (S,) or (0,)    int64 valid steps per sample (trailing padding is masked), or none
     carry:   (S, C)          every recurrent direction's carries, read as initial state, left as final state
     work:    (K,)            scratch, see ``workspace_size``
     out:     (S, rows * D)   the last layer's output, rows = T for sequences, else 1
@@ -186,7 +187,9 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
         work, samples, steps, x.shape[2], max_dim, max_gate_width, kept_means(plan, x.shape[2]))
     first, _ = input_steps(plan, weights, x, current, means)  # ``admit`` has checked their domain
     rows = steps
-    masked = False
+    masked = lengths.shape[0] > 0
+    if masked:
+        mask_lengths(lengths, samples, rows, mask, False)
     for layer in range(first, plan.shape[0]):
         row = plan[layer]
         kind = row[COL_KIND]
@@ -197,12 +200,18 @@ def run_block(plan, weights, x, carry, work, max_dim, max_gate_width, out):
             continue
         if kind == KIND_MASKING:
             mask_steps(current, samples, rows, input_dim, weights[row[COL_MASK_VALUE]], mask)
+            if lengths.shape[0]:
+                mask_lengths(lengths, samples, rows, mask, True)
             masked = True
             continue
         if kind >= KIND_CONV1D:
             rows = frontend_layer(row, weights, current, samples, rows, mask, masked, carry, following)
-            # Keras's Conv1D and pooling layers drop the mask; BatchNormalization passes it on.
-            masked = masked and kind == KIND_BATCH_NORMALIZATION
+            # Keras's Conv1D and pooling layers drop the mask; BatchNormalization passes it on. Lengths
+            # hold on (the runtime admits them only through front-ends that keep each step's row).
+            if lengths.shape[0] and kind != KIND_BATCH_NORMALIZATION:
+                mask_lengths(lengths, samples, rows, mask, False)
+            else:
+                masked = masked and kind == KIND_BATCH_NORMALIZATION
         elif kind == KIND_DENSE:
             k = row[COL_DENSE_KERNEL]
             b = row[COL_DENSE_BIAS]
@@ -277,10 +286,10 @@ def admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry):
 
 
 @njit(**KERNEL_FLAGS)
-def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
+def run_batch(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_block over the batch, BLOCK samples after BLOCK samples.
 
-    x: (B, T, F), carry: (B, C), work: (1, K), out: (B, rows * D)
+    x: (B, T, F), lengths: (B,) or (0,), carry: (B, C), work: (1, K), out: (B, rows * D)
     zero_carry: start from zero state instead of carry's contents.
     Returns ``admit``'s verdict: anything but 0 means nothing ran.
     """
@@ -289,13 +298,13 @@ def run_batch(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry
     if bad == 0:
         for start in range(0, x.shape[0], BLOCK):
             stop = min(start + BLOCK, x.shape[0])
-            run_block(plan, weights, x[start:stop], carry[start:stop], work[0], max_dim, max_gate_width,
-                      out[start:stop])
+            run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[0], max_dim,
+                      max_gate_width, out[start:stop])
     return bad
 
 
 @njit(**PARALLEL_KERNEL_FLAGS)
-def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry, out):
+def run_batch_parallel(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_batch with blocks spread over Numba's threads: samples are independent sequences.
 
     work: (ceil(B / BLOCK), K), one scratch per block.
@@ -306,8 +315,8 @@ def run_batch_parallel(plan, weights, x, carry, work, max_dim, max_gate_width, z
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             stop = min(start + BLOCK, x.shape[0])
-            run_block(plan, weights, x[start:stop], carry[start:stop], work[block], max_dim, max_gate_width,
-                      out[start:stop])
+            run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[block], max_dim,
+                      max_gate_width, out[start:stop])
     return bad
 
 

@@ -18,14 +18,18 @@ MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY = 0, 1, 2
 CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN = 1, 4, 5
 # One direction's columns in a plan row (see ``plan``), in this order, for every family. Columns a
 # family does not use stay 0: LSTM and SimpleRNN have no recurrent bias (Keras keeps one bias, on
-# the input side) and ``option`` is GRU's reset_after.
+# the input side), ``option`` is GRU's reset_after, and ``params`` (ONNX activation parameters and
+# cell clip: the weight offset of PARAMS_SIZE floats [recurrent alpha, recurrent beta, alpha, beta,
+# clip], or NO_PARAMS) is read by GRU only.
 DIRECTION_BLOCK = (
     "cell", "units", "activation", "recurrent_activation", "go_backwards", "return_sequences", "masked_output",
-    "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry", "option",
+    "kernel", "recurrent_kernel", "input_bias", "recurrent_bias", "carry", "option", "params",
 )
 BLOCK_WIDTH = len(DIRECTION_BLOCK)
 (B_CELL, B_UNITS, B_ACT, B_REC_ACT, B_GO_BACKWARDS, B_RETURN_SEQUENCES, B_MASKED_OUTPUT, B_KERNEL,
- B_RECURRENT_KERNEL, B_INPUT_BIAS, B_RECURRENT_BIAS, B_CARRY, B_OPTION) = range(BLOCK_WIDTH)
+ B_RECURRENT_KERNEL, B_INPUT_BIAS, B_RECURRENT_BIAS, B_CARRY, B_OPTION, B_PARAMS) = range(BLOCK_WIDTH)
+NO_PARAMS = -1
+PARAMS_SIZE = 5
 MERGE_CONCAT, MERGE_SUM, MERGE_MUL, MERGE_AVE, MERGE_NONE = range(5)
 MERGE_CODES = {"concat": MERGE_CONCAT, "sum": MERGE_SUM, "mul": MERGE_MUL,
                "ave": MERGE_AVE, None: MERGE_NONE}  # None: written as concat, split on return
