@@ -20,11 +20,11 @@ from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ONE, ZERO, activate, activate_with
-from .products import accumulate_rows, padded, project
+from .products import accumulate_rows, padded
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT, B_OPTION,
                         B_PARAMS, B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS,
-                        MASKED_CARRY, MASKED_ZERO, NO_PARAMS, PARAMS_SIZE, PROJECT_AHEAD, carry_in, carry_out,
-                        masked_row)
+                        MASKED_CARRY, MASKED_ZERO, NO_PARAMS, PARAMS_SIZE, carry_in, carry_out,
+                        masked_row, project_ahead)
 
 
 @njit(**KERNEL_FLAGS)
@@ -68,11 +68,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     for st in range(steps):
         t = steps - 1 - st if go_backwards else st
         o = t if time_ordered_output else st
-        if st % PROJECT_AHEAD == 0:
-            # The input projection has no time dependency: the next PROJECT_AHEAD steps at once.
-            count = min(PROJECT_AHEAD, steps - st)
-            first = t - count + 1 if go_backwards else t
-            project(x[:, first:first + count], samples, count, input_dim, kernel, input_bias, xw)
+        first = project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, input_bias, xw, first)
         for s in range(samples):
             g = gates[s]          # (>=P,)
             x_t = xw[s, t - first]  # (>=P,)

@@ -5,6 +5,7 @@ from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import HALF, ZERO
+from .products import accumulate_rows, project
 
 # Time steps whose input projection is computed together, just before the recurrence reaches them:
 # enough rows to share kernel loads four at a time, few enough to stay in L1 (measured GRU(256),
@@ -92,3 +93,43 @@ def masked_row(row, state, units, repeat):
     """A masked step's output: the carry repeated (``repeat``) or zeros. row, state: (>=H,)."""
     for j in range(units):
         row[j] = state[j] if repeat else ZERO
+
+
+@njit(**KERNEL_FLAGS)
+def project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, bias, xw, first):
+    """At every PROJECT_AHEAD-th step ``st``, the input projection x @ kernel + bias of the next
+    PROJECT_AHEAD steps in processing order, at once: it has no time dependency. Returns the time
+    index of xw's row 0 (``first`` unchanged between projections).
+
+    x:      (S, >=steps, >=I) layer input in time order
+    kernel: (I, P)
+    bias:   (P,)
+    xw:     (S, >=min(steps, PROJECT_AHEAD), >=P)
+    """
+    prefer_wide_vectors()
+    if st % PROJECT_AHEAD != 0:
+        return first
+    count = min(PROJECT_AHEAD, steps - st)
+    first = steps - st - count if go_backwards else st
+    project(x[:, first:first + count], samples, count, input_dim, kernel, bias, xw)
+    return first
+
+
+@njit(**KERNEL_FLAGS)
+def gate_sums(samples, xw, row, h, recurrent_kernel, gates):
+    """gates[s, :P] = xw[s, row, :P] + h[s] @ recurrent_kernel: every gate's pre-activation, for the
+    families whose recurrent product covers all gates at once (LSTM, SimpleRNN).
+
+    xw:               (S, >row, >=P) input projections
+    h:                (S, >=H) C-contiguous
+    recurrent_kernel: (H, P)
+    gates:            (S, >=P) C-contiguous
+    """
+    prefer_wide_vectors()
+    width = recurrent_kernel.shape[1]
+    for s in range(samples):
+        g = gates[s][:width]          # (P,)
+        x_t = xw[s, row][:width]      # (P,)
+        for j in range(width):
+            g[j] = x_t[j]
+    accumulate_rows(samples, h, recurrent_kernel, gates, 0)

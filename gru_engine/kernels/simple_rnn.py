@@ -9,10 +9,10 @@ from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO, activate
-from .products import accumulate_rows, padded, project
+from .products import padded
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT,
-                        B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS, MASKED_CARRY, MASKED_ZERO, PROJECT_AHEAD,
-                        carry_in, carry_out, masked_row)
+                        B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS, MASKED_CARRY, MASKED_ZERO,
+                        carry_in, carry_out, gate_sums, masked_row, project_ahead)
 
 
 @njit(**KERNEL_FLAGS)
@@ -33,7 +33,6 @@ def simple_rnn_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, bia
                                      go_backwards), or in time order when ``time_ordered_output``
     """
     prefer_wide_vectors()
-    row_width = kernel.shape[1]    # P
     units = recurrent_kernel.shape[0]
     # Bit s: sample s has had an unmasked step, so its previous output is its carry (Keras: zero before).
     emitted = (1 << samples) - 1 if masked_output == MASKED_CARRY else 0
@@ -41,17 +40,8 @@ def simple_rnn_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, bia
     for st in range(steps):
         t = steps - 1 - st if go_backwards else st
         o = t if time_ordered_output else st
-        if st % PROJECT_AHEAD == 0:
-            # The input projection has no time dependency: the next PROJECT_AHEAD steps at once.
-            count = min(PROJECT_AHEAD, steps - st)
-            first = t - count + 1 if go_backwards else t
-            project(x[:, first:first + count], samples, count, input_dim, kernel, bias, xw)
-        for s in range(samples):
-            g = gates[s][:row_width]          # (P,)
-            x_t = xw[s, t - first][:row_width]  # (P,)
-            for j in range(row_width):
-                g[j] = x_t[j]
-        accumulate_rows(samples, h, recurrent_kernel, gates, 0)
+        first = project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, bias, xw, first)
+        gate_sums(samples, xw, t - first, h, recurrent_kernel, gates)
         for s in range(samples):
             hs = h[s]             # (>=H,)
             row = out[s, o]       # (>=H,)
