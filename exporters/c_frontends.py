@@ -61,10 +61,7 @@ static size_t conv1d_run(const Conv1dLayer *layer, const float *x, size_t rows, 
     size_t t, k, g, kept;
     for (t = 0; t < out_rows; t++) {
         float *row = y + t * layer->filters;
-        if (layer->bias != NULL)
-            memcpy(row, layer->bias, layer->filters * sizeof *row);
-        else
-            memset(row, 0, layer->filters * sizeof *row);
+        start_from(row, layer->bias, layer->filters);
         for (k = 0; k < layer->taps; k++) {
             const size_t at = t * layer->strides + k * layer->dilation;  /* input row + pad */
             const float *in;

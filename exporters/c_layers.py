@@ -33,6 +33,15 @@ typedef struct {
 
 %(matvec)s
 
+/* row[n] = bias, or zeros where the layer has none (Keras use_bias=False). */
+static void start_from(float *row, const float *bias, size_t n)
+{
+    if (bias != NULL)
+        memcpy(row, bias, n * sizeof *row);
+    else
+        memset(row, 0, n * sizeof *row);
+}
+
 /* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9, the engine's approximation (error 1.4e-7; float32
    tanhf: about 1e-7), evaluated in double because recurrences amplify rounding. The clamps are
    written with fabs, not comparisons: under the default strict IEEE flags (-ftrapping-math) a
@@ -188,10 +197,7 @@ static void dense_run(const DenseLayer *layer, const float *x, size_t rows, floa
     size_t t;
     for (t = 0; t < rows; t++) {
         float *row = y + t * layer->units;
-        if (layer->bias != NULL)
-            memcpy(row, layer->bias, layer->units * sizeof *row);
-        else
-            memset(row, 0, layer->units * sizeof *row);
+        start_from(row, layer->bias, layer->units);
         matvec_acc(row, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, layer->units);
         activate(row, layer->units, layer->activation);
     }

@@ -88,17 +88,11 @@ NOT_SPECIALISED static void gru_run(const GruLayer *layer, const float *x, size_
             continue;
         if (masked_output != MASKED_ZERO)
             emitted = 1;
-        if (layer->input_bias != NULL)
-            memcpy(gx, layer->input_bias, three * sizeof *gx);
-        else
-            memset(gx, 0, three * sizeof *gx);
+        start_from(gx, layer->input_bias, three);
         matvec_acc(gx, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, three);
         memset(gh, 0, two * sizeof *gh);
         if (layer->reset_after) {
-            if (layer->recurrent_bias != NULL)
-                memcpy(gh + two, layer->recurrent_bias, units * sizeof *gh);
-            else
-                memset(gh + two, 0, units * sizeof *gh);
+            start_from(gh + two, layer->recurrent_bias, units);
             matvec_acc(gh, h, units, &layer->recurrent_kernel, 0, three);
         } else {
             matvec_acc(gh, h, units, &layer->recurrent_kernel, 0, two);
@@ -154,10 +148,7 @@ NOT_SPECIALISED static void lstm_run(const LstmLayer *layer, const float *x, siz
             continue;
         if (masked_output != MASKED_ZERO)
             emitted = 1;
-        if (layer->bias != NULL)
-            memcpy(g, layer->bias, four * sizeof *g);
-        else
-            memset(g, 0, four * sizeof *g);
+        start_from(g, layer->bias, four);
         matvec_acc(g, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, four);
         matvec_acc(g, h, units, &layer->recurrent_kernel, 0, four);
         activate(g, 2 * units, layer->recurrent_activation);   /* i | f */
@@ -202,10 +193,7 @@ NOT_SPECIALISED static void simple_rnn_run(const SimpleRnnLayer *layer, const fl
             continue;
         if (masked_output != MASKED_ZERO)
             emitted = 1;
-        if (layer->bias != NULL)
-            memcpy(scratch, layer->bias, units * sizeof *scratch);
-        else
-            memset(scratch, 0, units * sizeof *scratch);
+        start_from(scratch, layer->bias, units);
         matvec_acc(scratch, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, units);
         matvec_acc(scratch, h, units, &layer->recurrent_kernel, 0, units);
         activate(scratch, units, layer->activation);
