@@ -22,7 +22,7 @@ from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ONE, ZERO, activate, activate_with
 from .products import accumulate_rows, padded
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT, B_OPTION,
-                        B_PARAMS, B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS,
+                        B_PARAMS, B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_UNITS,
                         MASKED_CARRY, MASKED_ZERO, NO_PARAMS, PARAMS_SIZE, carry_in, carry_out,
                         masked_row, project_ahead)
 
@@ -64,11 +64,10 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     # Bit s: sample s has had an unmasked step, so its previous output is its carry (Keras: zero before).
     emitted = (1 << samples) - 1 if masked_output == MASKED_CARRY else 0
     recurrent_h_bias = recurrent_bias[two:row_width]  # (P - 2H,)
-    first = 0  # time index of xw's row 0
     for st in range(steps):
         t = steps - 1 - st if go_backwards else st
         o = t if time_ordered_output else st
-        first = project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, input_bias, xw, first)
+        first = project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, input_bias, xw)
         for s in range(samples):
             g = gates[s]          # (>=P,)
             x_t = xw[s, t - first]  # (>=P,)
@@ -152,4 +151,3 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
         hidden, xw, gates, candidate, out, time_ordered_output, params,
     )
     carry_out(samples, hidden, carry, c, units)
-    return units, row[col + B_RETURN_SEQUENCES] != 0

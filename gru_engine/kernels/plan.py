@@ -18,7 +18,8 @@ from .lstm import lstm_block
 from .masking import mask_lengths, mask_steps
 from .pooling import affine_layer, global_pool_layer, pool1d_layer
 from .products import BLOCK, padded
-from .recurrent import B_CELL, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN, PROJECT_AHEAD, merge_directions
+from .recurrent import (B_CELL, B_RETURN_SEQUENCES, B_UNITS, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN,
+                        PROJECT_AHEAD, merge_directions)
 from .simple_rnn import simple_rnn_block
 from .transforms import CENTER, FIRST_STEP, transform_step
 
@@ -153,19 +154,20 @@ def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, out):
 @njit(**KERNEL_FLAGS)
 def run_direction(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates, spare,
                   out, time_ordered_output):
-    """Run the direction block at columns col.. with its cell's kernel; returns (units, return_sequences).
+    """Run the direction block at columns col.. with its cell's kernel.
 
     hidden, spare: (S, >=Pmax) scratch: the carry h while running, and GRU's r * h or LSTM's c.
     """
     cell = row[col + B_CELL]
     if cell == CELL_LSTM:
-        return lstm_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, spare,
-                          xw, gates, out, time_ordered_output)
-    if cell == CELL_SIMPLE_RNN:
-        return simple_rnn_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden,
-                                xw, gates, out, time_ordered_output)
-    return gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates,
-                     spare, out, time_ordered_output)
+        lstm_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, spare, xw, gates,
+                   out, time_ordered_output)
+    elif cell == CELL_SIMPLE_RNN:
+        simple_rnn_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates,
+                         out, time_ordered_output)
+    else:
+        gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, carry, hidden, xw, gates, spare,
+                  out, time_ordered_output)
 
 
 @njit(**KERNEL_FLAGS)
@@ -219,13 +221,16 @@ def run_block(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, o
                         weights[k:k + input_dim * output_dim].reshape((input_dim, output_dim)),
                         weights[b:b + output_dim], row[COL_DENSE_ACTIVATION], following)
         else:
-            units, sequences = run_direction(row, COL_FORWARD, weights, input_dim, current, samples, rows, mask,
-                                             masked, carry, hidden, xw, gates, spare, following, False)
             bidirectional = kind == KIND_BIDIRECTIONAL
-            if bidirectional:
-                backward_units, _ = run_direction(row, COL_BACKWARD, weights, input_dim, current, samples, rows,
-                                                  mask, masked, carry, hidden, xw, gates, spare, backward, True)
-            if not sequences:
+            # One call site with run-time arguments: a literal column or flag per direction would make
+            # Numba compile every recurrent family twice.
+            for direction in range(1 + bidirectional):
+                backward_direction = direction == 1
+                run_direction(row, COL_FORWARD + direction * BLOCK_WIDTH, weights, input_dim, current, samples,
+                              rows, mask, masked, carry, hidden, xw, gates, spare,
+                              backward if backward_direction else following, backward_direction)
+            units = row[COL_FORWARD + B_UNITS]
+            if not row[COL_FORWARD + B_RETURN_SEQUENCES]:
                 # Keep the last output: forward at t=T-1 (a Bidirectional's backward one is at t=0).
                 for s in range(samples):
                     for j in range(units):
@@ -233,7 +238,7 @@ def run_block(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, o
                 rows = 1
                 masked = False
             if bidirectional:
-                merge_directions(row[COL_MERGE], samples, rows, units, backward_units, following, backward)
+                merge_directions(row[COL_MERGE], samples, rows, units, row[COL_BACKWARD + B_UNITS], following, backward)
         current, following = following, current
     width = plan[plan.shape[0] - 1, COL_OUT]
     for s in range(samples):

@@ -96,10 +96,10 @@ def masked_row(row, state, units, repeat):
 
 
 @njit(**KERNEL_FLAGS)
-def project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, bias, xw, first):
+def project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, bias, xw):
     """At every PROJECT_AHEAD-th step ``st``, the input projection x @ kernel + bias of the next
     PROJECT_AHEAD steps in processing order, at once: it has no time dependency. Returns the time
-    index of xw's row 0 (``first`` unchanged between projections).
+    index of xw's row 0 at step ``st``.
 
     x:      (S, >=steps, >=I) layer input in time order
     kernel: (I, P)
@@ -107,11 +107,11 @@ def project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, bias, 
     xw:     (S, >=min(steps, PROJECT_AHEAD), >=P)
     """
     prefer_wide_vectors()
-    if st % PROJECT_AHEAD != 0:
-        return first
-    count = min(PROJECT_AHEAD, steps - st)
-    first = steps - st - count if go_backwards else st
-    project(x[:, first:first + count], samples, count, input_dim, kernel, bias, xw)
+    start = st - st % PROJECT_AHEAD  # processing step of xw's row 0
+    count = min(PROJECT_AHEAD, steps - start)
+    first = steps - start - count if go_backwards else start
+    if st == start:
+        project(x[:, first:first + count], samples, count, input_dim, kernel, bias, xw)
     return first
 
 

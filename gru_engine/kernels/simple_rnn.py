@@ -11,7 +11,7 @@ from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO, activate
 from .products import padded
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT,
-                        B_RECURRENT_KERNEL, B_RETURN_SEQUENCES, B_UNITS, MASKED_CARRY, MASKED_ZERO,
+                        B_RECURRENT_KERNEL, B_UNITS, MASKED_CARRY, MASKED_ZERO,
                         carry_in, carry_out, gate_sums, masked_row, project_ahead)
 
 
@@ -36,11 +36,10 @@ def simple_rnn_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, bia
     units = recurrent_kernel.shape[0]
     # Bit s: sample s has had an unmasked step, so its previous output is its carry (Keras: zero before).
     emitted = (1 << samples) - 1 if masked_output == MASKED_CARRY else 0
-    first = 0  # time index of xw's row 0
     for st in range(steps):
         t = steps - 1 - st if go_backwards else st
         o = t if time_ordered_output else st
-        first = project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, bias, xw, first)
+        first = project_ahead(x, samples, st, steps, go_backwards, input_dim, kernel, bias, xw)
         gate_sums(samples, xw, t - first, h, recurrent_kernel, gates)
         for s in range(samples):
             hs = h[s]             # (>=H,)
@@ -81,4 +80,3 @@ def simple_rnn_block(row, col, weights, input_dim, x, samples, steps, mask, mask
         mask, masked, hidden, xw, gates, out, time_ordered_output,
     )
     carry_out(samples, hidden, carry, start, units)
-    return units, row[col + B_RETURN_SEQUENCES] != 0
