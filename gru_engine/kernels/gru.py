@@ -19,12 +19,12 @@ pre-activations of z, r and hh: a block's ``params`` column then points at five 
 from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
-from .activations import ONE, ZERO, activate, activate_with
+from .activations import ONE, activate, activate_with
 from .products import accumulate_rows, padded
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT, B_OPTION,
                         B_PARAMS, B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_UNITS,
-                        MASKED_CARRY, MASKED_ZERO, NO_PARAMS, PARAMS_SIZE, carry_in, carry_out,
-                        masked_row, project_ahead)
+                        MASKED_CARRY, NO_PARAMS, PARAMS_SIZE, carry_in, carry_out,
+                        skip_masked_step, project_ahead)
 
 
 @njit(**KERNEL_FLAGS)
@@ -105,12 +105,9 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
         for s in range(samples):
             hs = h[s]             # (>=H,)
             row = out[s, o]       # (>=H,)
-            if masked and mask[s, t] == ZERO:
-                # Keras skips masked steps: the carry passes through, the output repeats it (or is zero).
-                masked_row(row, hs, units, (emitted >> s) & 1)
+            skipped, emitted = skip_masked_step(masked, mask, s, t, masked_output, emitted, row, hs, units)
+            if skipped:
                 continue
-            if masked_output != MASKED_ZERO:
-                emitted |= 1 << s
             g = gates[s]
             hh = g[two:three]     # (H,)
             if params.shape[0]:

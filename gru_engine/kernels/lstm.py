@@ -17,11 +17,11 @@ three gates under the recurrent activation are one contiguous row for ``activate
 from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
-from .activations import ZERO, activate
+from .activations import activate
 from .products import padded
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT, B_REC_ACT,
-                        B_RECURRENT_KERNEL, B_UNITS, MASKED_CARRY, MASKED_ZERO,
-                        carry_in, carry_out, gate_sums, masked_row, project_ahead)
+                        B_RECURRENT_KERNEL, B_UNITS, MASKED_CARRY,
+                        carry_in, carry_out, gate_sums, skip_masked_step, project_ahead)
 
 # Packed gate order: Keras's i, f, c, o columns moved to i | f | o | c.
 PACKED_GATES = (0, 1, 3, 2)
@@ -59,12 +59,9 @@ def lstm_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, bias, act
             hs = h[s]             # (>=H,)
             cs = c[s]             # (>=H,)
             row = out[s, o]       # (>=H,)
-            if masked and mask[s, t] == ZERO:
-                # Keras skips masked steps: both carries pass through, the output repeats h (or is zero).
-                masked_row(row, hs, units, (emitted >> s) & 1)
+            skipped, emitted = skip_masked_step(masked, mask, s, t, masked_output, emitted, row, hs, units)
+            if skipped:
                 continue
-            if masked_output != MASKED_ZERO:
-                emitted |= 1 << s
             g = gates[s]
             activate(g[:three], recurrent_activation)
             candidate = g[three:four]  # (H,) activation input, then activation(c')

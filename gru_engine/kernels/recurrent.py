@@ -89,10 +89,20 @@ def carry_out(samples, state, carry, start, units):
 
 
 @njit(inline="always", **KERNEL_FLAGS)
-def masked_row(row, state, units, repeat):
-    """A masked step's output: the carry repeated (``repeat``) or zeros. row, state: (>=H,)."""
-    for j in range(units):
-        row[j] = state[j] if repeat else ZERO
+def skip_masked_step(masked, mask, s, t, masked_output, emitted, row, state, units):
+    """Whether sample s skips step t, and ``emitted`` (bit s: sample s has had an unmasked step).
+
+    Keras skips masked steps: every carry passes through, and the output ``row`` (>=H,) repeats the
+    previous output, which is the carry ``state`` (>=H,) once the sample has emitted one, or is zero.
+    """
+    if masked and mask[s, t] == ZERO:
+        repeat = (emitted >> s) & 1
+        for j in range(units):
+            row[j] = state[j] if repeat else ZERO
+        return True, emitted
+    if masked_output != MASKED_ZERO:
+        emitted |= 1 << s
+    return False, emitted
 
 
 @njit(**KERNEL_FLAGS)

@@ -8,11 +8,11 @@ SimpleRNN step (Keras; one bias, on the input side, folded into the input projec
 from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
-from .activations import ZERO, activate
+from .activations import activate
 from .products import padded
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT,
-                        B_RECURRENT_KERNEL, B_UNITS, MASKED_CARRY, MASKED_ZERO,
-                        carry_in, carry_out, gate_sums, masked_row, project_ahead)
+                        B_RECURRENT_KERNEL, B_UNITS, MASKED_CARRY,
+                        carry_in, carry_out, gate_sums, skip_masked_step, project_ahead)
 
 
 @njit(**KERNEL_FLAGS)
@@ -44,12 +44,9 @@ def simple_rnn_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, bia
         for s in range(samples):
             hs = h[s]             # (>=H,)
             row = out[s, o]       # (>=H,)
-            if masked and mask[s, t] == ZERO:
-                # Keras skips masked steps: the carry passes through, the output repeats it (or is zero).
-                masked_row(row, hs, units, (emitted >> s) & 1)
+            skipped, emitted = skip_masked_step(masked, mask, s, t, masked_output, emitted, row, hs, units)
+            if skipped:
                 continue
-            if masked_output != MASKED_ZERO:
-                emitted |= 1 << s
             g = gates[s][:units]  # (H,)
             activate(g, activation)
             for j in range(units):
