@@ -47,7 +47,8 @@ from gru_engine.kernels.products import padded
 from . import machine, timing
 from . import score as score_bench
 from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
-from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
+from .report import evaluate_targets, finite, format_table, write_chart, write_json
+from .units import format_seconds
 from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
 
 __all__ = ["run_benchmarks", "format_table", "write_chart", "write_json", "user_workloads", "builtin_workloads",
