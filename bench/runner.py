@@ -251,7 +251,8 @@ def run_worker(job: dict) -> dict:
 def _spawn_worker(job: dict, directory: Path) -> dict:
     job_path, out_path = directory / f"job-{job['threads']}.json", directory / f"result-{job['threads']}.json"
     job_path.write_text(json.dumps(job))
-    command = [sys.executable, "-m", "gru_engine.cli", "bench", "--worker", str(job_path), "--worker-out", str(out_path)]
+    command = [sys.executable, "-m", "gru_engine.cli", "bench", "--worker", str(job_path),
+               "--worker-out", str(out_path)]
     # The worker's stdout (Keras chatter) goes to our stderr, so stdout carries only the table.
     finished = subprocess.run(command, env=machine.thread_environment(job["threads"]), stdout=2)
     if finished.returncode != 0 or not out_path.is_file():

@@ -244,10 +244,11 @@ def main(argv: list[str]) -> int:
     print(f"[1] data: {len(series)} months of airline passengers (thousands), {month_label(months[0])} .. "
           f"{month_label(months[-1])}, shipped in the package")
     print(f"[2] {len(windows.x)} windows of {WINDOW} months -> the next month. Training: the first {windows.split} "
-          f"(targets {month_label(targets[0])} .. {month_label(targets[windows.split - 1])}); the min-max scaler is fitted on "
-          f"the months they span, {month_label(fitted[0])} .. {month_label(fitted[-1])}. Held out: the last "
-          f"{HELD_OUT_FRACTION:.0%}, {len(windows.x) - windows.split} windows whose targets are the months "
-          f"{month_label(targets[windows.split])} .. {month_label(targets[-1])}; every score is on exactly those months.")
+          f"(targets {month_label(targets[0])} .. {month_label(targets[windows.split - 1])}); the min-max scaler is "
+          f"fitted on the months they span, {month_label(fitted[0])} .. {month_label(fitted[-1])}. Held out: the "
+          f"last {HELD_OUT_FRACTION:.0%}, {len(windows.x) - windows.split} windows whose targets are the months "
+          f"{month_label(targets[windows.split])} .. {month_label(targets[-1])}; every score is on exactly those "
+          "months.")
 
     outcomes = [carry_through(approach, windows, args.epochs, args.seed, out)
                 for approach in (tutorial_approach(windows), level_approach())]

@@ -185,13 +185,13 @@ def trace(index: int, layer, input_dim: int, is_sequence: bool) -> Any:
         fail(index, f"conv1d 'padding' is {config['padding']!r}; supported: {list(CONV_PADDINGS)}")
     if config["activation"] not in CONV_ACTIVATIONS:
         fail(index, f"conv1d 'activation' is {config['activation']!r}; "
-                                f"supported: {list(CONV_ACTIVATIONS)}")
+                    f"supported: {list(CONV_ACTIVATIONS)}")
     if config["strides"] > 1 and config["dilation_rate"] > 1:
         fail(index, "conv1d cannot combine strides > 1 with dilation_rate > 1 (Keras refuses it too)")
     groups = config["groups"]
     if not 1 <= groups <= input_dim or input_dim % groups or config["filters"] % groups:
         fail(index, f"conv1d 'groups' is {groups}; it must divide both the input channels "
-                                f"({input_dim}) and filters ({config['filters']})")
+                    f"({input_dim}) and filters ({config['filters']})")
     parameters = sum(int(np.prod(shape)) for shape in weight_shapes(layer, input_dim).values())
     return LayerShape(input_dim, config["filters"], True, True, (), parameters)
 

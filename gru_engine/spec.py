@@ -254,7 +254,7 @@ def activation_parameters(config: dict[str, Any]) -> list[float] | None:
 def _refuse_unknown_kind(index: int, kind: Any, known) -> None:
     """A kind this version does not know comes from a newer gru-engine (or a damaged file): never guess."""
     fail(index, f"unknown layer kind {kind!r:.80}; this gru-engine knows {list(known)}. If a newer "
-                 "gru-engine wrote the model, upgrade gru-engine (pip install --upgrade gru-engine) to read it")
+                "gru-engine wrote the model, upgrade gru-engine (pip install --upgrade gru-engine) to read it")
 
 
 def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) -> LayerShape:
@@ -271,7 +271,7 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
             fail(index, f"masking 'mask_value' must be a number finite in float32, got {value!r:.80}")
         if not is_sequence:
             fail(index, "masking needs a sequence input; it cannot follow a recurrent layer with "
-                         "return_sequences=False")
+                        "return_sequences=False")
         return LayerShape(input_dim, input_dim, True, True, (), 0)
     if layer.kind == "dense":
         check_keys(index, config, DENSE_CONFIG_KEYS, "dense")
@@ -290,7 +290,7 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
         if not isinstance(config, dict) or not {"merge_mode", "forward", "backward"} <= set(config) \
                 or not set(config) <= {"merge_mode", "forward", "backward", "layer"}:
             fail(index, "bidirectional config must have exactly the fields merge_mode, forward, backward "
-                         "(and layer, the wrapped kind, unless it is gru)")
+                        "(and layer, the wrapped kind, unless it is gru)")
         wrapped = config.get("layer", "gru")
         if not isinstance(wrapped, str) or wrapped not in RECURRENT_FAMILIES:
             _refuse_unknown_kind(index, wrapped, RECURRENT_FAMILIES)
@@ -358,12 +358,12 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
         extra = sorted(set(layer.weights) - set(expected))
         if missing or extra:
             fail(index, f"{layer.kind} '{layer.name}' is missing tensors {missing} and has unexpected "
-                         f"tensors {extra}; its configuration implies exactly {sorted(expected)}")
+                        f"tensors {extra}; its configuration implies exactly {sorted(expected)}")
         for name, want in expected.items():
             array = layer.weights[name]
             if not isinstance(array, np.ndarray) or array.dtype != np.float32:
                 fail(index, f"tensor '{name}' must be a float32 array, got "
-                             f"{getattr(array, 'dtype', type(array).__name__)}")
+                            f"{getattr(array, 'dtype', type(array).__name__)}")
             if array.shape != want:
                 fail(index, f"tensor '{name}' has shape {array.shape}, the configuration implies {want}")
             if not np.isfinite(array).all():
@@ -401,7 +401,7 @@ def _validate_self_check(spec: ModelSpec, shapes: list[LayerShape]) -> None:
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 3 \
             or x.shape[2] != spec.input_features or x.shape[0] < 1 or x.shape[1] < 1 or x.size > 1_000_000:
         fail(None, f"self-check input must be a small float32 array (batch, time, {spec.input_features}), "
-                    f"got {getattr(x, 'shape', None)} {getattr(x, 'dtype', None)}")
+                   f"got {getattr(x, 'shape', None)} {getattr(x, 'dtype', None)}")
     if not np.isfinite(x).all():
         fail(None, "self-check input contains NaN or infinite values")
     short = frontends.too_short(spec, x.shape[1])
