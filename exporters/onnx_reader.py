@@ -92,10 +92,10 @@ class _Reader(GlueOps, HeadOps, OutputOps):
         # The model input's axes are a hypothesis until the first GRU reads it (see SwappedInput).
         self.input_axes = (TIME, BATCH, FEATURE) if time_major else (BATCH, TIME, FEATURE)
         self.input_settled = False
-        self.initial_states: dict[tuple, dict | None] = {}  # GRU direction key -> its initial state source
+        self.initial_states: dict[tuple, dict | None] = {}  # recurrent direction key -> its initial state source
         self.state_axes: dict[str, tuple] = {}               # initial_h graph input -> its axes
-        self.gru_count = 0
-        self.lengths = None  # the GRUs' sequence_lens: None, {"input": name} or {"values": [...]}
+        self.recurrent_count = 0
+        self.lengths = None  # the recurrent nodes' sequence_lens: None, {"input": name} or {"values": [...]}
 
     # ----- errors and operands -----
     def where(self) -> str:

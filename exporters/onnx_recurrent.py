@@ -115,12 +115,12 @@ def read_lengths(reader, sequence_lens, x: _Chain) -> None:
         reader.fail(f"sequence_lens is {_describe(sequence_lens)}; it must be a graph input or a constant "
                     "int32 (batch,) vector")
     if source is not None and x.flipped:
-        reader.fail("with sequence_lens, a GRU cannot read a sequence reversed in time (the output of a "
-                    "reverse direction taken alone): the padding would come first")
-    if reader.gru_count and source != reader.lengths:
-        reader.fail("every GRU of the graph must take the same sequence_lens (or none), so that the padding "
-                    "of each sample is the same throughout")
-    reader.gru_count += 1
+        reader.fail("with sequence_lens, a recurrent node cannot read a sequence reversed in time (the output "
+                    "of a reverse direction taken alone): the padding would come first")
+    if reader.recurrent_count and source != reader.lengths:
+        reader.fail("every recurrent node (GRU, LSTM, RNN) of the graph must take the same sequence_lens (or none), "
+                    "so that the padding of each sample is the same throughout")
+    reader.recurrent_count += 1
     reader.lengths = source
 
 
