@@ -14,6 +14,8 @@ import math
 from gru_engine.fileio import atomic_write
 
 from .registry import IMPLEMENTATIONS
+from .score import format_lines
+from .units import format_rate, format_seconds
 from .workloads import (AIRLINE_B1, AIRLINE_CHUNKS, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
                         LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, TRANSFORM_CASES, threads_label)
 
@@ -69,20 +71,6 @@ COST_TARGETS = (
     CostTarget(9, AIRLINE_CHUNKS, "engine-run-1", "engine-stream", SINGLE_CHUNK_LIMIT,
                "stream: a Stream.run call on a chunk of 1 / a Stream.step"),
 )
-
-
-def format_seconds(seconds: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
-
-
-def format_rate(per_second: float, unit: str) -> str:
-    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if per_second >= scale:
-            return f"{per_second / scale:.3g}{suffix} {unit}/s"
-    return f"{per_second:.3g} {unit}/s"
 
 
 def _config(results: dict, name: str) -> dict | None:
@@ -209,7 +197,6 @@ def format_table(results: dict) -> str:
                          f"{format_seconds(cold['predict_s'])}, `python -c 'import numba'` "
                          f"{format_seconds(cold['import_numba_s'])}: difference {cold['difference_s']:+.3f} s")
     if results.get("score"):
-        from .score import format_lines
         lines += [""] + format_lines(results["score"])
     targets = results.get("targets") or evaluate_targets(results)
     if all(target["measured"] is None for target in targets):

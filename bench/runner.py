@@ -47,7 +47,8 @@ from gru_engine.kernels.products import padded
 from . import machine, timing
 from . import score as score_bench
 from .registry import IMPLEMENTATIONS, Implementation, Looped, Subject
-from .report import evaluate_targets, finite, format_seconds, format_table, write_chart, write_json
+from .report import evaluate_targets, finite, format_table, write_chart, write_json
+from .units import format_seconds
 from .workloads import AIRLINE_STEPS, GFLOP_UNITS, Workload, airline_recipe, builtin_workloads, user_workloads
 
 __all__ = ["run_benchmarks", "format_table", "write_chart", "write_json", "user_workloads", "builtin_workloads",
@@ -250,7 +251,7 @@ def run_worker(job: dict) -> dict:
 def _spawn_worker(job: dict, directory: Path) -> dict:
     job_path, out_path = directory / f"job-{job['threads']}.json", directory / f"result-{job['threads']}.json"
     job_path.write_text(json.dumps(job))
-    command = [sys.executable, "-m", "gru_engine.bench.runner", "--worker", str(job_path),
+    command = [sys.executable, "-m", "gru_engine.cli", "bench", "--worker", str(job_path),
                "--worker-out", str(out_path)]
     # The worker's stdout (Keras chatter) goes to our stderr, so stdout carries only the table.
     finished = subprocess.run(command, env=machine.thread_environment(job["threads"]), stdout=2)
@@ -371,8 +372,3 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print(f"\nwrote {json_path} and {chart_path} ({results['elapsed_s']:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":  # the CLI turns user errors into one line, as for `gru-engine bench`
-    from gru_engine.cli import main as cli_main
-    sys.exit(cli_main(["bench", *sys.argv[1:]]))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .machine import all_cores, thread_environment
-from .report import format_rate, format_seconds
+from .units import format_rate, format_seconds
 from .workloads import AIRLINE_STEPS, airline_recipe
 
 SCORE = "score"

@@ -95,10 +95,10 @@ class Recipe:
         """The demo's transforms named by ``transforms`` (fitted on the shipped series, no training)."""
         if not self.transforms:
             return []
-        from gru_engine import demo
+        from gru_engine import demo_data
         if self.transforms == "level":
-            return demo.level_approach().transforms
-        return demo.tutorial_approach(demo.make_windows(*demo.load_series())).transforms
+            return demo_data.level_approach().transforms
+        return demo_data.tutorial_approach(demo_data.make_windows(*demo_data.load_series())).transforms
 
     def describe(self) -> str:
         if self.keras_path:

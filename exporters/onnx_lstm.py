@@ -29,12 +29,9 @@ import numpy as np
 
 from gru_engine.spec import RECURRENT_ACTIVATIONS
 
-from .onnx_gru import SwappedInput
-from .onnx_values import BATCH, DIRECTION, FEATURE, TIME, CELL_CARRY, _Direction, _Recurrent
+from .onnx_recurrent import COMMON_ATTRIBUTES, Node, directions, read_activations, read_node, record_initial_states
 
-LSTM_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
-                   "input_forget", "layout"}
-RNN_ATTRIBUTES = {"activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size", "layout"}
+LSTM_ATTRIBUTES = COMMON_ATTRIBUTES | {"input_forget"}
 # ONNX's LSTM gate blocks i, o, f, c, in Keras's order i, f, c, o.
 ONNX_GATES_TO_KERAS = (0, 2, 3, 1)
 
@@ -45,78 +42,33 @@ def _keras_gates(matrix: np.ndarray) -> np.ndarray:
     return np.concatenate([blocks[gate] for gate in ONNX_GATES_TO_KERAS], axis=0)
 
 
-def _common(reader, kind: str, operands, attributes, allowed: set[str], gates: int):
-    """What LSTM and RNN nodes share with each other (and GRU): attribute and input checks, the
-    weights as Keras matrices. Returns (x, direction, count, units, kernels, recurrent kernels, biases)."""
-    op = reader.node.op_type
-    unknown = sorted(set(attributes) - allowed)
-    if unknown:
-        reader.malformed(f"unknown attributes {unknown}")
+def _read(reader, operands, attributes, allowed: set[str], gates: int) -> Node:
+    """What LSTM and RNN nodes add to the common checks: no clip, layout 0 only."""
+    node = read_node(reader, operands, attributes, allowed, gates)
     if "clip" in attributes:
         reader.fail("the clip attribute (cell clipping) has no Keras equivalent")
-    if attributes.get("layout", 0) != 0:
-        reader.fail("layout=1 (batch-major) is not run by onnxruntime; transpose to (time, batch, features)")
-    x, w, r, b, sequence_lens = operands[:5]
-    x = reader.chain(x)
-    if x.axes != (TIME, BATCH, FEATURE):
-        if not x.layers and x.axes == (BATCH, TIME, FEATURE) and not reader.input_settled:
-            raise SwappedInput()
-        reader.fail(f"input X has axes ({', '.join(x.axes)}); the model input is (batch, time, features) and an "
-                    f"{op} with layout=0 reads (time, batch, features), so a Transpose [1, 0, 2] belongs before it")
-    direction = attributes.get("direction", "forward")
-    if direction not in ("forward", "reverse", "bidirectional"):
-        reader.malformed(f"direction {direction!r} is not forward, reverse or bidirectional")
-    count = 2 if direction == "bidirectional" else 1
-    w, r = reader.constant(w, "W"), reader.constant(r, "R")
-    b = None if b is None else reader.constant(b, "B")
-    units = r.shape[-1] if r.ndim == 3 else -1
-    expected = {"W": (w, (count, gates * units, x.width)), "R": (r, (count, gates * units, units)),
-                "B": (b, (count, 2 * gates * units))}
-    for name, (array, shape) in expected.items():
-        if array is not None and (array.shape != shape or array.dtype != np.float32):
-            reader.malformed(f"{name} is {array.dtype} {array.shape}; expected float32 {shape} "
-                             f"({count} direction(s), hidden size {units}, input size {x.width})")
-    reader.input_settled = True
-    reader._read_lengths(sequence_lens, x)
-    if attributes.get("hidden_size", units) != units:
-        reader.malformed(f"hidden_size {attributes['hidden_size']} disagrees with R's hidden size {units}")
+    return node
+
+
+def _weights(node: Node, kind: str) -> list[dict]:
+    """Per direction, the Keras tensors: kernel = W[d].T, recurrent_kernel = R[d].T, bias = Wb + Rb
+    (an LSTM's gate blocks in Keras's order)."""
     reorder = _keras_gates if kind == "lstm" else (lambda matrix: matrix)
-    kernels = [np.ascontiguousarray(reorder(w[d]).T) for d in range(count)]
-    recurrent_kernels = [np.ascontiguousarray(reorder(r[d]).T) for d in range(count)]
-    biases = None if b is None else [reorder(b[d, :gates * units] + b[d, gates * units:]) for d in range(count)]
-    return x, direction, count, int(units), kernels, recurrent_kernels, biases
-
-
-def _directions(reader, kind: str, x, direction: str, count: int, units: int, configs: list[dict], kernels,
-                recurrent_kernels, biases, outputs: int) -> list:
-    """The node's outputs as the reader's values: Y, Y_h (and Y_c for an LSTM)."""
-    directions = []
-    for d in range(count):
-        reverse = direction == "reverse" or d == 1
-        config = dict(configs[d], units=units, use_bias=biases is not None, return_sequences=False,
-                      return_state=False, go_backwards=reverse != x.flipped, zero_output_for_mask=False,
-                      stateful=False)
-        weights = {"kernel": kernels[d], "recurrent_kernel": recurrent_kernels[d]}
-        if biases is not None:
-            weights["bias"] = biases[d]
-        directions.append(_Direction(reader.layer_name(), (reader.node_index, d), config, weights, x, reverse, kind))
-    directions = tuple(directions)
-    return [_Recurrent(directions, (TIME, DIRECTION, BATCH, FEATURE), sequence=True)] + [
-        _Recurrent(directions, (DIRECTION, BATCH, FEATURE), sequence=False, state=True, carry=carry)
-        for carry in range(outputs)]
-
-
-def _initial_states(reader, count: int, units: int, initial_h, initial_c=None) -> None:
-    """Record where each direction's h (and c) start from, keyed as the reader keys carries."""
-    for carry, initial in enumerate((initial_h, initial_c)[:1 + (initial_c is not None)]):
-        for d, source in enumerate(reader._initial_sources(initial, count, units, 0)):
-            reader.initial_states[(reader.node_index, d) + ((CELL_CARRY,) if carry else ())] = source
+    rows = node.w.shape[1]
+    weights = []
+    for d in range(node.count):
+        tensors = {"kernel": np.ascontiguousarray(reorder(node.w[d]).T),
+                   "recurrent_kernel": np.ascontiguousarray(reorder(node.r[d]).T)}
+        if node.b is not None:
+            tensors["bias"] = reorder(node.b[d, :rows] + node.b[d, rows:])
+        weights.append(tensors)
+    return weights
 
 
 def _keras_activations(reader, attributes, count: int, per_direction: int) -> list[str]:
     """The node's activations as Keras names; LSTM and SimpleRNN compute only Keras's functions."""
     names = []
-    for name, params in reader._activations(attributes, count, per_direction):
+    for name, params in read_activations(reader, attributes, count, per_direction):
         if params or name not in RECURRENT_ACTIVATIONS:
             detail = f" with {params}" if params else ""
             reader.fail(f"activation {name}{detail}: an {reader.node.op_type} imports with Keras's activations only "
@@ -128,8 +80,7 @@ def _keras_activations(reader, attributes, count: int, per_direction: int) -> li
 def read_lstm(reader, operands, attributes) -> list:
     """An ONNX LSTM node: Y, Y_h, Y_c."""
     operands = operands + [None] * (8 - len(operands))
-    x, direction, count, units, kernels, recurrent_kernels, biases = _common(
-        reader, "lstm", operands, attributes, LSTM_ATTRIBUTES, 4)
+    node = _read(reader, operands, attributes, LSTM_ATTRIBUTES, 4)
     initial_h, initial_c, peepholes = operands[5:8]
     if attributes.get("input_forget", 0) not in (0, 1):
         reader.malformed(f"input_forget is {attributes['input_forget']}; it must be 0 or 1")
@@ -138,30 +89,29 @@ def read_lstm(reader, operands, attributes) -> list:
                     "the engine computes, has independent gates, so no bundle can reproduce this node")
     if peepholes is not None:
         p = reader.constant(peepholes, "P")
-        if p.shape != (count, 3 * units) or p.dtype != np.float32:
-            reader.malformed(f"P is {p.dtype} {p.shape}; expected float32 {(count, 3 * units)}")
+        if p.shape != (node.count, 3 * node.units) or p.dtype != np.float32:
+            reader.malformed(f"P is {p.dtype} {p.shape}; expected float32 {(node.count, 3 * node.units)}")
         if np.any(p):
             reader.fail("the peephole weights P are not zero; Keras's LSTM, which the engine computes, has no "
                         "peepholes, so no bundle can reproduce this node (with P all zero it imports exactly)")
-    _initial_states(reader, count, units, initial_h, initial_c)
-    names = _keras_activations(reader, attributes, count, 3)
+    record_initial_states(reader, node, initial_h, initial_c)
+    names = _keras_activations(reader, attributes, node.count, 3)
     configs = []
-    for d in range(count):
+    for d in range(node.count):
         recurrent_activation, activation, output_activation = names[3 * d:3 * d + 3]
         if output_activation != activation:
             reader.fail(f"activations g={activation} and h={output_activation} differ; Keras's LSTM applies its "
                         "one activation to both the candidate and the cell state")
-        configs.append({"activation": activation, "recurrent_activation": recurrent_activation})
-    return _directions(reader, "lstm", x, direction, count, units, configs, kernels, recurrent_kernels, biases, 2)
+        configs.append({"activation": activation, "recurrent_activation": recurrent_activation,
+                        "zero_output_for_mask": False})
+    return directions(reader, node, "lstm", configs, _weights(node, "lstm"), 2)
 
 
 def read_rnn(reader, operands, attributes) -> list:
     """An ONNX RNN node: Y, Y_h."""
     operands = operands + [None] * (6 - len(operands))
-    x, direction, count, units, kernels, recurrent_kernels, biases = _common(
-        reader, "simple_rnn", operands, attributes, RNN_ATTRIBUTES, 1)
-    _initial_states(reader, count, units, operands[5])
-    names = _keras_activations(reader, attributes, count, 1)
-    configs = [{"activation": name} for name in names]
-    return _directions(reader, "simple_rnn", x, direction, count, units, configs, kernels, recurrent_kernels,
-                       biases, 1)
+    node = _read(reader, operands, attributes, COMMON_ATTRIBUTES, 1)
+    record_initial_states(reader, node, operands[5])
+    configs = [{"activation": name, "zero_output_for_mask": False}
+               for name in _keras_activations(reader, attributes, node.count, 1)]
+    return directions(reader, node, "simple_rnn", configs, _weights(node, "simple_rnn"), 1)

@@ -1,6 +1,7 @@
 """``gru-engine demo``: the airline-passengers GRU tutorial, made real and carried through to deployment.
 
-One command, no network. Each step is one function below:
+One command, no network. Each step is one function, here or in ``demo_data`` (the series, its
+windows and encodings) and ``demo_report`` (scores, chart, report, summary):
 
 1. ``load_series``: the monthly series shipped in the package (1949-01 .. 1960-12).
 2. ``make_windows`` and ``train``: windows of 10 months -> the next month; the last 20% of the windows
@@ -13,7 +14,7 @@ One command, no network. Each step is one function below:
    ``gru-engine predict`` takes and returns passengers), and the native and tf2onnx ONNX graphs.
 4. ``check_parity``: Keras, the engine and onnxruntime (both graphs) on every window, in network
    units; and the engine on raw passenger windows against this module's own decoding of Keras's output.
-5. ``evaluate``: RMSE and MAPE in passengers on the held-out months, beside the seasonal-naive
+5. ``judge``: RMSE and MAPE in passengers on the held-out months, beside the seasonal-naive
    (12 months earlier) and last-value baselines.
 6. ``benchmark``: the tutorial model, as ``gru-engine bench --quick``.
 7. forecast.png, latency.png, report.json and a summary naming every file.
@@ -25,10 +26,7 @@ One command, no network. Each step is one function below:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import importlib.resources
-import io
 import json
 import os
 import sys
@@ -38,12 +36,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__, bundle, demo_compare
+from . import bundle, demo_compare
+from .demo_data import (HELD_OUT_FRACTION, WINDOW, Approach, Windows, level_approach, load_series, make_windows,
+                        network_inputs, tutorial_approach)
+from .demo_report import Outcome, judge, month_label, plot_forecast, report_figures, summarize
 from .fileio import atomic_write, atomic_write_bytes, save_array
 
-WINDOW = 10
-HELD_OUT_FRACTION = 0.2
-SEASON = 12
 UNITS = 50
 BATCH_SIZE = 32
 DEFAULT_EPOCHS = 50
@@ -52,95 +50,7 @@ DEFAULT_OUT = "demo-out"
 ONNX_METHODS = ("native", "tf2onnx")
 
 
-# 1. Data ------------------------------------------------------------------------------------------
-
-def load_series() -> tuple[np.ndarray, np.ndarray]:
-    """The shipped series: months (M,) datetime64[M] and passengers (M,) float64."""
-    text = importlib.resources.files("gru_engine").joinpath("data/airline-passengers.csv").read_text()
-    rows = [row for row in csv.reader(io.StringIO(text)) if row][1:]  # after the header Month,Passengers
-    months = np.array([month for month, _ in rows], dtype="datetime64[M]")  # (M,)
-    passengers = np.array([float(count) for _, count in rows])              # (M,)
-    return months, passengers
-
-
-# 2. Windows, encodings, training --------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Windows:
-    """Every window of ``WINDOW`` months and the month after it; windows [split:] are held out."""
-
-    months: np.ndarray  # (M,) datetime64[M], the whole series
-    series: np.ndarray  # (M,) passengers
-    x: np.ndarray       # (N, WINDOW) passengers, N = M - WINDOW; x[i] = series[i:i + WINDOW]
-    y: np.ndarray       # (N,) passengers, y[i] = series[i + WINDOW]
-    split: int
-
-    @property
-    def target_months(self) -> np.ndarray:
-        return self.months[WINDOW:]  # (N,)
-
-    @property
-    def held_out(self) -> slice:
-        return slice(self.split, None)
-
-    @property
-    def training_months(self) -> slice:
-        """The months the training windows read or predict: what a scaler may be fitted on."""
-        return slice(0, self.split + WINDOW)
-
-
-def make_windows(months: np.ndarray, series: np.ndarray) -> Windows:
-    x = np.lib.stride_tricks.sliding_window_view(series[:-1], WINDOW)  # (N, WINDOW)
-    y = series[WINDOW:]                                                 # (N,)
-    return Windows(months, series, x, y, split=int(len(x) * (1 - HELD_OUT_FRACTION)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Approach:
-    """One encoding of passenger windows into network values, in Python and as bundle transforms.
-
-    ``encode(windows, values)`` maps values (N, K) with the statistics of their windows (N, WINDOW);
-    ``decode(windows, network_values)`` maps back to passengers. ``transforms`` declares the same
-    mapping for the bundle, so the engine's ``predict`` can be checked against ``decode``.
-    """
-
-    name: str
-    title: str
-    transforms: list
-    encode: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    decode: Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def tutorial_approach(windows: Windows) -> Approach:
-    """Min-max scaling to [0, 1], fitted on the training months only: x' = (x - low) / (high - low)."""
-    fitted = windows.series[windows.training_months]
-    low, high = float(fitted.min()), float(fitted.max())
-    span = high - low
-    scale, offset = 1.0 / span, -low / span  # x' = x * scale + offset
-    return Approach(
-        "tutorial", f"tutorial model (min-max scaled: {low:g}..{high:g} passengers -> 0..1)",
-        [{"kind": "affine", "scale": [scale], "offset": [offset], "output_scale": [scale],
-          "output_offset": [offset]}],
-        encode=lambda x, values: (values - low) / span,
-        decode=lambda x, values: values * span + low)
-
-
-def _window_level(x: np.ndarray) -> np.ndarray:
-    return np.log(x).mean(axis=1, keepdims=True)  # (N, 1)
-
-
-def level_approach() -> Approach:
-    """Per window: x' = log(x) - mean(log window); the prediction is exp(y' + mean(log window))."""
-    return Approach(
-        "level", "level model (log, minus the window's mean log)",
-        [{"kind": "log", "invert_output": True}, {"kind": "center", "invert_output": True, "output_features": [0]}],
-        encode=lambda x, values: np.log(values) - _window_level(x),
-        decode=lambda x, values: np.exp(values + _window_level(x)))
-
-
-def network_inputs(approach: Approach, windows: Windows) -> np.ndarray:
-    return approach.encode(windows.x, windows.x)[..., None].astype(np.float32)  # (N, WINDOW, 1)
-
+# 2. Training -------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     """Same seed, same weights, same shuffles, same float reductions: two runs agree."""
@@ -230,21 +140,6 @@ def check_parity(model, approach: Approach, windows: Windows, bundle_path: Path,
     return differences, passengers[:, 0]
 
 
-# 5. Evaluation -----------------------------------------------------------------------------------
-
-def score(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    error = predicted - actual
-    return {"rmse": float(np.sqrt(np.mean(error ** 2))), "mape": float(100 * np.mean(np.abs(error) / actual))}
-
-
-def baselines(windows: Windows) -> dict[str, np.ndarray]:
-    """Predictions (N,) for every window's target month."""
-    targets = np.arange(WINDOW, len(windows.series))  # (N,) series index of each target
-    # The first SEASON - WINDOW windows have no month a year back; they are never held out.
-    seasonal = windows.series[np.maximum(targets - SEASON, 0)]
-    return {"seasonal-naive": seasonal, "last-value": windows.x[:, -1]}
-
-
 # 6. Benchmark ------------------------------------------------------------------------------------
 
 def benchmark(keras_path: Path, chart_path: Path) -> tuple[dict | None, str]:
@@ -264,61 +159,7 @@ def benchmark(keras_path: Path, chart_path: Path) -> tuple[dict | None, str]:
     return results, ""
 
 
-# 7. Charts, report, summary ----------------------------------------------------------------------
-
-def plot_forecast(path: Path, windows: Windows, forecasts: dict[str, np.ndarray], scores: dict) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    months = windows.months.astype("datetime64[D]")  # matplotlib dates need day resolution
-    targets = months[WINDOW:]
-    figure, axes = plt.subplots(figsize=(10, 4.8))
-    axes.axvspan(targets[windows.split], months[-1], color="0.9", label="held out")
-    axes.plot(months, windows.series, color="black", linewidth=1.6, label="passengers (true)")
-    held_out = windows.held_out
-    axes.plot(targets[held_out], baselines(windows)["seasonal-naive"][held_out], color="0.5", linestyle=":",
-              label=f"seasonal-naive (RMSE {scores['seasonal-naive']['rmse']:.1f})")
-    for (name, forecast), color in zip(forecasts.items(), ("tab:orange", "tab:blue", "tab:green")):
-        axes.plot(targets, forecast, color=color, linewidth=1.2,
-                  label=f"{name} model (held-out RMSE {scores[name]['rmse']:.1f})")
-    axes.set_title("Airline passengers: one-month-ahead forecasts, run on gru-engine")
-    axes.set_ylabel("passengers (thousands)")
-    axes.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    path = atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
-    plt.close(figure)
-    return path
-
-
-def _month(value) -> str:
-    return str(np.datetime64(value, "M"))
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no infinity: an incomparable pair's figures are null (its ``problem`` says why)."""
-    return value if np.isfinite(value) else None
-
-
 # The steps, run and reported in order ---------------------------------------------------------
-
-@dataclasses.dataclass
-class Outcome:
-    """One approach carried through training, export and parity."""
-
-    approach: Approach
-    cell: str                       # the recurrent layers: GRU or LSTM
-    model: object                   # the trained Keras model
-    training: dict
-    files: dict[str, Path]
-    differences: dict               # implementation -> verify.Difference against Keras
-    forecast: np.ndarray            # (N,) the engine's passengers for every window's target month
-    onnx_skipped: str = ""
-
-    @property
-    def bundle_path(self) -> Path:
-        return self.files[f"{self.approach.name}.gru.safetensors"]
-
 
 def carry_through(approach: Approach, windows: Windows, epochs: int, seed: int, out: Path,
                   cell: str = "GRU") -> Outcome:
@@ -341,96 +182,6 @@ def carry_through(approach: Approach, windows: Windows, epochs: int, seed: int, 
         units = "passengers" if implementation == "engine-passengers" else "network units"
         print(f"    {implementation:<20} vs keras, in {units}: {difference.describe()}")
     return Outcome(approach, cell, model, training, files, differences, forecast, onnx_skipped)
-
-
-def judge(windows: Windows, outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
-    """Step 5: every forecast scored on the same held-out months; says plainly who loses to seasonal-naive."""
-    held_out = windows.held_out
-    predictions = {outcome.approach.name: outcome.forecast for outcome in outcomes} | baselines(windows)
-    scores = {name: score(prediction[held_out], windows.y[held_out]) for name, prediction in predictions.items()}
-    targets = windows.target_months[held_out]
-    print(f"\n[5] one month ahead on the {len(targets)} held-out months {_month(targets[0])} .. "
-          f"{_month(targets[-1])}, in passengers (thousands):")
-    print(f"    {'forecast':<16}{'RMSE':>8}{'MAPE %':>9}")
-    for name, figures in scores.items():
-        print(f"    {name:<16}{figures['rmse']:>8.1f}{figures['mape']:>9.1f}")
-    naive = scores["seasonal-naive"]["rmse"]
-    for outcome in outcomes:
-        rmse = scores[outcome.approach.name]["rmse"]
-        if rmse < naive:
-            print(f"    the {outcome.approach.name} model beats seasonal-naive (RMSE {rmse:.1f} vs {naive:.1f})")
-        else:
-            print(f"    the {outcome.approach.name} model does NOT beat seasonal-naive (RMSE {rmse:.1f} vs "
-                  f"{naive:.1f}): repeating the month a year earlier forecasts better than this model")
-    return scores
-
-
-def report_figures(args, windows: Windows, outcomes: list[Outcome], scores: dict, bench_results,
-                   next_month: dict, skipped: dict, files: list[str], seconds: float, comparison=None) -> dict:
-    """Every figure the demo printed, for report.json."""
-    targets = windows.target_months
-    models = {}
-    for outcome in outcomes:
-        name = outcome.approach.name
-        models[name] = {
-            "title": outcome.approach.title, "layers": outcome.cell, "transforms": outcome.approach.transforms,
-            "training": outcome.training,
-            "parity": {key: {"largest": _finite(d.largest), "excess": _finite(d.excess), "ok": d.ok,
-                             "problem": d.problem} for key, d in outcome.differences.items()},
-            "held_out": scores[name],
-            "beats_seasonal_naive": scores[name]["rmse"] < scores["seasonal-naive"]["rmse"],
-            "forecast_after_last_window": next_month[name],
-        }
-    return {
-        "gru_engine_version": __version__, "seed": args.seed, "epochs": args.epochs, "window": WINDOW,
-        "data": {"months": len(windows.series), "first": _month(windows.months[0]),
-                 "last": _month(windows.months[-1])},
-        "split": {"windows": len(windows.x), "training_windows": windows.split,
-                  "held_out_windows": len(windows.x) - windows.split,
-                  "training_targets": [_month(targets[0]), _month(targets[windows.split - 1])],
-                  "held_out_targets": [_month(targets[windows.split]), _month(targets[-1])],
-                  "min_max_fitted_on": [_month(windows.months[0]),
-                                        _month(windows.months[windows.training_months][-1])]},
-        "models": models,
-        "baselines": {name: scores[name] for name in baselines(windows)},
-        "parity_ok": all(d.ok for outcome in outcomes for d in outcome.differences.values()),
-        "forecast_month_after_last_window": _month(windows.months[-1] + 1),
-        "benchmark": bench_results,
-        "gru_vs_lstm": comparison,
-        "skipped": skipped,
-        "files": files,
-        "wall_seconds": round(seconds, 1),
-    }
-
-
-FILE_ROLES = {
-    "forecast.png": "true vs predicted passengers, held-out months shaded",
-    "latency.png": "benchmark latencies",
-    "comparison.png": "GRU vs LSTM: parameters, training time, held-out RMSE, latency",
-    "report.json": "every figure above",
-    "last-window.csv": "the last 10 months, an input for gru-engine predict",
-    ".gru.safetensors": "bundle; predict takes and returns passengers",
-    ".keras": "the trained Keras model (gru-engine verify takes it)",
-    ".native.onnx": "ONNX, native GRU or LSTM operators (network units)",
-    ".tf2onnx.onnx": "ONNX, tf2onnx converter (network units)",
-}
-
-
-def summarize(out: Path, files: dict[str, Path], skipped: dict, report: dict, next_month: dict) -> None:
-    print(f"\nDone in {report['wall_seconds']:.0f} s. In {out}/:")
-    for name in sorted(files):
-        role = next(role for suffix, role in FILE_ROLES.items() if name.endswith(suffix))
-        print(f"    {name:<28} {role}")
-    for step, reason in skipped.items():
-        print(f"    no {step} files: {reason}")
-    for name, outcome in report["models"].items():
-        verdict = "beats" if outcome["beats_seasonal_naive"] else "does NOT beat"
-        print(f"The {name} model: held-out RMSE {outcome['held_out']['rmse']:.1f} passengers, {verdict} "
-              f"seasonal-naive ({report['baselines']['seasonal-naive']['rmse']:.1f}); forecast for "
-              f"{report['forecast_month_after_last_window']}: {next_month[name]:.0f}.")
-    if report["gru_vs_lstm"]:
-        print(report["gru_vs_lstm"]["verdict"])
-    print(f"Try: gru-engine predict {files['level.gru.safetensors']} --input {files['last-window.csv']}")
 
 
 LSTM_MODEL = "level-lstm"
@@ -490,13 +241,14 @@ def main(argv: list[str]) -> int:
     windows = make_windows(months, series)
     targets = windows.target_months
     fitted = windows.months[windows.training_months]
-    print(f"[1] data: {len(series)} months of airline passengers (thousands), {_month(months[0])} .. "
-          f"{_month(months[-1])}, shipped in the package")
+    print(f"[1] data: {len(series)} months of airline passengers (thousands), {month_label(months[0])} .. "
+          f"{month_label(months[-1])}, shipped in the package")
     print(f"[2] {len(windows.x)} windows of {WINDOW} months -> the next month. Training: the first {windows.split} "
-          f"(targets {_month(targets[0])} .. {_month(targets[windows.split - 1])}); the min-max scaler is fitted on "
-          f"the months they span, {_month(fitted[0])} .. {_month(fitted[-1])}. Held out: the last "
-          f"{HELD_OUT_FRACTION:.0%}, {len(windows.x) - windows.split} windows whose targets are the months "
-          f"{_month(targets[windows.split])} .. {_month(targets[-1])}; every score is on exactly those months.")
+          f"(targets {month_label(targets[0])} .. {month_label(targets[windows.split - 1])}); the min-max scaler is "
+          f"fitted on the months they span, {month_label(fitted[0])} .. {month_label(fitted[-1])}. Held out: the "
+          f"last {HELD_OUT_FRACTION:.0%}, {len(windows.x) - windows.split} windows whose targets are the months "
+          f"{month_label(targets[windows.split])} .. {month_label(targets[-1])}; every score is on exactly those "
+          "months.")
 
     outcomes = [carry_through(approach, windows, args.epochs, args.seed, out)
                 for approach in (tutorial_approach(windows), level_approach())]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import spec as model_spec
+from .layer_checks import LayerShape, check_keys, check_units, fail
 from .kernels import conv as conv_kernels
 
 CONV_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
@@ -152,55 +152,55 @@ def weight_shapes(layer, input_dim: int) -> dict[str, tuple[int, ...]]:
 
 def _check_window(index: int, config: dict, field: str) -> None:
     if not 1 <= config[field] <= MAX_WINDOW:
-        model_spec._fail(index, f"'{field}' is {config[field]}; it must be between 1 and {MAX_WINDOW}")
+        fail(index, f"'{field}' is {config[field]}; it must be between 1 and {MAX_WINDOW}")
 
 
 def trace(index: int, layer, input_dim: int, is_sequence: bool) -> Any:
-    """Check a front-end layer's configuration; return its ``spec.LayerShape``."""
+    """Check a front-end layer's configuration; return its ``LayerShape``."""
     config, kind = layer.config, layer.kind
     if kind == "batch_normalization":
-        model_spec._check_keys(index, config, BATCH_NORMALIZATION_CONFIG_KEYS, kind)
+        check_keys(index, config, BATCH_NORMALIZATION_CONFIG_KEYS, kind)
         if not (np.isfinite(config["epsilon"]) and 0 < config["epsilon"] < 1):
-            model_spec._fail(index, f"batch_normalization 'epsilon' is {config['epsilon']!r}; it must be in (0, 1)")
+            fail(index, f"batch_normalization 'epsilon' is {config['epsilon']!r}; it must be in (0, 1)")
         parameters = sum(int(np.prod(shape)) for shape in weight_shapes(layer, input_dim).values())
-        return model_spec.LayerShape(input_dim, input_dim, is_sequence, is_sequence, (), parameters)
+        return LayerShape(input_dim, input_dim, is_sequence, is_sequence, (), parameters)
     if not is_sequence:
-        model_spec._fail(index, f"{kind} needs a sequence input; set return_sequences=True on the layer before it")
+        fail(index, f"{kind} needs a sequence input; set return_sequences=True on the layer before it")
     if kind in GLOBAL_POOLING_KINDS:
         if config != {}:
-            model_spec._fail(index, f"{kind} config must be empty, got {config!r:.80}")
-        return model_spec.LayerShape(input_dim, input_dim, True, False, (), 0)
+            fail(index, f"{kind} config must be empty, got {config!r:.80}")
+        return LayerShape(input_dim, input_dim, True, False, (), 0)
     if kind in POOLING_KINDS:
-        model_spec._check_keys(index, config, POOLING_CONFIG_KEYS, kind)
+        check_keys(index, config, POOLING_CONFIG_KEYS, kind)
         for field in ("pool_size", "strides"):
             _check_window(index, config, field)
         if config["padding"] not in POOL_PADDINGS:
-            model_spec._fail(index, f"{kind} 'padding' is {config['padding']!r}; supported: {list(POOL_PADDINGS)}")
-        return model_spec.LayerShape(input_dim, input_dim, True, True, (), 0)
-    model_spec._check_keys(index, config, CONV1D_CONFIG_KEYS, kind)
-    model_spec._check_units(index, config["filters"], "filters")
+            fail(index, f"{kind} 'padding' is {config['padding']!r}; supported: {list(POOL_PADDINGS)}")
+        return LayerShape(input_dim, input_dim, True, True, (), 0)
+    check_keys(index, config, CONV1D_CONFIG_KEYS, kind)
+    check_units(index, config["filters"], "filters")
     for field in ("kernel_size", "strides", "dilation_rate"):
         _check_window(index, config, field)
     if config["padding"] not in CONV_PADDINGS:
-        model_spec._fail(index, f"conv1d 'padding' is {config['padding']!r}; supported: {list(CONV_PADDINGS)}")
+        fail(index, f"conv1d 'padding' is {config['padding']!r}; supported: {list(CONV_PADDINGS)}")
     if config["activation"] not in CONV_ACTIVATIONS:
-        model_spec._fail(index, f"conv1d 'activation' is {config['activation']!r}; "
-                                f"supported: {list(CONV_ACTIVATIONS)}")
+        fail(index, f"conv1d 'activation' is {config['activation']!r}; "
+                    f"supported: {list(CONV_ACTIVATIONS)}")
     if config["strides"] > 1 and config["dilation_rate"] > 1:
-        model_spec._fail(index, "conv1d cannot combine strides > 1 with dilation_rate > 1 (Keras refuses it too)")
+        fail(index, "conv1d cannot combine strides > 1 with dilation_rate > 1 (Keras refuses it too)")
     groups = config["groups"]
     if not 1 <= groups <= input_dim or input_dim % groups or config["filters"] % groups:
-        model_spec._fail(index, f"conv1d 'groups' is {groups}; it must divide both the input channels "
-                                f"({input_dim}) and filters ({config['filters']})")
+        fail(index, f"conv1d 'groups' is {groups}; it must divide both the input channels "
+                    f"({input_dim}) and filters ({config['filters']})")
     parameters = sum(int(np.prod(shape)) for shape in weight_shapes(layer, input_dim).values())
-    return model_spec.LayerShape(input_dim, config["filters"], True, True, (), parameters)
+    return LayerShape(input_dim, config["filters"], True, True, (), parameters)
 
 
 def check_weights(index: int, layer) -> None:
     """Value checks beyond shapes: a BatchNormalization's variance plus epsilon must be positive."""
     if layer.kind == "batch_normalization":
         if not (layer.weights["moving_variance"].astype(np.float64) + layer.config["epsilon"] > 0).all():
-            model_spec._fail(index, "batch_normalization 'moving_variance' + epsilon must be positive")
+            fail(index, "batch_normalization 'moving_variance' + epsilon must be positive")
 
 
 def batch_norm_affine(layer) -> tuple[np.ndarray, np.ndarray]:

@@ -83,10 +83,9 @@ def _constant(values, shape: tuple, kind: str, what: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def validate_interface(spec, shapes) -> None:
-    """Check every field of ``spec.interface`` against the model, so the session can trust it."""
-    from .spec import output_shapes
-
+def validate_interface(spec, shapes, predicted) -> None:
+    """Check every field of ``spec.interface`` against the model, so the session can trust it.
+    ``predicted``: the shapes ``predict`` returns for a batch of 1 and 2 steps (``spec.output_shapes``)."""
     interface = spec.interface
     _check_fields(interface, INTERFACE_KEYS, "the interface")
     inputs, outputs = interface["inputs"], interface["outputs"]
@@ -117,7 +116,7 @@ def validate_interface(spec, shapes) -> None:
         _fail(f"input '{x_entry['name']}' has {feature_dim} features; the model takes {spec.input_features}")
 
     carries = [units for shape in shapes for units in shape.state_dims]
-    main_shapes = output_shapes(spec, shapes, 1, 2) + [(1, units) for units in carries]
+    main_shapes = predicted + [(1, units) for units in carries]
     out_names = set()
     for index, entry in enumerate(outputs):
         _check_fields(entry, {"name", "parts", "axes", "reverse_time", "shape"}, f"output {index}")

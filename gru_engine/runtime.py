@@ -347,20 +347,20 @@ class _Program:
         if bad:
             self._refuse(bad, x)
 
-    def bind(self, x, carry, work, out):
-        """``run`` on these arrays as a call without arguments: a stream step makes it every time,
-        and the Python between it and the kernel is most of a step's overhead."""
+    def bind(self, carry, work):
+        """``run`` from and into ``carry`` on ``work`` as a call of (x, out) alone: a stream makes it
+        every step or chunk, and the Python between it and the kernel is most of a step's overhead."""
         if work.shape[0] != 1:
-            return functools.partial(self.run, x, carry, work, out)
-        kernel = functools.partial(plan.run_batch, self.plan, self.weights, x, NO_LENGTHS, carry, work, self.max_dim,
-                                   self.max_gate_width, False, out)
+            return lambda x, out: self.run(x, carry, work, out)
+        kernel = functools.partial(plan.run_batch, self.plan, self.weights)
+        max_dim, max_gate_width = self.max_dim, self.max_gate_width
 
-        def run():
-            bad = kernel()
+        def advance(x, out):
+            bad = kernel(x, NO_LENGTHS, carry, work, max_dim, max_gate_width, False, out)
             if bad:
                 self._refuse(bad, x)
 
-        return run
+        return advance
 
     def _refuse(self, bad: int, x) -> None:
         if bad == plan.WRONG_WIDTH:
@@ -638,10 +638,13 @@ class Stream:
         self._shapes = {(self.batch, features): (self._x_rows, self._out)}
         if self.batch == 1:
             self._shapes[(features,)] = (self._x_rows[0], self._out[0])     # (F,), (D,)
-        self._advance = self._program.bind(self._x, self._carry, self._work, self._out)
-        # run's scratch, kept across calls and grown to the longest chunk so far.
-        self._chunk_work, self._chunk_steps = self._work, 1
-        self._chunk_shapes, self._shapes_steps = None, 0
+        self._advance = self._program.bind(self._carry, self._work)
+        # run's scratch as (steps, work): grown to the longest chunk so far, read and replaced as one
+        # object, so a call never pairs a chunk with scratch made for a shorter one.
+        self._chunk_work = (1, self._work)
+        # The last chunk length's (x shape, returned shape, kernel's out shape, bound call): a chunk of
+        # that length, already float32 and contiguous, goes from run to the kernel without other checks.
+        self._chunk = self._chunk_call(1)
         self._lock = threading.Lock()
         self.steps = 0
 
@@ -688,7 +691,7 @@ class Stream:
             check_out(out, result.shape)
         with self._lock:
             x_view[...] = x_t
-            self._advance()
+            self._advance(self._x, self._out)
             self.steps += 1
             if out is None:
                 return result.copy()
@@ -701,22 +704,30 @@ class Stream:
         ``out``: a float32 (batch, time, D) array to write the outputs into (then returned); a call
         with ``out`` allocates nothing once a chunk this long has been seen.
         """
-        x = as_input(x, self.model.input_features, self._program.check_size)
-        batch, steps = x.shape[0], x.shape[1]
-        if batch != self.batch:
-            raise InputError(f"this stream has batch {self.batch}; the chunk has batch {batch}")
-        if steps != self._shapes_steps:  # the shapes of the last chunk length, kept
-            self._chunk_shapes = (self._program.returned_shape(batch, steps), self._program.output_shape(batch, steps))
-            self._shapes_steps = steps
-        returned, kernel_shape = self._chunk_shapes
+        x_shape, returned, kernel_shape, advance = self._chunk
+        if type(x) is not np.ndarray or x.dtype is not FLOAT32 or x.shape != x_shape or not x.flags.c_contiguous:
+            x = as_input(x, self.model.input_features, self._program.check_size)
+            if x.shape[0] != self.batch:
+                raise InputError(f"this stream has batch {self.batch}; the chunk has batch {x.shape[0]}")
+            if x.shape != x_shape:
+                self._chunk = self._chunk_call(x.shape[1])
+                x_shape, returned, kernel_shape, advance = self._chunk
         if out is None:
             out = np.empty(returned, FLOAT32)
         else:
             check_out(out, returned)
         with self._lock:
-            if steps > self._chunk_steps:
-                self._chunk_work = self._program.workspace(batch, steps, self._parallel)
-                self._chunk_steps = steps
-            self._program.run(x, self._carry, self._chunk_work, out.reshape(kernel_shape))
-            self.steps += steps
+            advance(x, out.reshape(kernel_shape))
+            self.steps += x_shape[1]
         return out
+
+    def _chunk_call(self, steps: int) -> tuple:
+        """``self._chunk`` for chunks of ``steps``, with scratch grown to them if need be (``workspace``
+        checks the size; a stream has no 'valid' window that a shorter chunk could fall below)."""
+        program = self._program
+        grown, work = self._chunk_work
+        if steps > grown:
+            work = program.workspace(self.batch, steps, self._parallel)
+            self._chunk_work = (steps, work)
+        return ((self.batch, steps, self.model.input_features), program.returned_shape(self.batch, steps),
+                program.output_shape(self.batch, steps), program.bind(self._carry, work))

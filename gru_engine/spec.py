@@ -37,8 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from . import transforms
-from .errors import BundleError, is_float32_number
+from . import frontends, transforms
+from .errors import is_float32_number
+from .interface import validate_interface
+from .layer_checks import LayerShape, check_keys, check_units, fail
 
 FORMAT_NAME = "gru-engine-bundle"
 # Version 2 bundles carry an ONNX graph's interface (``gru_engine.interface``); others stay version 1.
@@ -57,8 +59,8 @@ DENSE_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
 LAYER_KINDS = ("masking", "gru", "lstm", "simple_rnn", "bidirectional", "dense")
 
-# Bounds checked before anything is allocated, so a hostile manifest cannot ask for terabytes.
-MAX_UNITS = 16384
+# Bounds checked before anything is allocated, so a hostile manifest cannot ask for terabytes
+# (units: layer_checks.MAX_UNITS).
 MAX_FEATURES = 65536
 MAX_LAYERS = 256
 MAX_PARAMETERS = 500_000_000
@@ -103,18 +105,6 @@ class Layer:
     name: str
     config: dict[str, Any]
     weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class LayerShape:
-    """What one layer sees and produces, per sample (time is dynamic)."""
-
-    input_dim: int
-    output_dim: int
-    input_is_sequence: bool
-    output_is_sequence: bool
-    state_dims: tuple[int, ...]  # carries this layer keeps, per direction (LSTM: h, then c)
-    parameters: int
 
 
 @dataclasses.dataclass
@@ -226,53 +216,28 @@ def weight_shapes(layer: Layer, input_dim: int) -> dict[str, tuple[int, ...]]:
     return {}
 
 
-def _fail(layer_index: int | None, message: str) -> None:
-    where = "model" if layer_index is None else f"layer {layer_index}"
-    raise BundleError(f"{where}: {message}")
-
-
-def _check_keys(index: int, config: Any, keys: dict[str, type], what: str, optional=()) -> None:
-    if not isinstance(config, dict):
-        _fail(index, f"{what} config must be a JSON object, got {type(config).__name__}")
-    missing = sorted(set(keys) - set(config))
-    extra = sorted(set(config) - set(keys) - set(optional))
-    if missing or extra:
-        _fail(index, f"{what} config has missing fields {missing} and unknown fields {extra}; "
-                     f"expected exactly {sorted(keys)}")
-    for key, expected in keys.items():
-        value = config[key]
-        # bool is an int subclass: an int field must not accept True, and vice versa.
-        if type(value) is not expected:
-            _fail(index, f"{what} config field '{key}' must be {expected.__name__}, got {value!r}")
-
-
-def _check_units(index: int, units: int, field: str) -> None:
-    if not 1 <= units <= MAX_UNITS:
-        _fail(index, f"'{field}' is {units}; it must be between 1 and {MAX_UNITS}")
-
-
 def _check_recurrent_config(index: int, kind: str, config: Any, what: str) -> None:
     onnx = kind == "gru"  # ONNX's activation parameters and clip reach the GRU kernel only
-    _check_keys(index, config, RECURRENT_FAMILIES[kind].config_keys, what, GRU_PARAMETER_KEYS if onnx else ())
-    _check_units(index, config["units"], "units")
+    check_keys(index, config, RECURRENT_FAMILIES[kind].config_keys, what, GRU_PARAMETER_KEYS if onnx else ())
+    check_units(index, config["units"], "units")
     supported = RECURRENT_ACTIVATIONS + ONNX_ACTIVATIONS if onnx else RECURRENT_ACTIVATIONS
     for field in ("activation", "recurrent_activation"):
         if field not in config:
             continue
         if config[field] not in supported:
-            _fail(index, f"{what} '{field}' is {config[field]!r}; supported: {list(supported)}")
+            fail(index, f"{what} '{field}' is {config[field]!r}; supported: {list(supported)}")
         taken = ACTIVATION_PARAMETERS.get(config[field], (None, None))
         for name, default in zip(("alpha", "beta"), taken):
             value = config.get(f"{field}_{name}")
             if value is None:
                 continue
             if default is None:
-                _fail(index, f"{what} has '{field}_{name}', but {config[field]} takes no {name}")
+                fail(index, f"{what} has '{field}_{name}', but {config[field]} takes no {name}")
             if not is_float32_number(value):
-                _fail(index, f"{what} '{field}_{name}' is {value!r:.40}; it must be a number finite in float32")
+                fail(index, f"{what} '{field}_{name}' is {value!r:.40}; it must be a number finite in float32")
     clip = config.get("clip")
     if clip is not None and not (is_float32_number(clip) and clip > 0):
-        _fail(index, f"{what} 'clip' is {clip!r:.40}; it must be a positive number")
+        fail(index, f"{what} 'clip' is {clip!r:.40}; it must be a positive number")
 
 
 def activation_parameters(config: dict[str, Any]) -> list[float] | None:
@@ -288,8 +253,8 @@ def activation_parameters(config: dict[str, Any]) -> list[float] | None:
     return [float(v) for v in values] + [float(config.get("clip", 0.0))]
 def _refuse_unknown_kind(index: int, kind: Any, known) -> None:
     """A kind this version does not know comes from a newer gru-engine (or a damaged file): never guess."""
-    _fail(index, f"unknown layer kind {kind!r:.80}; this gru-engine knows {list(known)}. If a newer "
-                 "gru-engine wrote the model, upgrade gru-engine (pip install --upgrade gru-engine) to read it")
+    fail(index, f"unknown layer kind {kind!r:.80}; this gru-engine knows {list(known)}. If a newer "
+                "gru-engine wrote the model, upgrade gru-engine (pip install --upgrade gru-engine) to read it")
 
 
 def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) -> LayerShape:
@@ -300,47 +265,47 @@ def _trace_layer(index: int, layer: Layer, input_dim: int, is_sequence: bool) ->
     config = layer.config
     if layer.kind == "masking":
         if not isinstance(config, dict) or set(config) != {"mask_value"}:
-            _fail(index, "masking config must be exactly {'mask_value': number}")
+            fail(index, "masking config must be exactly {'mask_value': number}")
         value = config["mask_value"]
         if not is_float32_number(value):
-            _fail(index, f"masking 'mask_value' must be a number finite in float32, got {value!r:.80}")
+            fail(index, f"masking 'mask_value' must be a number finite in float32, got {value!r:.80}")
         if not is_sequence:
-            _fail(index, "masking needs a sequence input; it cannot follow a recurrent layer with "
-                         "return_sequences=False")
+            fail(index, "masking needs a sequence input; it cannot follow a recurrent layer with "
+                        "return_sequences=False")
         return LayerShape(input_dim, input_dim, True, True, (), 0)
     if layer.kind == "dense":
-        _check_keys(index, config, DENSE_CONFIG_KEYS, "dense")
-        _check_units(index, config["units"], "units")
+        check_keys(index, config, DENSE_CONFIG_KEYS, "dense")
+        check_units(index, config["units"], "units")
         if config["activation"] not in DENSE_ACTIVATIONS:
-            _fail(index, f"dense 'activation' is {config['activation']!r}; supported: {list(DENSE_ACTIVATIONS)}")
+            fail(index, f"dense 'activation' is {config['activation']!r}; supported: {list(DENSE_ACTIVATIONS)}")
         units = config["units"]
         parameters = input_dim * units + (units if config["use_bias"] else 0)
         return LayerShape(input_dim, units, is_sequence, is_sequence, (), parameters)
     if not is_sequence:
-        _fail(index, f"{layer.kind} needs a sequence input; set return_sequences=True on the layer before it")
+        fail(index, f"{layer.kind} needs a sequence input; set return_sequences=True on the layer before it")
     if layer.kind in RECURRENT_FAMILIES:
         _check_recurrent_config(index, layer.kind, config, layer.kind)
         directions = [config]
     else:
         if not isinstance(config, dict) or not {"merge_mode", "forward", "backward"} <= set(config) \
                 or not set(config) <= {"merge_mode", "forward", "backward", "layer"}:
-            _fail(index, "bidirectional config must have exactly the fields merge_mode, forward, backward "
-                         "(and layer, the wrapped kind, unless it is gru)")
+            fail(index, "bidirectional config must have exactly the fields merge_mode, forward, backward "
+                        "(and layer, the wrapped kind, unless it is gru)")
         wrapped = config.get("layer", "gru")
         if not isinstance(wrapped, str) or wrapped not in RECURRENT_FAMILIES:
             _refuse_unknown_kind(index, wrapped, RECURRENT_FAMILIES)
         if config["merge_mode"] not in MERGE_MODES:
-            _fail(index, f"bidirectional 'merge_mode' is {config['merge_mode']!r}; supported: {list(MERGE_MODES)}")
+            fail(index, f"bidirectional 'merge_mode' is {config['merge_mode']!r}; supported: {list(MERGE_MODES)}")
         _check_recurrent_config(index, wrapped, config["forward"], f"bidirectional {wrapped} forward")
         _check_recurrent_config(index, wrapped, config["backward"], f"bidirectional {wrapped} backward")
         forward, backward = config["forward"], config["backward"]
         if forward["go_backwards"] or not backward["go_backwards"]:
-            _fail(index, "bidirectional needs forward go_backwards=False and backward go_backwards=True")
+            fail(index, "bidirectional needs forward go_backwards=False and backward go_backwards=True")
         for field in ("return_sequences", "return_state", "stateful"):
             if forward[field] != backward[field]:
-                _fail(index, f"bidirectional forward and backward disagree on '{field}'")
+                fail(index, f"bidirectional forward and backward disagree on '{field}'")
         if config["merge_mode"] in ("sum", "mul", "ave") and forward["units"] != backward["units"]:
-            _fail(index, f"merge_mode {config['merge_mode']!r} needs equal units in both directions")
+            fail(index, f"merge_mode {config['merge_mode']!r} needs equal units in both directions")
         directions = [forward, backward]
     units = [direction["units"] for direction in directions]
     if layer.kind == "bidirectional" and layer.config["merge_mode"] in ("concat", None):
@@ -359,24 +324,24 @@ def trace_shapes(spec: ModelSpec) -> list[LayerShape]:
     """Walk the chain checking each configuration; return every layer's shapes."""
     if not isinstance(spec.input_features, int) or isinstance(spec.input_features, bool) \
             or not 1 <= spec.input_features <= MAX_FEATURES:
-        _fail(None, f"input_features is {spec.input_features!r}; it must be an int between 1 and {MAX_FEATURES}")
+        fail(None, f"input_features is {spec.input_features!r}; it must be an int between 1 and {MAX_FEATURES}")
     if not isinstance(spec.layers, list) or not 1 <= len(spec.layers) <= MAX_LAYERS:
-        _fail(None, f"the model needs between 1 and {MAX_LAYERS} layers")
+        fail(None, f"the model needs between 1 and {MAX_LAYERS} layers")
     shapes = []
     dim, is_sequence = spec.input_features, True
     for index, layer in enumerate(spec.layers):
         shape = _trace_layer(index, layer, dim, is_sequence)
         last = index == len(spec.layers) - 1
         if layer.kind == "bidirectional" and layer.config["merge_mode"] is None and not last:
-            _fail(index, "bidirectional merge_mode=None returns two tensors, so it must be the last layer")
+            fail(index, "bidirectional merge_mode=None returns two tensors, so it must be the last layer")
         if any(config["return_state"] for config in recurrent_configs(layer)) and not last:
-            _fail(index, "return_state=True is only supported on the last layer of the chain")
+            fail(index, "return_state=True is only supported on the last layer of the chain")
         shapes.append(shape)
         dim, is_sequence = shape.output_dim, shape.output_is_sequence
     if not any(recurrent_kind(layer) for layer in spec.layers):
-        _fail(None, "the model has no recurrent layer (GRU, LSTM or SimpleRNN)")
+        fail(None, "the model has no recurrent layer (GRU, LSTM or SimpleRNN)")
     if sum(shape.parameters for shape in shapes) > MAX_PARAMETERS:
-        _fail(None, f"the model has more than {MAX_PARAMETERS} parameters")
+        fail(None, f"the model has more than {MAX_PARAMETERS} parameters")
     return shapes
 
 
@@ -386,29 +351,27 @@ def validate(spec: ModelSpec) -> list[LayerShape]:
     names = set()
     for index, (layer, shape) in enumerate(zip(spec.layers, shapes)):
         if not isinstance(layer.name, str) or not layer.name or layer.name in names:
-            _fail(index, f"layer names must be unique non-empty strings, got {layer.name!r}")
+            fail(index, f"layer names must be unique non-empty strings, got {layer.name!r}")
         names.add(layer.name)
         expected = weight_shapes(layer, shape.input_dim)
         missing = sorted(set(expected) - set(layer.weights))
         extra = sorted(set(layer.weights) - set(expected))
         if missing or extra:
-            _fail(index, f"{layer.kind} '{layer.name}' is missing tensors {missing} and has unexpected "
-                         f"tensors {extra}; its configuration implies exactly {sorted(expected)}")
+            fail(index, f"{layer.kind} '{layer.name}' is missing tensors {missing} and has unexpected "
+                        f"tensors {extra}; its configuration implies exactly {sorted(expected)}")
         for name, want in expected.items():
             array = layer.weights[name]
             if not isinstance(array, np.ndarray) or array.dtype != np.float32:
-                _fail(index, f"tensor '{name}' must be a float32 array, got "
-                             f"{getattr(array, 'dtype', type(array).__name__)}")
+                fail(index, f"tensor '{name}' must be a float32 array, got "
+                            f"{getattr(array, 'dtype', type(array).__name__)}")
             if array.shape != want:
-                _fail(index, f"tensor '{name}' has shape {array.shape}, the configuration implies {want}")
+                fail(index, f"tensor '{name}' has shape {array.shape}, the configuration implies {want}")
             if not np.isfinite(array).all():
-                _fail(index, f"tensor '{name}' contains NaN or infinite values")
+                fail(index, f"tensor '{name}' contains NaN or infinite values")
         frontends.check_weights(index, layer)
     _validate_self_check(spec, shapes)
     if spec.interface is not None:
-        from .interface import validate_interface
-
-        validate_interface(spec, shapes)
+        validate_interface(spec, shapes, output_shapes(spec, shapes, 1, 2))
     # Transforms undo themselves on the main output: for merge_mode=None, one direction's width.
     main_output_width = output_shapes(spec, shapes, 1, 1)[0][-1]
     transforms.validate(spec.transforms, spec.input_features, main_output_width)
@@ -433,23 +396,23 @@ def _validate_self_check(spec: ModelSpec, shapes: list[LayerShape]) -> None:
     x = spec.self_check_input
     if x is None:
         if spec.self_check_outputs:
-            _fail(None, "self-check outputs are present without a self-check input")
+            fail(None, "self-check outputs are present without a self-check input")
         return
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 3 \
             or x.shape[2] != spec.input_features or x.shape[0] < 1 or x.shape[1] < 1 or x.size > 1_000_000:
-        _fail(None, f"self-check input must be a small float32 array (batch, time, {spec.input_features}), "
-                    f"got {getattr(x, 'shape', None)} {getattr(x, 'dtype', None)}")
+        fail(None, f"self-check input must be a small float32 array (batch, time, {spec.input_features}), "
+                   f"got {getattr(x, 'shape', None)} {getattr(x, 'dtype', None)}")
     if not np.isfinite(x).all():
-        _fail(None, "self-check input contains NaN or infinite values")
+        fail(None, "self-check input contains NaN or infinite values")
     short = frontends.too_short(spec, x.shape[1])
     if short:
-        _fail(None, f"self-check input: {short}")
+        fail(None, f"self-check input: {short}")
     expected = output_shapes(spec, shapes, x.shape[0], x.shape[1])
     got = [getattr(y, "shape", None) for y in spec.self_check_outputs]
     if got != expected or any(y.dtype != np.float32 for y in spec.self_check_outputs):
-        _fail(None, f"self-check outputs must be float32 arrays of shapes {expected}, got {got}")
+        fail(None, f"self-check outputs must be float32 arrays of shapes {expected}, got {got}")
     if not all(np.isfinite(y).all() for y in spec.self_check_outputs):
-        _fail(None, "self-check outputs contain NaN or infinite values")
+        fail(None, "self-check outputs contain NaN or infinite values")
 
 
 # Float32 parity with the source framework, used by the bundle self-check and every parity test.
@@ -461,7 +424,3 @@ def max_excess(actual: np.ndarray, expected: np.ndarray) -> float:
     """Largest |actual - expected| beyond the parity tolerance (<= 0 means within it; NaN is inf)."""
     excess = np.abs(actual - expected) - (PARITY_ATOL + PARITY_RTOL * np.abs(expected))
     return float(np.max(np.nan_to_num(excess, nan=np.inf), initial=-np.inf))
-
-
-# Last: the front-end kinds build on this module's helpers (a circular import, resolved at call time).
-from . import frontends  # noqa: E402

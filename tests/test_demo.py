@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from gru_engine import demo, transforms
+from gru_engine import demo, demo_data, transforms
 from reference import apply_transforms, invert_transforms
 
 EXPECTED_FILES = {
@@ -19,7 +19,7 @@ EXPECTED_FILES = {
 
 @pytest.fixture(scope="module")
 def windows():
-    return demo.make_windows(*demo.load_series())
+    return demo_data.make_windows(*demo_data.load_series())
 
 
 def _month(windows, index):
@@ -35,14 +35,14 @@ def test_windows_hold_out_the_last_fifth_and_say_which_months(windows):
 
 
 def test_the_min_max_scaler_sees_only_the_training_months(windows):
-    approach = demo.tutorial_approach(windows)
+    approach = demo_data.tutorial_approach(windows)
     fitted = approach.encode(None, windows.series[windows.training_months])
     assert fitted.min() == 0.0 and fitted.max() == pytest.approx(1.0)
     # Why the tutorial model falls short: the held-out peaks lie above anything it was trained on.
     assert approach.encode(None, windows.y[windows.held_out]).max() > 1.2
 
 
-@pytest.mark.parametrize("make", [demo.tutorial_approach, lambda windows: demo.level_approach()],
+@pytest.mark.parametrize("make", [demo_data.tutorial_approach, lambda windows: demo_data.level_approach()],
                          ids=["tutorial", "level"])
 def test_declared_transforms_do_what_the_python_encoding_does(windows, make):
     approach = make(windows)
@@ -56,14 +56,14 @@ def test_declared_transforms_do_what_the_python_encoding_does(windows, make):
 
 
 def test_baselines_repeat_last_year_and_last_month(windows):
-    predictions = demo.baselines(windows)
-    target = demo.WINDOW + windows.split  # series index of the first held-out month
+    predictions = demo_data.baselines(windows)
+    target = demo_data.WINDOW + windows.split  # series index of the first held-out month
     assert predictions["seasonal-naive"][windows.split] == windows.series[target - 12]
     assert predictions["last-value"][windows.split] == windows.series[target - 1]
 
 
 def test_score_in_the_units_given():
-    figures = demo.score(np.array([110.0, 180.0]), np.array([100.0, 200.0]))
+    figures = demo_data.score(np.array([110.0, 180.0]), np.array([100.0, 200.0]))
     assert figures["rmse"] == pytest.approx(np.sqrt((100 + 400) / 2))
     assert figures["mape"] == pytest.approx(10.0)
 

@@ -329,14 +329,18 @@ BAD_GRAPHS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_GRAPHS))
-def test_unsupported_or_malformed_graphs_are_refused(tmp_path, case):
-    build, error, message = BAD_GRAPHS[case]
+def _assert_refused(tmp_path, build, error, message) -> None:
+    """Importing the graph ``build()`` makes raises ``error`` with ``message``, and writes no bundle."""
     path = _save(tmp_path, *build(), check=False)
     out = tmp_path / "refused.gru.safetensors"
     with pytest.raises(error, match=message):
         import_onnx(path, out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", list(BAD_GRAPHS))
+def test_unsupported_or_malformed_graphs_are_refused(tmp_path, case):
+    _assert_refused(tmp_path, *BAD_GRAPHS[case])
 
 
 def test_float64_model_input_is_refused(tmp_path):

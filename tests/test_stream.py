@@ -188,6 +188,35 @@ def test_bad_steps_are_refused_and_leave_the_carry_untouched():
         np.testing.assert_array_equal(kept, now)
 
 
+def test_chunks_of_the_last_length_are_still_checked_and_agree_with_predict():
+    """run keeps the call bound for the chunk length it saw last: chunks of that length that are bad,
+    or need a copy first, are refused or copied all the same, with the carry untouched by a refusal."""
+    _, model = engine_model("masking")
+    x = case_input("masking", 2, 12, seed=4)                       # (2, 12, F)
+    stream = model.stream(batch=2)
+    outputs = [stream.run(np.ascontiguousarray(x[:, :4]))]
+    before = stream.state
+    chunk = np.ascontiguousarray(x[:, 4:8])                         # the length seen last
+    nan_at_the_end = chunk.copy()
+    nan_at_the_end[1, -1, 0] = np.nan
+    read_only = np.empty(chunk.shape[:2] + (4,), np.float32)
+    read_only.flags.writeable = False
+    for bad, out in [(nan_at_the_end, None), (chunk.astype(str), None), (chunk[:1], None),
+                     (np.ones((2, 4, FEATURES + 1), np.float32), None), (chunk, np.empty((2, 5, 4), np.float32)),
+                     (chunk, np.empty((2, 4, 4))), (chunk, read_only)]:
+        with pytest.raises(gru_engine.InputError):
+            stream.run(bad, out=out)
+    assert stream.steps == 4
+    for kept, now in zip(before, stream.state):
+        np.testing.assert_array_equal(kept, now)
+    out = np.empty((2, 4, 4), np.float32)
+    # Same length, but float64 and a view with gaps: both go through the full check and a copy.
+    assert stream.run(x[:, 4:8].astype(np.float64), out=out) is out
+    outputs += [out.copy(), stream.run(x[:, 8:12])]
+    assert stream.steps == 12
+    assert max_excess(np.concatenate(outputs, axis=1)[:, -1], main_output(model.predict(x))) <= 0
+
+
 @pytest.mark.parametrize("case", ["reset_after-True-bias-True-back-True", "bidirectional-concat"])
 def test_models_that_read_backwards_cannot_stream(case):
     _, model = engine_model(case)
