@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from . import folding, frontends, transforms
-from .kernels import activations, lstm, plan, products, recurrent
+from .kernels import activations, conv, lstm, plan, products, recurrent
 from .kernels.transforms import S_FIRST, S_SECOND, S_SLOT, S_WIDTH
 from .errors import InputError
 from .spec import RECURRENT_FAMILIES, ModelSpec, activation_parameters, output_shapes, recurrent_kind, stream_blockers, validate
@@ -208,10 +208,15 @@ class _Program:
             row[plan.COL_KIND] = FRONTEND_KIND_CODES[layer.kind]
             if layer.kind == "conv1d":
                 taps, groups, filters = config["kernel_size"], config["groups"], config["filters"]
-                # (K, I/G, F) -> (G, K, I/G, F/G): each group's tap a contiguous (channels, filters) matrix.
+                # (K, I/G, F) -> (G, K, I/G, F/G): each group's tap a contiguous (channels, filters) matrix,
+                # or, for dot products along a window, (F, K * I).
                 kernel = weights["kernel"].reshape(taps, input_dim // groups, groups, filters // groups)
+                if conv.kernel_layout(groups, config["dilation_rate"], taps, input_dim) == conv.LAYOUT_DOTS:
+                    kernel = kernel.reshape(taps * input_dim, filters).T
+                else:
+                    kernel = kernel.transpose(2, 0, 1, 3)
                 row[plan.COL_CONV_ACTIVATION] = activations.ACTIVATION_CODES[config["activation"]]
-                row[plan.COL_CONV_KERNEL] = put(kernel.transpose(2, 0, 1, 3))
+                row[plan.COL_CONV_KERNEL] = put(kernel)
                 row[plan.COL_CONV_BIAS] = put(weights.get("bias", np.zeros(filters, np.float32)))
                 row[plan.COL_CONV_GROUPS], row[plan.COL_CONV_SIZE] = groups, taps
                 row[plan.COL_CONV_STRIDES], row[plan.COL_CONV_DILATION] = config["strides"], config["dilation_rate"]

@@ -122,10 +122,10 @@ def input_steps(plan, weights, x, current, means):
 
 
 @njit(**KERNEL_FLAGS)
-def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, out):
+def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, spare, out):
     """Run one front-end layer (kind >= KIND_CONV1D) from x into out; return its output rows.
 
-    x: (S, T, Dmax); out: (S, T, Dmax): no front-end layer returns more rows than it reads.
+    x, spare, out: (S, T, Dmax), spare is scratch: no front-end layer returns more rows than it reads.
     """
     kind = row[COL_KIND]
     input_dim = row[COL_IN]
@@ -134,11 +134,11 @@ def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, out):
         groups, taps = row[COL_CONV_GROUPS], row[COL_CONV_SIZE]
         k = row[COL_CONV_KERNEL]
         b = row[COL_CONV_BIAS]
-        kernel = weights[k:k + taps * input_dim * output_dim // groups].reshape(
-            (groups, taps, input_dim // groups, output_dim // groups))  # (G, K, I/G, F/G)
-        return conv1d_layer(x, samples, rows, input_dim, kernel, weights[b:b + output_dim],
+        return conv1d_layer(x, samples, rows, input_dim, weights[k:k + taps * input_dim * output_dim // groups],
+                            taps, groups, weights[b:b + output_dim],
                             row[COL_CONV_STRIDES], row[COL_CONV_DILATION], row[COL_CONV_PADDING],
-                            row[COL_CONV_ACTIVATION], carry, row[COL_CONV_HISTORY], out)
+                            row[COL_CONV_ACTIVATION], carry, row[COL_CONV_HISTORY],
+                            spare.reshape((spare.shape[0], spare.shape[1] * spare.shape[2])), out)
     if kind == KIND_MAX_POOLING or kind == KIND_AVERAGE_POOLING:
         return pool1d_layer(x, samples, rows, input_dim, row[COL_POOL_SIZE], row[COL_POOL_STRIDES],
                             row[COL_POOL_PADDING], kind == KIND_MAX_POOLING, out)
@@ -207,7 +207,7 @@ def run_block(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, o
             masked = True
             continue
         if kind >= KIND_CONV1D:
-            rows = frontend_layer(row, weights, current, samples, rows, mask, masked, carry, following)
+            rows = frontend_layer(row, weights, current, samples, rows, mask, masked, carry, backward, following)
             # Keras's Conv1D and pooling layers drop the mask; BatchNormalization passes it on. Lengths
             # hold on (the runtime admits them only through front-ends that keep each step's row).
             if lengths.shape[0] and kind != KIND_BATCH_NORMALIZATION:
