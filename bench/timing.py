@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 
 from gru_engine._flags import KERNEL_FLAGS, prefer_wide_vectors
-from gru_engine.runtime import aligned_empty
+from gru_engine.program import aligned_empty
 
 Call = Callable[[], object]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import bundle
 from .errors import BundleError, InputError, UnsupportedModelError
-from .runtime import Model, Stream
+from .runtime import Model, Stream, loads
 from .session import InferenceSession
 from .spec import ModelSpec
 
@@ -30,11 +30,3 @@ def load(path, verify: bool = True) -> Model:
         bundle.self_check(model, Path(path))
     return model
 
-
-def loads(data, verify: bool = True) -> Model:
-    """``load`` for a bundle held in memory (bytes, as ``bundle.to_bytes`` writes): how a pickled Model
-    comes back."""
-    model = Model(bundle.from_buffer(data))
-    if verify:
-        bundle.self_check(model)
-    return model

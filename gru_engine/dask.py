@@ -43,7 +43,8 @@ import numpy as np
 
 from . import bundle
 from .errors import BundleError, InputError
-from .runtime import ACCEPTED_KINDS, PARALLEL_MIN_BATCH, Model
+from .program import PARALLEL_MIN_BATCH
+from .runtime import ACCEPTED_KINDS, Model
 from .spec import output_shapes, sample_input
 
 EXTRA_HINT = "pip install 'gru-engine[dask]'"

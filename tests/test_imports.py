@@ -7,8 +7,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Folder -> the package it is installed as.
 PACKAGES = {"gru_engine": "gru_engine", "exporters": "gru_engine.exporters", "bench": "gru_engine.bench"}
-# Known and left for now: Model.__reduce__ pickles through gru_engine.loads.
-ALLOWED = {("gru_engine.runtime", "gru_engine")}
 
 
 def _modules() -> dict[str, Path]:
@@ -52,8 +50,7 @@ def import_graph() -> dict[str, set[str]]:
                 source = _installed(source)
                 targets.update(known(f"{source}.{alias.name}") if f"{source}.{alias.name}" in modules
                                else known(source) for alias in node.names)
-        graph[module] = {target for target in targets if target and target != module
-                         and (module, target) not in ALLOWED}
+        graph[module] = {target for target in targets if target and target != module}
     return graph
 
 

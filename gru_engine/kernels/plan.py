@@ -1,6 +1,6 @@
 """The plan: a whole model as one int64 row per layer, run by one compiled call.
 
-``gru_engine.runtime`` packs a validated model into a plan and one float32 weight buffer; the
+``gru_engine.program`` packs a validated model into a plan and one float32 weight buffer; the
 kernels here walk the rows and call each layer family's kernel. Nothing here knows of files or
 Python objects.
 """
