@@ -19,7 +19,7 @@ from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO, activate
-from .products import LANES, accumulate_matvec, accumulate_matvec4
+from .products import LANES, accumulate_matvec, accumulate_matvec4, four_rows
 
 PAD_VALID, PAD_SAME, PAD_CAUSAL = range(3)
 # How the runtime packs a Conv1D kernel (see ``kernel_layout``).
@@ -199,10 +199,7 @@ def _shared_products(source, samples, first, stop, base, step, matrix, dots, out
     total = samples * span
     q = 0
     while q + 4 <= total:
-        s0, t0 = divmod(q, span)
-        s1, t1 = divmod(q + 1, span)
-        s2, t2 = divmod(q + 2, span)
-        s3, t3 = divmod(q + 3, span)
+        s0, t0, s1, t1, s2, t2, s3, t3 = four_rows(q, span)
         t0, t1, t2, t3 = t0 + first, t1 + first, t2 + first, t3 + first
         a0, a1, a2, a3 = base + t0 * step, base + t1 * step, base + t2 * step, base + t3 * step
         v0, v1 = source[s0, a0:a0 + length], source[s1, a1:a1 + length]  # (R,)

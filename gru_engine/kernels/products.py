@@ -179,6 +179,17 @@ def accumulate_rows(samples, v, matrix, acc, start):
             accumulate_matvec(v[s][:rows], matrix, acc[s][start:stop])
 
 
+@njit(inline="always", **KERNEL_FLAGS)
+def four_rows(q, rows):
+    """(sample, row) of the flat rows q .. q + 3 of a (samples, rows) block: four rows that share
+    each load of a kernel."""
+    s0, t0 = divmod(q, rows)
+    s1, t1 = divmod(q + 1, rows)
+    s2, t2 = divmod(q + 2, rows)
+    s3, t3 = divmod(q + 3, rows)
+    return s0, t0, s1, t1, s2, t2, s3, t3
+
+
 @njit(**KERNEL_FLAGS)
 def project(x, samples, rows, input_dim, kernel, bias, out):
     """out[s, t, :N] = x[s, t, :I] @ kernel + bias for s < samples, t < rows.
@@ -200,10 +211,7 @@ def project(x, samples, rows, input_dim, kernel, bias, out):
     total = samples * rows
     first = 0
     while first + 4 <= total:
-        s0, t0 = divmod(first, rows)
-        s1, t1 = divmod(first + 1, rows)
-        s2, t2 = divmod(first + 2, rows)
-        s3, t3 = divmod(first + 3, rows)
+        s0, t0, s1, t1, s2, t2, s3, t3 = four_rows(first, rows)
         accumulate_matvec4(x[s0, t0][:input_dim], x[s1, t1][:input_dim], x[s2, t2][:input_dim],
                            x[s3, t3][:input_dim], kernel, out[s0, t0][:n_out], out[s1, t1][:n_out],
                            out[s2, t2][:n_out], out[s3, t3][:n_out])
