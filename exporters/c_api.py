@@ -27,9 +27,10 @@ def _numbers(flat, formatter) -> list[str]:
     return [", ".join(items[start:start + PER_LINE]) for start in range(0, len(items), PER_LINE)]
 
 
-def c_array(ctype: str, name: str, array: np.ndarray, comment: str) -> str:
+def c_array(ctype: str, name: str, array: np.ndarray, comment: str, aligned: bool = False) -> str:
     """``static const`` C array and a shape comment; beyond two dimensions, the trailing ones are
-    flattened into one row, so ``name[i]`` is one row of the leading axis."""
+    flattened into one row, so ``name[i]`` is one row of the leading axis. ``aligned``: on a cache
+    line (the ALIGNED macro of CORE_C), for weights."""
     array = np.asarray(array)
     shape = tuple(array.shape)
     if array.ndim > 2:
@@ -43,7 +44,8 @@ def c_array(ctype: str, name: str, array: np.ndarray, comment: str) -> str:
             return "\n".join(pad + line + "," for line in _numbers(part.ravel(), formatter))
         return "\n".join(f"{pad}{{\n{body(sub, indent + 4)}\n{pad}}}," for sub in part)
 
-    return f"/* {comment}: shape {shape} */\nstatic const {ctype} {name}{dims} = {{\n{body(array, 4)}\n}};"
+    qualifiers = "static const ALIGNED" if aligned else "static const"
+    return f"/* {comment}: shape {shape} */\n{qualifiers} {ctype} {name}{dims} = {{\n{body(array, 4)}\n}};"
 
 
 def header_comment(spec: ModelSpec, name: str, weights: str, origin: str) -> str:

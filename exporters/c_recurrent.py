@@ -26,9 +26,12 @@ RECURRENT_C = """
    carry (a stream, so that each step equals predict on everything fed so far). */
 enum { MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY };
 
-/* GCC 12.2 at -O3 -march=native (AVX-512) miscompiles a copy of lstm_run specialised to one
-   layer's constant table (an LSTM(50) gave 0.49 instead of -0.004); the run functions are kept
-   whole. */
+/* GCC 12.2 with AVX-512 at -O3 miscompiles a copy of a run function specialised to one layer's
+   constant table: start_from's memcpy of the constant bias becomes 64-byte stores of constants,
+   one of them wrong (an LSTM(50) with Keras's unit_forget_bias got 1.0 in gate floats 100..111,
+   whose bias is 0: its output 0.47 instead of -0.002). A compiler bug, not undefined behaviour
+   here: strict aliasing off, UBSan and -O2 all agree with the engine, and GCC's -mstore-max=256
+   or -fno-ipa-cp-clone avoid it. So the run functions are kept whole, not specialised. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define NOT_SPECIALISED __attribute__((noinline, noclone))
 #else

@@ -146,7 +146,7 @@ class _Writer:
         if width is not None and width > len(array):
             comment += f", zeros after {len(array)}"
             array = np.concatenate([array, np.zeros(width - len(array), np.float32)])
-        self.arrays.append(c_array("float", name, array, comment))
+        self.arrays.append(c_array("float", name, array, comment, aligned=True))
         self.weight_bytes += array.nbytes
         return name
 
@@ -163,7 +163,7 @@ class _Writer:
             self.vector(name, array, comment)
             return f"{{ &{name}[0][0], {array.shape[1]} }}"
         values, scale = quantize(array)
-        self.arrays.append(c_array("int8_t", name, values, comment + ", int8"))
+        self.arrays.append(c_array("int8_t", name, values, comment + ", int8", aligned=True))
         self.vector(f"{name}_scale", scale, f"{name} scale per column")
         self.weight_bytes += values.nbytes
         return f"{{ &{name}[0][0], {name}_scale, {array.shape[1]} }}"
