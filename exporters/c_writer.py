@@ -176,7 +176,8 @@ class _Writer:
         return name
 
     def scratch(self, floats: int) -> None:
-        self.scratch_floats = max(self.scratch_floats, floats)
+        # A whole number of lines: the sequence buffers after it start on a line where work does.
+        self.scratch_floats = max(self.scratch_floats, padded(floats))
 
     def backward_buffer(self, units: int) -> None:
         self.back_units = max(self.back_units, units)
