@@ -301,8 +301,8 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
                           "    }"]
         lines += ["    for (t = 0; t < steps; t++)",
                   f"        for (f = 0; f < {features}; f++)",
-                  f"            work[SCRATCH_FLOATS + t * {features} + f] = (float)transform_input((double)x[t * {features} + f], f, "
-                  f"{count}, {means});"]
+                  f"            work[SCRATCH_FLOATS + t * {features} + f] = "
+                  f"(float)transform_input((double)x[t * {features} + f], f, {count}, {means});"]
     else:
         lines += [*guard, f"    memcpy(work + SCRATCH_FLOATS, x, steps * {upper}_INPUT_FEATURES * sizeof *work);"]
     lines += [f"    out = network(state, work, steps{predict_flag});", *outputs(rows), "}", "",

@@ -68,7 +68,7 @@ typedef struct {
     Matrix kernel;                 /* W: (input_dim, 3 * units) */
     Matrix recurrent_kernel;       /* U: (units, 3 * units) */
     const float *input_bias;       /* (kernel.cols): b; z and r also hold their recurrent bias; NULL: use_bias=False */
-    const float *recurrent_bias;   /* (kernel.cols): zeros | zeros | rb_h, reset_after=True with use_bias only, else NULL */
+    const float *recurrent_bias;   /* (kernel.cols): 0 | 0 | rb_h, reset_after=True with use_bias only, else NULL */
     int activation, recurrent_activation;
     int reset_after;               /* Keras reset_after */
     int go_backwards;              /* Keras go_backwards: steps run from the last to the first */
