@@ -27,9 +27,10 @@ def _numbers(flat, formatter) -> list[str]:
     return [", ".join(items[start:start + PER_LINE]) for start in range(0, len(items), PER_LINE)]
 
 
-def c_array(ctype: str, name: str, array: np.ndarray, comment: str) -> str:
+def c_array(ctype: str, name: str, array: np.ndarray, comment: str, aligned: bool = False) -> str:
     """``static const`` C array and a shape comment; beyond two dimensions, the trailing ones are
-    flattened into one row, so ``name[i]`` is one row of the leading axis."""
+    flattened into one row, so ``name[i]`` is one row of the leading axis. ``aligned``: on a cache
+    line (the ALIGNED macro of CORE_C), for weights."""
     array = np.asarray(array)
     shape = tuple(array.shape)
     if array.ndim > 2:
@@ -43,7 +44,8 @@ def c_array(ctype: str, name: str, array: np.ndarray, comment: str) -> str:
             return "\n".join(pad + line + "," for line in _numbers(part.ravel(), formatter))
         return "\n".join(f"{pad}{{\n{body(sub, indent + 4)}\n{pad}}}," for sub in part)
 
-    return f"/* {comment}: shape {shape} */\nstatic const {ctype} {name}{dims} = {{\n{body(array, 4)}\n}};"
+    qualifiers = "static const ALIGNED" if aligned else "static const"
+    return f"/* {comment}: shape {shape} */\n{qualifiers} {ctype} {name}{dims} = {{\n{body(array, 4)}\n}};"
 
 
 def header_comment(spec: ModelSpec, name: str, weights: str, origin: str) -> str:
@@ -187,7 +189,7 @@ def self_check_c(spec: ModelSpec, writer, prefix: str, tolerance: tuple[float, f
         "    size_t s;",
         f"    for (s = 0; s < {batch}; s++) {{",
         f"        {prefix}_reset(&state);",
-        "        memcpy(work, self_check_input[s], sizeof self_check_input[s]);",
+        "        memcpy(work + SCRATCH_FLOATS, self_check_input[s], sizeof self_check_input[s]);",
         f"        out = network(&state, work, {steps}{streaming});",
         *compares,
         "    }",
@@ -201,13 +203,14 @@ def self_check_c(spec: ModelSpec, writer, prefix: str, tolerance: tuple[float, f
 
 def network_c(writer, prefix: str) -> list[str]:
     width = "SEQUENCE_WIDTH"
-    buffers = [("a", f"steps * {width}", f"(steps, {width}): the sequence, in and out of the layers"),
+    # The scratch first: the gate rows the products run over start where work does (step aligns it).
+    buffers = [("scratch", "SCRATCH_FLOATS", "(SCRATCH_FLOATS): a recurrent layer's gates"),
+               ("a", f"steps * {width}", f"(steps, {width}): the sequence, in and out of the layers"),
                ("b", f"steps * {width}", f"(steps, {width})")]
     if writer.back_units:
         buffers.append(("back", "steps * BACKWARD_UNITS", "(steps, BACKWARD_UNITS): a Bidirectional's backward half"))
     if writer.masking:
         buffers.append(("mask", "steps", "(steps): 1 keep, 0 skip (Masking)"))
-    buffers.append(("scratch", None, "(SCRATCH_FLOATS): a GRU's gates"))
     lines = []
     previous = None
     for name, size, comment in buffers:
@@ -220,7 +223,7 @@ def network_c(writer, prefix: str) -> list[str]:
         *([f"#define BACKWARD_UNITS {writer.back_units}"] if writer.back_units else []),
         f"#define SCRATCH_FLOATS {writer.scratch_floats}",
         "",
-        "/* The layers in order on the sequence at the start of work (steps rows of the input features);",
+        "/* The layers in order on the sequence at work + SCRATCH_FLOATS (steps rows of the input features);",
         "   returns the buffer holding the last layer's output."
         + (" streaming: 0 in predict, 1 in step. */" if streaming else " */"),
         f"static const float *network({prefix}_state *state, float *work, size_t steps{streaming})",
@@ -298,10 +301,10 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
                           "    }"]
         lines += ["    for (t = 0; t < steps; t++)",
                   f"        for (f = 0; f < {features}; f++)",
-                  f"            work[t * {features} + f] = (float)transform_input((double)x[t * {features} + f], f, "
-                  f"{count}, {means});"]
+                  f"            work[SCRATCH_FLOATS + t * {features} + f] = "
+                  f"(float)transform_input((double)x[t * {features} + f], f, {count}, {means});"]
     else:
-        lines += [*guard, f"    memcpy(work, x, steps * {upper}_INPUT_FEATURES * sizeof *work);"]
+        lines += [*guard, f"    memcpy(work + SCRATCH_FLOATS, x, steps * {upper}_INPUT_FEATURES * sizeof *work);"]
     lines += [f"    out = network(state, work, steps{predict_flag});", *outputs(rows), "}", "",
               f"void {prefix}_predict(const float *x, size_t steps, float *y, float *work)",
               "{",
@@ -313,14 +316,14 @@ def api_c(spec: ModelSpec, writer, prefix: str, centers: int, main_width: int,
         lines += ["", f"#define STEP_WORK_FLOATS {writer.work_floats(1)}", "",
                   f"void {prefix}_step({prefix}_state *state, const float *x, float *y)",
                   "{",
-                  "    float work[STEP_WORK_FLOATS];",
+                  "    ALIGNED float work[STEP_WORK_FLOATS];",
                   "    const float *out;"]
         if transforms:
             lines += ["    size_t f, i;",
                       f"    for (f = 0; f < {features}; f++)",
-                      f"        work[f] = (float)transform_input((double)x[f], f, {count}, NULL);"]
+                      f"        work[SCRATCH_FLOATS + f] = (float)transform_input((double)x[f], f, {count}, NULL);"]
         else:
-            lines.append(f"    memcpy(work, x, {upper}_INPUT_FEATURES * sizeof *work);")
+            lines.append(f"    memcpy(work + SCRATCH_FLOATS, x, {upper}_INPUT_FEATURES * sizeof *work);")
         lines += [f"    out = network(state, work, 1{step_flag});", *outputs(None), "}"]
     return lines
 
@@ -383,8 +386,9 @@ size_t {prefix}_work_floats(size_t steps);
 size_t {prefix}_output_steps(size_t steps);
 
 /* y = Model.predict(x[None])[0]: x[steps * F] row-major (time, feature), from zero state;
-   y[{rows} * D]; work[{prefix}_work_floats(steps)]. The inputs must be finite (and > 0 where the
-   bundle takes a log), steps >= {upper}_MIN_STEPS; nothing else is checked here. */
+   y[{rows} * D]; work[{prefix}_work_floats(steps)], fastest on a 64-byte boundary. The inputs
+   must be finite (and > 0 where the bundle takes a log), steps >= {upper}_MIN_STEPS; nothing else
+   is checked here. */
 void {prefix}_predict(const float *x, size_t steps, float *y, float *work);
 
 /* {prefix}_predict from the carries in *state (Keras initial_state), leaving the final carries there

@@ -26,7 +26,28 @@ from .c_recurrent import ACTIVATION_CODES, bidirectional, bidirectional_sources,
 # ----- the helpers every family calls: a weight matrix, matvec, activations -----
 
 CORE_C = """
-/* A row-major weight matrix; `cols` floats (int8: bytes) per row. */
+/* restrict: the products' output never overlaps their inputs. C++ has no restrict keyword. */
+#if !defined(__cplusplus)
+#define RESTRICT restrict
+#elif defined(__GNUC__) || defined(_MSC_VER)
+#define RESTRICT __restrict
+#else
+#define RESTRICT
+#endif
+
+/* Weights start on a 64-byte boundary, a cache line: a 512-bit load that straddles two lines
+   costs two (measured, GRU(50) step: 2.1 us with the weights 32 bytes off a line, 1.4 us on one). */
+#if defined(__GNUC__)
+#define ALIGNED __attribute__((aligned(64)))
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#define ALIGNED _Alignas(64)
+#else
+#define ALIGNED
+#endif
+
+/* A row-major weight matrix; `cols` floats (int8: bytes) per row. A recurrent layer's rows are
+   padded with zero columns to a multiple of 16, so that its products over whole rows run in whole
+   vectors. */
 typedef struct {
 %(matrix_fields)s
 } Matrix;
@@ -42,21 +63,27 @@ static void start_from(float *row, const float *bias, size_t n)
         memset(row, 0, n * sizeof *row);
 }
 
+/* v clamped to [-limit, limit], exactly. Written as the sign of v on min(|v|, limit): compilers
+   vectorise that form under the default strict IEEE flags (-ftrapping-math), where they keep a
+   two-sided clamp (v > limit ? limit : v < -limit ? -limit : v) scalar. */
+static inline float clamp_magnitude(float v, float limit)
+{
+    const float magnitude = fabsf(v);
+    return copysignf(magnitude > limit ? limit : magnitude, v);
+}
+
 /* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9, the engine's approximation (error 1.4e-7; float32
-   tanhf: about 1e-7), evaluated in double because recurrences amplify rounding. The clamps are
-   written with fabs, not comparisons: under the default strict IEEE flags (-ftrapping-math) a
-   comparison keeps the loop around it from vectorising, and these clamps are exact in double. */
+   tanhf: about 1e-7): the polynomials in double because recurrences amplify rounding, the divide
+   in float (a double divide has a third of the throughput), clamped to [-1, 1] as the engine does. */
 static inline float tanh_approx(float v)
 {
-    const double c = (double)v;
-    const double x = 0.5 * (fabs(c + 9.0) - fabs(c - 9.0));  /* clamp to [-9, 9] */
+    const double x = (double)clamp_magnitude(v, 9.0f);
     const double x2 = x * x;
     const double p = ((((-1.03821162e-11 * x2 + 2.78178600e-08) * x2 + 2.67446258e-05) * x2 + 3.80222599e-03) * x2
                       + 1.36261799e-01) * x2 + 9.99999908e-01;
     const double q = (((1.20278291e-06 * x2 + 3.82464926e-04) * x2 + 2.70007688e-02) * x2 + 4.69594857e-01) * x2
                      + 1.0;
-    const double y = x * p / q;
-    return (float)(0.5 * (fabs(y + 1.0) - fabs(y - 1.0)));  /* clamp to [-1, 1] */
+    return clamp_magnitude((float)(x * p) / (float)q, 1.0f);
 }
 
 enum { ACT_LINEAR, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTMAX };
@@ -76,10 +103,8 @@ static void activate(float *v, size_t n, int activation)
             v[j] = 0.5f * tanh_approx(0.5f * v[j]) + 0.5f;
         break;
     case ACT_HARD_SIGMOID:  /* Keras 3: clip(x / 6 + 0.5, 0, 1) (tf.keras 2 used 0.2 x + 0.5) */
-        for (j = 0; j < n; j++) {
-            const double s = (double)(v[j] * (1.0f / 6.0f) + 0.5f);
-            v[j] = (float)(0.5 * (fabs(s) - fabs(s - 1.0)) + 0.5);  /* clamp to [0, 1], exact */
-        }
+        for (j = 0; j < n; j++)
+            v[j] = clamp_magnitude(v[j] * (1.0f / 6.0f), 0.5f) + 0.5f;
         break;
     case ACT_RELU:
         for (j = 0; j < n; j++)
@@ -103,29 +128,35 @@ static void activate(float *v, size_t n, int activation)
 }
 """
 
-MATVEC_FLOAT = """/* acc[j] += sum_i v[i] * m[i][first + j] for j < count; four rows per pass, so each acc[j] is
-   loaded and stored a quarter as often. */
-static void matvec_acc(float *acc, const float *v, size_t rows, const Matrix *m, size_t first, size_t count)
+MATVEC_FLOAT = """/* acc[j] += sum_i v[i] * m[i][first + j] for j < count, in the axpy form: for each row i, add
+   v[i] times the row. Compilers vectorise that over j under strict IEEE flags, which they cannot
+   do for a dot product per output (a float reduction). Eight rows per pass keep each acc[j] in a
+   register across them: an eighth of the loads and stores of acc. */
+static void matvec_acc(float *RESTRICT acc, const float *RESTRICT v, size_t rows, const Matrix *m, size_t first,
+                       size_t count)
 {
+    const size_t cols = m->cols;
+    const float *RESTRICT w = m->values + first;  /* row i of the columns used */
     size_t i = 0, j;
-    for (; i + 4 <= rows; i += 4) {
+    for (; i + 8 <= rows; i += 8, w += 8 * cols) {
         const float v0 = v[i], v1 = v[i + 1], v2 = v[i + 2], v3 = v[i + 3];
-        const float *r0 = m->values + i * m->cols + first, *r1 = r0 + m->cols, *r2 = r1 + m->cols, *r3 = r2 + m->cols;
+        const float v4 = v[i + 4], v5 = v[i + 5], v6 = v[i + 6], v7 = v[i + 7];
         for (j = 0; j < count; j++)
-            acc[j] += (v0 * r0[j] + v1 * r1[j]) + (v2 * r2[j] + v3 * r3[j]);
+            acc[j] += ((v0 * w[j] + v1 * w[cols + j]) + (v2 * w[2 * cols + j] + v3 * w[3 * cols + j]))
+                      + ((v4 * w[4 * cols + j] + v5 * w[5 * cols + j]) + (v6 * w[6 * cols + j] + v7 * w[7 * cols + j]));
     }
-    for (; i < rows; i++) {
+    for (; i < rows; i++, w += cols) {
         const float vi = v[i];
-        const float *r0 = m->values + i * m->cols + first;
         for (j = 0; j < count; j++)
-            acc[j] += vi * r0[j];
+            acc[j] += vi * w[j];
     }
 }"""
 
 MATVEC_INT8 = """/* acc[j] += scale[first + j] * sum_i v[i] * m[i][first + j] for j < count: the int8 products are
    summed in float over a block of columns, then scaled once per column. */
 #define MATVEC_BLOCK 32
-static void matvec_acc(float *acc, const float *v, size_t rows, const Matrix *m, size_t first, size_t count)
+static void matvec_acc(float *RESTRICT acc, const float *RESTRICT v, size_t rows, const Matrix *m, size_t first,
+                       size_t count)
 {
     size_t start, i, j;
     for (start = 0; start < count; start += MATVEC_BLOCK) {

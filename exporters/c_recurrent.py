@@ -26,9 +26,12 @@ RECURRENT_C = """
    carry (a stream, so that each step equals predict on everything fed so far). */
 enum { MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY };
 
-/* GCC 12.2 at -O3 -march=native (AVX-512) miscompiles a copy of lstm_run specialised to one
-   layer's constant table (an LSTM(50) gave 0.49 instead of -0.004); the run functions are kept
-   whole. */
+/* GCC 12.2 with AVX-512 at -O3 miscompiles a copy of a run function specialised to one layer's
+   constant table: start_from's memcpy of the constant bias becomes 64-byte stores of constants,
+   one of them wrong (an LSTM(50) with Keras's unit_forget_bias got 1.0 in gate floats 100..111,
+   whose bias is 0: its output 0.47 instead of -0.002). A compiler bug, not undefined behaviour
+   here: strict aliasing off, UBSan and -O2 all agree with the engine, and GCC's -mstore-max=256
+   or -fno-ipa-cp-clone avoid it. So the run functions are kept whole, not specialised. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define NOT_SPECIALISED __attribute__((noinline, noclone))
 #else
@@ -64,21 +67,21 @@ typedef struct {
     size_t input_dim, units;
     Matrix kernel;                 /* W: (input_dim, 3 * units) */
     Matrix recurrent_kernel;       /* U: (units, 3 * units) */
-    const float *input_bias;       /* (3 * units): b; z and r also hold their recurrent bias; NULL: use_bias=False */
-    const float *recurrent_bias;   /* (units): rb_h, reset_after=True with use_bias only, else NULL */
+    const float *input_bias;       /* (kernel.cols): b; z and r also hold their recurrent bias; NULL: use_bias=False */
+    const float *recurrent_bias;   /* (kernel.cols): 0 | 0 | rb_h, reset_after=True with use_bias only, else NULL */
     int activation, recurrent_activation;
     int reset_after;               /* Keras reset_after */
     int go_backwards;              /* Keras go_backwards: steps run from the last to the first */
 } GruLayer;
 
-/* carry: h (units); scratch: 7 * units floats. */
+/* carry: h (units); scratch: 2 * kernel.cols + units floats. */
 NOT_SPECIALISED static void gru_run(const GruLayer *layer, const float *x, size_t steps, const float *mask, int masked_output,
                     float *h, float *out, size_t out_stride, int time_ordered, float *scratch)
 {
-    const size_t units = layer->units, two = 2 * units, three = 3 * units;
-    float *gx = scratch;               /* (3H) x W + b, then the gates z | r | hh */
-    float *gh = scratch + three;       /* (3H) h U (+ rb_h) */
-    float *rh = scratch + 2 * three;   /* (H)  r * h, for reset_after=False */
+    const size_t units = layer->units, two = 2 * units, width = layer->kernel.cols;
+    float *gx = scratch;               /* (width) x W + b, then the gates z | r | hh */
+    float *gh = scratch + width;       /* (width) h U (+ rb_h) */
+    float *rh = scratch + 2 * width;   /* (H) r * h, for reset_after=False */
     int emitted = masked_output == MASKED_CARRY;
     size_t s, j;
     for (s = 0; s < steps; s++) {
@@ -88,13 +91,14 @@ NOT_SPECIALISED static void gru_run(const GruLayer *layer, const float *x, size_
             continue;
         if (masked_output != MASKED_ZERO)
             emitted = 1;
-        start_from(gx, layer->input_bias, three);
-        matvec_acc(gx, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, three);
-        memset(gh, 0, two * sizeof *gh);
+        /* whole padded rows: the products have no scalar remainder */
+        start_from(gx, layer->input_bias, width);
+        matvec_acc(gx, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, width);
         if (layer->reset_after) {
-            start_from(gh + two, layer->recurrent_bias, units);
-            matvec_acc(gh, h, units, &layer->recurrent_kernel, 0, three);
+            start_from(gh, layer->recurrent_bias, width);
+            matvec_acc(gh, h, units, &layer->recurrent_kernel, 0, width);
         } else {
+            memset(gh, 0, two * sizeof *gh);
             matvec_acc(gh, h, units, &layer->recurrent_kernel, 0, two);
         }
         for (j = 0; j < two; j++)
@@ -126,19 +130,19 @@ typedef struct {
     size_t input_dim, units;
     Matrix kernel;             /* W: (input_dim, 4 * units) */
     Matrix recurrent_kernel;   /* U: (units, 4 * units) */
-    const float *bias;         /* (4 * units), NULL: use_bias=False */
+    const float *bias;         /* (kernel.cols), NULL: use_bias=False */
     int activation, recurrent_activation;
     int go_backwards;          /* Keras go_backwards: steps run from the last to the first */
 } LstmLayer;
 
-/* carry: h then c (2 * units); scratch: 5 * units floats. */
+/* carry: h then c (2 * units); scratch: kernel.cols + units floats. */
 NOT_SPECIALISED static void lstm_run(const LstmLayer *layer, const float *x, size_t steps, const float *mask, int masked_output,
                      float *carry, float *out, size_t out_stride, int time_ordered, float *scratch)
 {
-    const size_t units = layer->units, four = 4 * units;
+    const size_t units = layer->units, width = layer->kernel.cols;
     float *h = carry, *c = carry + units;
-    float *g = scratch;            /* (4H) the gates' pre-activations, then i | f | g | o */
-    float *cell = scratch + four;  /* (H) activation(c') */
+    float *g = scratch;             /* (width) the gates' pre-activations, then i | f | g | o */
+    float *cell = scratch + width;  /* (H) activation(c') */
     int emitted = masked_output == MASKED_CARRY;
     size_t s, j;
     for (s = 0; s < steps; s++) {
@@ -148,9 +152,9 @@ NOT_SPECIALISED static void lstm_run(const LstmLayer *layer, const float *x, siz
             continue;
         if (masked_output != MASKED_ZERO)
             emitted = 1;
-        start_from(g, layer->bias, four);
-        matvec_acc(g, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, four);
-        matvec_acc(g, h, units, &layer->recurrent_kernel, 0, four);
+        start_from(g, layer->bias, width);
+        matvec_acc(g, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, width);
+        matvec_acc(g, h, units, &layer->recurrent_kernel, 0, width);
         activate(g, 2 * units, layer->recurrent_activation);   /* i | f */
         activate(g + 2 * units, units, layer->activation);     /* g */
         activate(g + 3 * units, units, layer->recurrent_activation);  /* o */
@@ -173,17 +177,17 @@ typedef struct {
     size_t input_dim, units;
     Matrix kernel;             /* W: (input_dim, units) */
     Matrix recurrent_kernel;   /* U: (units, units) */
-    const float *bias;         /* (units), NULL: use_bias=False */
+    const float *bias;         /* (kernel.cols), NULL: use_bias=False */
     int activation;
     int go_backwards;          /* Keras go_backwards: steps run from the last to the first */
 } SimpleRnnLayer;
 
-/* carry: h (units); scratch: units floats. */
+/* carry: h (units); scratch: kernel.cols floats. */
 NOT_SPECIALISED static void simple_rnn_run(const SimpleRnnLayer *layer, const float *x, size_t steps, const float *mask,
                            int masked_output, float *h, float *out, size_t out_stride, int time_ordered,
                            float *scratch)
 {
-    const size_t units = layer->units;
+    const size_t units = layer->units, width = layer->kernel.cols;
     int emitted = masked_output == MASKED_CARRY;
     size_t s;
     for (s = 0; s < steps; s++) {
@@ -193,9 +197,9 @@ NOT_SPECIALISED static void simple_rnn_run(const SimpleRnnLayer *layer, const fl
             continue;
         if (masked_output != MASKED_ZERO)
             emitted = 1;
-        start_from(scratch, layer->bias, units);
-        matvec_acc(scratch, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, units);
-        matvec_acc(scratch, h, units, &layer->recurrent_kernel, 0, units);
+        start_from(scratch, layer->bias, width);
+        matvec_acc(scratch, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, width);
+        matvec_acc(scratch, h, units, &layer->recurrent_kernel, 0, width);
         activate(scratch, units, layer->activation);
         memcpy(h, scratch, units * sizeof *h);
         memcpy(o, scratch, units * sizeof *o);
@@ -206,9 +210,9 @@ NOT_SPECIALISED static void simple_rnn_run(const SimpleRnnLayer *layer, const fl
 
 def _kernels(writer, ident: str, weights: dict, prefix: str, what: str, gates: str) -> tuple[str, str]:
     return (writer.matrix(f"{ident}_kernel", weights[prefix + "kernel"],
-                          f"{what} kernel W: (input_dim, {gates})"),
+                          f"{what} kernel W: (input_dim, {gates})", pad=True),
             writer.matrix(f"{ident}_recurrent_kernel", weights[prefix + "recurrent_kernel"],
-                          f"{what} recurrent_kernel U: (units, {gates})"))
+                          f"{what} recurrent_kernel U: (units, {gates})", pad=True))
 
 
 def _gru_table(writer, ident: str, config: dict, weights: dict, prefix: str, input_dim: int, what: str) -> str:
@@ -216,28 +220,32 @@ def _gru_table(writer, ident: str, config: dict, weights: dict, prefix: str, inp
     kernel, recurrent = _kernels(writer, ident, weights, prefix, what, "3 * units), columns z | r | h")
     input_bias = recurrent_bias = "NULL"
     bias = weights.get(prefix + "bias")
+    width = writer.padded(3 * units)
     if bias is not None and config["reset_after"]:
         # z and r add both biases to one sum: folded into one vector, as the engine does.
         two = 2 * units
-        folded = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]]).astype(np.float32)
+        folded = np.concatenate([bias[0, :two] + bias[1, :two], bias[0, two:]])
         input_bias = writer.vector(f"{ident}_input_bias", folded,
-                                   f"{what} bias[0] with bias[1] added to z | r: (3 * units)")
-        recurrent_bias = writer.vector(f"{ident}_recurrent_bias", bias[1, two:],
-                                       f"{what} bias[1] of the h gate: (units)")
+                                   f"{what} bias[0] with bias[1] added to z | r: (3 * units)", width)
+        h_only = np.concatenate([np.zeros(two, np.float32), bias[1, two:]])
+        recurrent_bias = writer.vector(f"{ident}_recurrent_bias", h_only,
+                                       f"{what} zeros for z | r, bias[1] of the h gate: (3 * units)", width)
     elif bias is not None:
-        input_bias = writer.vector(f"{ident}_input_bias", bias, f"{what} bias: (3 * units)")
+        input_bias = writer.vector(f"{ident}_input_bias", bias, f"{what} bias: (3 * units)", width)
     name = f"{ident}_layer"
     writer.table(f"static const GruLayer {name} = {{\n"
                  f"    {input_dim}, {units}, {kernel}, {recurrent}, {input_bias}, {recurrent_bias},\n"
                  f"    {ACTIVATION_CODES[config['activation']]}, {ACTIVATION_CODES[config['recurrent_activation']]}, "
                  f"{int(config['reset_after'])}, {int(config['go_backwards'])}\n}};")
-    writer.scratch(7 * units)
+    writer.scratch(2 * width + units)
     return name
 
 
 def _bias(writer, ident: str, weights: dict, prefix: str, what: str, size: str) -> str:
     bias = weights.get(prefix + "bias")
-    return "NULL" if bias is None else writer.vector(f"{ident}_bias", bias, f"{what} bias: ({size})")
+    if bias is None:
+        return "NULL"
+    return writer.vector(f"{ident}_bias", bias, f"{what} bias: ({size})", writer.padded(len(bias)))
 
 
 def _lstm_table(writer, ident: str, config: dict, weights: dict, prefix: str, input_dim: int, what: str) -> str:
@@ -249,7 +257,7 @@ def _lstm_table(writer, ident: str, config: dict, weights: dict, prefix: str, in
                  f"    {input_dim}, {units}, {kernel}, {recurrent}, {bias},\n"
                  f"    {ACTIVATION_CODES[config['activation']]}, {ACTIVATION_CODES[config['recurrent_activation']]}, "
                  f"{int(config['go_backwards'])}\n}};")
-    writer.scratch(5 * units)
+    writer.scratch(writer.padded(4 * units) + units)
     return name
 
 
@@ -261,7 +269,7 @@ def _simple_rnn_table(writer, ident: str, config: dict, weights: dict, prefix: s
     name = f"{ident}_layer"
     writer.table(f"static const SimpleRnnLayer {name} = {{ {input_dim}, {units}, {kernel}, {recurrent}, {bias}, "
                  f"{ACTIVATION_CODES[config['activation']]}, {int(config['go_backwards'])} }};")
-    writer.scratch(units)
+    writer.scratch(writer.padded(units))
     return name
 
 

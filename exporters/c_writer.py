@@ -44,6 +44,15 @@ NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 INT8_MARGIN = 2.0
 # The longer random sequence the int8 deviation is measured on.
 INT8_PROBE_STEPS = 200
+# A recurrent layer's weight rows are padded with zero columns to a multiple of this many floats
+# (one 512-bit vector): its products over whole rows then have no scalar remainder (measured here,
+# the three products of a GRU(50) stack's step: 150 columns 1.32 us, padded to 160: 0.93 us).
+LANES = 16
+
+
+def padded(n: int) -> int:
+    """n rounded up to a multiple of LANES: the stored row width of a weight matrix of n columns."""
+    return (n + LANES - 1) // LANES * LANES
 
 
 def check_name(name) -> str:
@@ -120,6 +129,7 @@ class _Writer:
     # ----- what the families call -----
 
     float_literal = staticmethod(float_literal)
+    padded = staticmethod(padded)
 
     def ident(self, index: int, layer: Layer) -> str:
         base = re.sub(r"\W", "_", layer.name, flags=re.ASCII).strip("_") or layer.kind
@@ -130,24 +140,33 @@ class _Writer:
         self.idents.add(base)
         return base
 
-    def vector(self, name: str, array, comment: str) -> str:
+    def vector(self, name: str, array, comment: str, width: int | None = None) -> str:
+        """Declare a float vector; ``width``: padded with zeros to that many floats (a gate row's bias)."""
         array = np.asarray(array, np.float32)
-        self.arrays.append(c_array("float", name, array, comment))
+        if width is not None and width > len(array):
+            comment += f", zeros after {len(array)}"
+            array = np.concatenate([array, np.zeros(width - len(array), np.float32)])
+        self.arrays.append(c_array("float", name, array, comment, aligned=True))
         self.weight_bytes += array.nbytes
         return name
 
-    def matrix(self, name: str, array, comment: str) -> str:
-        """Declare a weight matrix; return the initialiser of its ``matrix`` struct."""
+    def matrix(self, name: str, array, comment: str, pad: bool = False) -> str:
+        """Declare a weight matrix; return the initialiser of its ``Matrix`` struct. ``pad``: its rows
+        padded with zero columns to a multiple of LANES, for a layer whose products run over whole
+        rows of its scratch (the recurrent kinds; Dense and Conv1D write rows of their exact width)."""
         array = np.asarray(array, np.float32)
         rows, cols = array.shape
+        if pad and padded(cols) > cols:
+            comment += f", zero columns {cols}..{padded(cols) - 1}"
+            array = np.concatenate([array, np.zeros((rows, padded(cols) - cols), np.float32)], axis=1)
         if self.weight_type == "float32":
             self.vector(name, array, comment)
-            return f"{{ &{name}[0][0], {cols} }}"
+            return f"{{ &{name}[0][0], {array.shape[1]} }}"
         values, scale = quantize(array)
-        self.arrays.append(c_array("int8_t", name, values, comment + ", int8"))
+        self.arrays.append(c_array("int8_t", name, values, comment + ", int8", aligned=True))
         self.vector(f"{name}_scale", scale, f"{name} scale per column")
         self.weight_bytes += values.nbytes
-        return f"{{ &{name}[0][0], {name}_scale, {cols} }}"
+        return f"{{ &{name}[0][0], {name}_scale, {array.shape[1]} }}"
 
     def table(self, text: str) -> None:
         self.tables.append(text)
@@ -157,7 +176,8 @@ class _Writer:
         return name
 
     def scratch(self, floats: int) -> None:
-        self.scratch_floats = max(self.scratch_floats, floats)
+        # A whole number of lines: the sequence buffers after it start on a line where work does.
+        self.scratch_floats = max(self.scratch_floats, padded(floats))
 
     def backward_buffer(self, units: int) -> None:
         self.back_units = max(self.back_units, units)
