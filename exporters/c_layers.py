@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from gru_engine.kernels import activations
 from gru_engine.spec import Layer, LayerShape
 
 from .c_frontends import FRONTEND_EMITTERS, FRONTEND_SOURCES
@@ -25,20 +24,6 @@ from .c_recurrent import ACTIVATION_CODES, bidirectional, bidirectional_sources,
 
 
 # ----- the helpers every family calls: a weight matrix, matvec, activations -----
-
-def _c_float(value) -> str:
-    """A float32 constant as a C float literal that reads back to the same float32."""
-    return f"{float(value)!r}f"
-
-
-def _horner(coefficients, variable: str) -> str:
-    """c0 + v (c1 + v (c2 + ...)) as C, highest power innermost."""
-    text = _c_float(coefficients[-1])
-    for coefficient in reversed(coefficients[:-1]):
-        sign = "-" if coefficient < 0 else "+"
-        text = f"({text} * {variable} {sign} {_c_float(abs(coefficient))})"
-    return text
-
 
 CORE_C = """
 /* restrict: the products' output never overlaps their inputs. C++ has no restrict keyword. */
@@ -87,38 +72,18 @@ static inline float clamp_magnitude(float v, float limit)
     return copysignf(magnitude > limit ? limit : magnitude, v);
 }
 
-/* tanh and sigmoid as the engine computes them (gru_engine.kernels.activations, same coefficients),
-   in float from one exponential of a non-positive argument: within 9.1e-8 of exact (float32
-   tanhf: about 1e-7), and vectorised by compilers, unlike libm's tanhf. */
-static inline float exp_nonpositive(float y)  /* e^y for y in [-30, 0] */
-{
-    const int32_t n = (int32_t)(y * %(log2e)s - 0.5f);  /* round(y / ln2): y <= 0, the cast truncates */
-    const float whole = (float)n;
-    const float r = (y - whole * %(ln2_high)s) - whole * %(ln2_low)s;  /* |r| <= ln2 / 2 */
-    const float poly = %(exp_poly)s;
-    const uint32_t bits = (uint32_t)(n + 127) << 23;  /* 2^n: n + 127 is its biased exponent */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return poly * scale;
-}
-
+/* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9, the engine's approximation (error 1.4e-7; float32
+   tanhf: about 1e-7): the polynomials in double because recurrences amplify rounding, the divide
+   in float (a double divide has a third of the throughput), clamped to [-1, 1] as the engine does. */
 static inline float tanh_approx(float v)
 {
-    const float a = fabsf(v) > %(tanh_clamp)s ? %(tanh_clamp)s : fabsf(v);  /* beyond, tanh is +-1 in float */
-    const float e = exp_nonpositive(-2.0f * a);
-    const float a2 = a * a;
-    /* near 0, 1 - e would cancel: x + x^3 P(x^2) there */
-    const float small = a + a * a2 * %(tanh_poly)s;
-    const float large = (1.0f - e) / (1.0f + e);
-    const float t = a < %(small_tanh)s ? small : large;
-    return v >= 0.0f ? t : -t;
-}
-
-static inline float sigmoid_approx(float v)
-{
-    const float e = exp_nonpositive(-(fabsf(v) > %(sigmoid_clamp)s ? %(sigmoid_clamp)s : fabsf(v)));
-    const float s = 1.0f / (1.0f + e);
-    return v >= 0.0f ? s : e * s;  /* e / (1 + e) for v < 0: no cancellation */
+    const double x = (double)clamp_magnitude(v, 9.0f);
+    const double x2 = x * x;
+    const double p = ((((-1.03821162e-11 * x2 + 2.78178600e-08) * x2 + 2.67446258e-05) * x2 + 3.80222599e-03) * x2
+                      + 1.36261799e-01) * x2 + 9.99999908e-01;
+    const double q = (((1.20278291e-06 * x2 + 3.82464926e-04) * x2 + 2.70007688e-02) * x2 + 4.69594857e-01) * x2
+                     + 1.0;
+    return clamp_magnitude((float)(x * p) / (float)q, 1.0f);
 }
 
 enum { ACT_LINEAR, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTMAX };
@@ -133,9 +98,9 @@ static void activate(float *v, size_t n, int activation)
         for (j = 0; j < n; j++)
             v[j] = tanh_approx(v[j]);
         break;
-    case ACT_SIGMOID:
+    case ACT_SIGMOID:  /* sigmoid(x) = (tanh(x / 2) + 1) / 2, exactly */
         for (j = 0; j < n; j++)
-            v[j] = sigmoid_approx(v[j]);
+            v[j] = 0.5f * tanh_approx(0.5f * v[j]) + 0.5f;
         break;
     case ACT_HARD_SIGMOID:  /* Keras 3: clip(x / 6 + 0.5, 0, 1) (tf.keras 2 used 0.2 x + 0.5) */
         for (j = 0; j < n; j++)
@@ -296,14 +261,4 @@ FAMILIES: dict[str, Family] = {
     "bidirectional": Family(bidirectional_sources, bidirectional),
     "dense": Family(lambda layer: (DENSE_C,), _dense),
     **{kind: Family(lambda layer: FRONTEND_SOURCES[layer.kind], emit) for kind, emit in FRONTEND_EMITTERS.items()},
-}
-
-
-# The engine's activation constants, written into CORE_C's C once.
-ACTIVATION_CONSTANTS = {
-    "log2e": _c_float(activations.LOG2E), "ln2_high": _c_float(activations.LN2_HIGH),
-    "ln2_low": _c_float(activations.LN2_LOW), "tanh_clamp": _c_float(activations.TANH_CLAMP),
-    "sigmoid_clamp": _c_float(activations.SIGMOID_CLAMP), "small_tanh": _c_float(activations.SMALL_TANH),
-    "exp_poly": _horner(activations.EXP_COEFFICIENTS, "r"),
-    "tanh_poly": _horner(activations.TANH_COEFFICIENTS, "a2"),
 }

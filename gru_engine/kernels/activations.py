@@ -43,12 +43,11 @@ SIXTH = np.float32(1.0 / 6.0)
 TWO = np.float32(2.0)
 
 # e^r on |r| <= ln2/2, and tanh(x) = x + x^3 P(x^2) on |x| < SMALL_TANH.
-EXP_COEFFICIENTS = tuple(np.float32(c) for c in (
-    1.0, 1.00000004, 0.49999992, 0.1666642, 0.04166823, 0.00837482, 0.00138368))
-TANH_COEFFICIENTS = tuple(np.float32(c) for c in (
-    -0.33333331, 0.13333206, -0.05394676, 0.0217007, -0.0081774, 0.00214296))
-E0, E1, E2, E3, E4, E5, E6 = EXP_COEFFICIENTS
-T1, T2, T3, T4, T5, T6 = TANH_COEFFICIENTS
+E0, E1, E2, E3, E4, E5, E6 = (np.float32(1.0), np.float32(1.00000004), np.float32(0.49999992),
+                              np.float32(0.1666642), np.float32(0.04166823), np.float32(0.00837482),
+                              np.float32(0.00138368))
+T1, T2, T3, T4, T5, T6 = (np.float32(-0.33333331), np.float32(0.13333206), np.float32(-0.05394676),
+                          np.float32(0.0217007), np.float32(-0.0081774), np.float32(0.00214296))
 SMALL_TANH = np.float32(0.625)
 LOG2E = np.float32(1.4426950408889634)
 LN2_HIGH = np.float32(0.693145751953125)  # ln2's leading 16 bits: n * LN2_HIGH is exact for |n| < 2^8
