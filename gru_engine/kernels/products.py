@@ -8,7 +8,6 @@ matrix rows per pass.
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from numba.np.arrayobj import make_array, populate_array
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 
@@ -73,6 +72,9 @@ def stack_floats(typingctx, size):
     array_type = types.Array(types.float32, 1, "C")
 
     def codegen(context, builder, signature, args):
+        # Imported when a kernel compiles, not when it loads from the cache: the module costs 45 ms.
+        from numba.np.arrayobj import make_array, populate_array
+
         data = cgutils.alloca_once(builder, context.get_value_type(types.float32), size=count)
         array = make_array(array_type)(context, builder)
         intp = context.get_value_type(types.intp)
