@@ -168,9 +168,7 @@ def _conv1d(writer, index: int, layer: Layer, shape: LayerShape) -> None:
     kernel = layer.weights["kernel"]  # (K, I / G, F)
     matrix = writer.matrix(f"{ident}_kernel", kernel.reshape(-1, kernel.shape[-1]),
                            f"layer '{layer.name}' kernel: (kernel_size * input_dim / groups, filters)")
-    bias = "NULL"
-    if config["use_bias"]:
-        bias = writer.vector(f"{ident}_bias", layer.weights["bias"], f"layer '{layer.name}' bias: (filters)")
+    bias = writer.bias(f"{ident}_bias", layer.weights.get("bias"), f"layer '{layer.name}' bias: (filters)")
     table = f"{ident}_layer"
     writer.table(f"static const Conv1dLayer {table} = {{ {shape.input_dim}, {config['filters']}, "
                  f"{config['kernel_size']}, {config['dilation_rate']}, {config['strides']}, {config['groups']}, "

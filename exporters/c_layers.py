@@ -243,9 +243,7 @@ def _dense(writer, index: int, layer: Layer, shape: LayerShape) -> None:
     ident = writer.ident(index, layer)
     kernel = writer.matrix(f"{ident}_kernel", layer.weights["kernel"],
                            f"layer '{layer.name}' kernel: (input_dim, units)")
-    bias = "NULL"
-    if config["use_bias"]:
-        bias = writer.vector(f"{ident}_bias", layer.weights["bias"], f"layer '{layer.name}' bias: (units)")
+    bias = writer.bias(f"{ident}_bias", layer.weights.get("bias"), f"layer '{layer.name}' bias: (units)")
     table = f"{ident}_layer"
     writer.table(f"static const DenseLayer {table} = {{ {shape.input_dim}, {config['units']}, {kernel}, {bias}, "
                  f"{ACTIVATION_CODES[config['activation']]} }};")

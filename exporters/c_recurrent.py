@@ -241,17 +241,10 @@ def _gru_table(writer, ident: str, config: dict, weights: dict, prefix: str, inp
     return name
 
 
-def _bias(writer, ident: str, weights: dict, prefix: str, what: str, size: str) -> str:
-    bias = weights.get(prefix + "bias")
-    if bias is None:
-        return "NULL"
-    return writer.vector(f"{ident}_bias", bias, f"{what} bias: ({size})", writer.padded(len(bias)))
-
-
 def _lstm_table(writer, ident: str, config: dict, weights: dict, prefix: str, input_dim: int, what: str) -> str:
     units = config["units"]
     kernel, recurrent = _kernels(writer, ident, weights, prefix, what, "4 * units), columns i | f | c | o")
-    bias = _bias(writer, ident, weights, prefix, what, "4 * units")
+    bias = writer.bias(f"{ident}_bias", weights.get(prefix + "bias"), f"{what} bias: (4 * units)", pad=True)
     name = f"{ident}_layer"
     writer.table(f"static const LstmLayer {name} = {{\n"
                  f"    {input_dim}, {units}, {kernel}, {recurrent}, {bias},\n"
@@ -265,7 +258,7 @@ def _simple_rnn_table(writer, ident: str, config: dict, weights: dict, prefix: s
                       what: str) -> str:
     units = config["units"]
     kernel, recurrent = _kernels(writer, ident, weights, prefix, what, "units)")
-    bias = _bias(writer, ident, weights, prefix, what, "units")
+    bias = writer.bias(f"{ident}_bias", weights.get(prefix + "bias"), f"{what} bias: (units)", pad=True)
     name = f"{ident}_layer"
     writer.table(f"static const SimpleRnnLayer {name} = {{ {input_dim}, {units}, {kernel}, {recurrent}, {bias}, "
                  f"{ACTIVATION_CODES[config['activation']]}, {int(config['go_backwards'])} }};")

@@ -150,6 +150,13 @@ class _Writer:
         self.weight_bytes += array.nbytes
         return name
 
+    def bias(self, name: str, bias, comment: str, pad: bool = False) -> str:
+        """Declare a layer's bias with ``vector`` (``pad``: zeros up to a multiple of LANES, like a
+        padded matrix's rows), or return NULL for a layer without one (Keras use_bias=False)."""
+        if bias is None:
+            return "NULL"
+        return self.vector(name, bias, comment, self.padded(len(bias)) if pad else None)
+
     def matrix(self, name: str, array, comment: str, pad: bool = False) -> str:
         """Declare a weight matrix; return the initialiser of its ``Matrix`` struct. ``pad``: its rows
         padded with zero columns to a multiple of LANES, for a layer whose products run over whole
