@@ -39,14 +39,19 @@ enum { MASKED_ZERO, MASKED_PREVIOUS, MASKED_CARRY };
 #endif
 
 /* Keras skips a masked step: the carry passes through unchanged and the output row o gets zeros,
-   or h once a step was processed (emitted). Returns 1 when step t is masked. */
-static int masked_step(const float *mask, size_t t, int emitted, const float *h, float *o, size_t units)
+   or h once a step was processed (*emitted). Returns 1 when step t is masked; otherwise marks the
+   step as processed, unless masked steps output zeros (masked_output MASKED_ZERO). */
+static int masked_step(const float *mask, size_t t, int masked_output, int *emitted, const float *h, float *o,
+                       size_t units)
 {
     size_t j;
-    if (mask == NULL || mask[t] != 0.0f)
+    if (mask == NULL || mask[t] != 0.0f) {
+        if (masked_output != MASKED_ZERO)
+            *emitted = 1;
         return 0;
+    }
     for (j = 0; j < units; j++)
-        o[j] = emitted ? h[j] : 0.0f;
+        o[j] = *emitted ? h[j] : 0.0f;
     return 1;
 }
 
@@ -87,10 +92,8 @@ NOT_SPECIALISED static void gru_run(const GruLayer *layer, const float *x, size_
     for (s = 0; s < steps; s++) {
         const size_t t = layer->go_backwards ? steps - 1 - s : s;
         float *o = out + (time_ordered ? t : s) * out_stride;
-        if (masked_step(mask, t, emitted, h, o, units))
+        if (masked_step(mask, t, masked_output, &emitted, h, o, units))
             continue;
-        if (masked_output != MASKED_ZERO)
-            emitted = 1;
         /* whole padded rows: the products have no scalar remainder */
         start_from(gx, layer->input_bias, width);
         matvec_acc(gx, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, width);
@@ -148,10 +151,8 @@ NOT_SPECIALISED static void lstm_run(const LstmLayer *layer, const float *x, siz
     for (s = 0; s < steps; s++) {
         const size_t t = layer->go_backwards ? steps - 1 - s : s;
         float *o = out + (time_ordered ? t : s) * out_stride;
-        if (masked_step(mask, t, emitted, h, o, units))
+        if (masked_step(mask, t, masked_output, &emitted, h, o, units))
             continue;
-        if (masked_output != MASKED_ZERO)
-            emitted = 1;
         start_from(g, layer->bias, width);
         matvec_acc(g, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, width);
         matvec_acc(g, h, units, &layer->recurrent_kernel, 0, width);
@@ -193,10 +194,8 @@ NOT_SPECIALISED static void simple_rnn_run(const SimpleRnnLayer *layer, const fl
     for (s = 0; s < steps; s++) {
         const size_t t = layer->go_backwards ? steps - 1 - s : s;
         float *o = out + (time_ordered ? t : s) * out_stride;
-        if (masked_step(mask, t, emitted, h, o, units))
+        if (masked_step(mask, t, masked_output, &emitted, h, o, units))
             continue;
-        if (masked_output != MASKED_ZERO)
-            emitted = 1;
         start_from(scratch, layer->bias, width);
         matvec_acc(scratch, x + t * layer->input_dim, layer->input_dim, &layer->kernel, 0, width);
         matvec_acc(scratch, h, units, &layer->recurrent_kernel, 0, width);
