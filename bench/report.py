@@ -16,8 +16,9 @@ from gru_engine.fileio import atomic_write
 from .registry import IMPLEMENTATIONS
 from .score import format_lines
 from .units import format_rate, format_seconds
-from .workloads import (AIRLINE_B1, AIRLINE_CHUNKS, AIRLINE_THROUGHPUT, GFLOP_CASE, GFLOP_STEPS, LSTM_AIRLINE_B1,
-                        LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT, TRANSFORM_CASES, threads_label)
+from .workloads import (AIRLINE_B1, AIRLINE_CHUNKS, AIRLINE_STEP, AIRLINE_THROUGHPUT, CAUSAL_CONV_STEP, GFLOP_CASE,
+                        GFLOP_STEPS, GUITAR_B1, LSTM_AIRLINE_B1, LSTM_AIRLINE_STEP, LSTM_AIRLINE_THROUGHPUT,
+                        TRANSFORM_CASES, threads_label)
 
 COLD_START_LIMIT_S = 0.5
 # Width of the implementation column: the longest registry name.
@@ -37,12 +38,12 @@ class RatioTarget:
 
 @dataclasses.dataclass(frozen=True)
 class CostTarget:
-    """On workload ``config``, ``slow``'s median time is at most ``maximum`` times ``fast``'s."""
+    """On workload ``config``, ``timed``'s median time is at most ``maximum`` times ``reference``'s."""
 
     number: int
     config: str
-    slow: str
-    fast: str
+    timed: str
+    reference: str
     maximum: float
     what: str
 
@@ -59,9 +60,14 @@ RATIO_TARGETS = (
                 "LSTM airline batch 1024, all cores: engine / ort-native throughput"),
     RatioTarget(7, LSTM_AIRLINE_STEP, "ort-native-stream", 4.0,
                 "LSTM airline step, 1 thread: ort-native-stream / engine-stream"),
+    RatioTarget(10, GUITAR_B1, "ort-native", 2.0, "GuitarLSTM window, 1 thread: ort-native / engine"),
+    RatioTarget(10, CAUSAL_CONV_STEP, "ort-native-stream", 2.0,
+                "causal Conv1D -> GRU step: ort-native-stream / engine-stream"),
 )
-# What a bundle's transforms and feeding a stream in small chunks may cost.
+# What a bundle's transforms and feeding a stream in small chunks may cost; what share of the engine's
+# time a step of the exported C may take.
 TRANSFORM_LIMIT, CHUNK_LIMIT, SINGLE_CHUNK_LIMIT = 1.1, 1.25, 1.2
+C_STEP_SHARE, C_CHUNK_SHARE = 0.5, 1.0
 COST_TARGETS = (
     *(CostTarget(8, config, engine, f"{engine}-untransformed", TRANSFORM_LIMIT,
                  f"{config}: with the demo's transforms / without")
@@ -70,6 +76,10 @@ COST_TARGETS = (
                "stream per step: Stream.run on chunks of 16 / of 4096"),
     CostTarget(9, AIRLINE_CHUNKS, "engine-run-1", "engine-stream", SINGLE_CHUNK_LIMIT,
                "stream: a Stream.run call on a chunk of 1 / a Stream.step"),
+    CostTarget(11, AIRLINE_STEP, "c-export-stream", "engine-stream", C_STEP_SHARE,
+               "airline step: exported C (-O3 -march=native) / Stream.step"),
+    CostTarget(11, AIRLINE_CHUNKS, "c-export-stream", "engine-run-256", C_CHUNK_SHARE,
+               "stream per step: exported C step / Stream.run on chunks of 256"),
 )
 
 
@@ -118,13 +128,13 @@ def evaluate_targets(results: dict) -> list[dict]:
                  "measured": None, "verdict": "n/a", "command": _command(target.config)}
         config = _config(results, target.config)
         implementations = config["implementations"] if config else {}
-        slow, fast = (implementations.get(name, {}).get("median_s") for name in (target.slow, target.fast))
+        timed, reference = (implementations.get(name, {}).get("median_s") for name in (target.timed, target.reference))
         if config is None:
             entry["note"] = f"{target.config} not measured in this run"
-        elif not slow or not fast:
-            entry["note"] = f"{target.slow} or {target.fast} not measured"
+        elif not timed or not reference:
+            entry["note"] = f"{target.timed} or {target.reference} not measured"
         else:
-            entry.update(measured=slow / fast, verdict=_verdict(slow / fast <= target.maximum))
+            entry.update(measured=timed / reference, verdict=_verdict(timed / reference <= target.maximum))
         verdicts.append(entry)
     return sorted(verdicts, key=lambda verdict: verdict["number"])
 
@@ -209,7 +219,7 @@ def format_table(results: dict) -> str:
         measured = target["measured"]
         shown = "-" if measured is None else (f"{measured:.3g} s" if target["number"] == 4 else f"{measured:.3g}x")
         note = f"  ({target['note']})" if target.get("note") else ""
-        lines.append(f"  {target['number']} {target['what']:<66} {shown:>9}  target {target['target']:<8} "
+        lines.append(f"  {target['number']:>2} {target['what']:<67} {shown:>9}  target {target['target']:<8} "
                      f"{target['verdict']}{note}  [{target['command']}]")
         if target["number"] == 3:
             lines += [line for line in (_gflop_line(results), _weights_line(results)) if line]

@@ -174,10 +174,12 @@ def transform_workloads() -> list[Workload]:
 
 
 def chunk_workload() -> Workload:
-    """A stream fed one step per call, or chunks of steps per call, reported per step."""
+    """A stream fed one step per call, or chunks of steps per call, reported per step; beside them the
+    exported C stepping the same model, so its step is compared with the chunks in the same rounds."""
     from .registry import CHUNKS
     return Workload(AIRLINE_CHUNKS, airline_recipe(), 1, AIRLINE_STEPS, 1, per_step=True,
-                    implementations=("engine-stream",) + tuple(f"engine-run-{chunk}" for chunk in CHUNKS))
+                    implementations=("engine-stream",) + tuple(f"engine-run-{chunk}" for chunk in CHUNKS)
+                    + ("c-export-stream",))
 
 
 def lstm_airline_recipe() -> Recipe:
