@@ -6,7 +6,8 @@ For float32 and int8 weights: export the model with ``export_c``, cross-compile 
 bare-metal harness (vector table, FPU on, semihosting output; no C library start-up) for
 ``-mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os``, run it on QEMU's
 ``mps2-an386`` board, and compare what it prints (``NAME_self_check``, then ``NAME_predict`` and
-``NAME_step`` on a fixed input, as exact float bits) with the engine. Prints flash and RAM use.
+``NAME_step`` on a fixed input, as exact float bits) with the engine. Prints flash and RAM use, and
+the instructions a step executes (QEMU's ``-icount`` mode, a proxy for the core's cycles).
 
 The model: ``--model``, else ``demo-out/tutorial.gru.safetensors`` when ``make demo`` has run, else
 the benchmark's airline network (Keras's initial weights from a fixed seed).
@@ -28,6 +29,9 @@ CPU_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d1
 FLAGS = ("-std=c99", "-Os", "-ffunction-sections", "-fdata-sections", "-Wall", "-Wextra", "-Werror")
 STEPS = 10
 NAME = "airline"
+# mps2-an386's SysTick counts at 25 MHz, and under -icount shift=0 QEMU's clock advances 1 ns per
+# instruction: a tick is 40 instructions.
+INSTRUCTIONS_PER_TICK = 40
 QEMU_SECONDS = 300
 
 LINKER_SCRIPT = """/* mps2-an386: 4 MB SSRAM1 at 0 (holds the image, as flash would), 4 MB SSRAM2 at 0x20000000. */
@@ -83,18 +87,23 @@ static void exit_with(int failed)  /* SYS_EXIT: ApplicationExit (QEMU exits 0) o
 
 void fault_handler(void) {{ put("fault\n"); exit_with(1); }}
 
-static void put_float(const char *label, float value)  /* exact: the float's bits in hex */
+static void put_hex(const char *label, uint32_t bits)
 {{
     char line[32];
-    uint32_t bits;
     int i;
-    memcpy(&bits, &value, sizeof bits);
     strcpy(line, label);
     for (i = 0; i < 8; i++)
         line[strlen(label) + (size_t)i] = "0123456789abcdef"[(bits >> (28 - 4 * i)) & 15u];
     line[strlen(label) + 8] = '\n';
     line[strlen(label) + 9] = '\0';
     put(line);
+}}
+
+static void put_float(const char *label, float value)  /* exact: the float's bits in hex */
+{{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    put_hex(label, bits);
 }}
 
 void reset_handler(void)
@@ -109,6 +118,12 @@ void reset_handler(void)
     __asm__ volatile("dsb\n\tisb");
     exit_with(main());
 }}
+
+/* SysTick, counting down from 2^24 - 1 on the processor clock. Under QEMU's -icount the clock
+   advances with each instruction executed, so its ticks count instructions (a proxy for cycles). */
+#define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
+#define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
+#define SYST_CVR (*(volatile uint32_t *)0xE000E018u)
 
 static const float input[{steps} * {upper}_INPUT_FEATURES] = {{ {values} }};
 static float work[{work_floats}];
@@ -126,8 +141,13 @@ int main(void)
         put_float("predict ", y[i]);
     {name}_reset(&state);
 #if {upper}_CAN_STREAM
+    SYST_RVR = 0xFFFFFFu;
+    SYST_CVR = 0u;
+    SYST_CSR = 5u;  /* enabled, processor clock, no interrupt */
     for (t = 0; t < {steps}; t++) {{
+        const uint32_t start = SYST_CVR;
         {name}_step(&state, input + t * {upper}_INPUT_FEATURES, y);
+        put_hex("step_ticks ", (start - SYST_CVR) & 0xFFFFFFu);
         for (i = 0; i < {upper}_OUTPUT_FEATURES; i++)
             put_float("step ", y[i]);
     }}
@@ -203,14 +223,17 @@ def run_one(spec, weights: str, directory: Path) -> dict:
                     str(directory / f"{NAME}.o"), "-lm", "-o", str(elf)], check=True, cwd=directory)
     sizes = _sizes(directory / f"{NAME}.o")
     run = subprocess.run(["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-monitor", "none",
-                          "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
+                          "-icount", "shift=0", "-semihosting-config", "enable=on,target=native",
+                          "-kernel", str(elf)],
                          capture_output=True, text=True, timeout=QEMU_SECONDS)
     lines = (run.stdout + run.stderr).splitlines()  # QEMU writes semihosting output to stderr
-    values = {"predict": [], "step": []}
+    values, ticks = {"predict": [], "step": []}, []
     for line in lines:
         key, _, text = line.partition(" ")
         if key in values:
             values[key].append(np.frombuffer(bytes.fromhex(text), ">f4")[0])
+        elif key == "step_ticks":
+            ticks.append(int(text, 16))
     reference = Model(dequantized(spec) if weights == "int8" else spec)
     expected_predict = np.ravel(_main(reference.predict(x[None])))
     expected_step = np.zeros(0, np.float32)
@@ -224,11 +247,16 @@ def run_one(spec, weights: str, directory: Path) -> dict:
             "agrees": bool(agrees), "predict": predict, "expected": expected_predict,
             "flash": sizes["text"] + sizes["data"], "state": result.report["state_bytes"],
             "work": 4 * work_floats, "step_stack": stack_bytes(directory, "step"),
-            "check_stack": stack_bytes(directory, "self_check"), "stderr": run.stderr.strip()[-300:]}
+            "check_stack": stack_bytes(directory, "self_check"), "stderr": run.stderr.strip()[-300:],
+            "step_instructions": int(np.median(ticks)) * INSTRUCTIONS_PER_TICK if ticks else None}
 
 
 def _bytes(count) -> str:
     return "-" if count is None else f"{count:,} B"
+
+
+def _instructions(count) -> str:
+    return "-" if count is None else f"{count:,} instr"
 
 
 def _main(outputs):
@@ -268,17 +296,19 @@ def main(argv=None) -> int:
     print(f"embedded check: {origin} on a Cortex-M4F (QEMU mps2-an386), arm-none-eabi-gcc -Os, "
           f"input of {STEPS} steps")
     print(f"  {'weights':<8} {'flash':>9} {'state':>7} {'step stack':>11} {'predict work':>13} "
-          f"{'self-check':>11}  predict and step vs engine")
+          f"{'step':>13} {'self-check':>11}  predict and step vs engine")
     failed = False
     for r in results:
         ok = r["exit"] == 0 and r["self_check"] and r["agrees"]
         failed |= not ok
         print(f"  {r['weights']:<8} {r['flash']:>7,} B {r['state']:>5,} B {_bytes(r['step_stack']):>11} "
-              f"{r['work']:>11,} B {'pass' if r['self_check'] else 'FAIL':>11}  "
+              f"{r['work']:>11,} B {_instructions(r['step_instructions']):>13} "
+              f"{'pass' if r['self_check'] else 'FAIL':>11}  "
               f"{'agree' if r['agrees'] else 'DIFFER'}" + ("" if ok else f"  (exit {r['exit']}: {r['stderr']})"))
     print(f"  flash: the model's code and constants; RAM: the state, plus the stack of NAME_step (streaming) or "
           f"NAME_predict's work buffer for {STEPS} steps; NAME_self_check needs {results[0]['check_stack']:,} B "
-          "of stack")
+          "of stack; step: instructions QEMU executes per NAME_step (median of the "
+          f"{STEPS}), a proxy for the core's cycles")
     return 1 if failed else 0
 
 

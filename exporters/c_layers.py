@@ -17,13 +17,35 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from gru_engine.kernels import activations
 from gru_engine.spec import Layer, LayerShape
 
+from .c_api import float_literal
 from .c_frontends import FRONTEND_EMITTERS, FRONTEND_SOURCES
 from .c_recurrent import ACTIVATION_CODES, bidirectional, bidirectional_sources, c_sources, recurrent
 
 
 # ----- the helpers every family calls: a weight matrix, matvec, activations -----
+
+def _horner(coefficients, variable: str) -> str:
+    """c0 + v (c1 + v (c2 + ...)) as C float arithmetic, the highest power innermost."""
+    text = float_literal(coefficients[-1])
+    for coefficient in reversed(coefficients[:-1]):
+        sign = "-" if coefficient < 0 else "+"
+        text = f"({text} * {variable} {sign} {float_literal(abs(coefficient))})"
+    return text
+
+
+# The engine's activation constants, written into CORE_C: one source for both.
+ACTIVATION_CONSTANTS = {
+    "log2e": float_literal(activations.LOG2E), "ln2_high": float_literal(activations.LN2_HIGH),
+    "ln2_low": float_literal(activations.LN2_LOW), "tanh_clamp": float_literal(activations.TANH_CLAMP),
+    "sigmoid_clamp": float_literal(activations.SIGMOID_CLAMP), "small_tanh": float_literal(activations.SMALL_TANH),
+    "exp_poly": _horner((activations.E0, activations.E1, activations.E2, activations.E3, activations.E4,
+                         activations.E5, activations.E6), "r"),
+    "tanh_poly": _horner((activations.T1, activations.T2, activations.T3, activations.T4, activations.T5,
+                          activations.T6), "a2"),
+}
 
 CORE_C = """
 /* restrict: the products' output never overlaps their inputs. C++ has no restrict keyword. */
@@ -72,20 +94,53 @@ static inline float clamp_magnitude(float v, float limit)
     return copysignf(magnitude > limit ? limit : magnitude, v);
 }
 
-/* tanh(x) ~ x * P(x^2) / Q(x^2) on |x| <= 9 (error 1.4e-7; float32 tanhf: about 1e-7): the
-   polynomials in double because recurrences amplify rounding, the divide in float (a double divide
-   has a third of the throughput), clamped to [-1, 1]. The engine's float32 formula (one exponential,
-   a polynomial near 0; 9.1e-8) differs from it by less than 2e-7, but its select between the two
-   stays scalar under compilers' default strict IEEE flags, where this form vectorises. */
+/* tanh and sigmoid as the engine computes them (gru_engine.kernels.activations, the same
+   constants), in float only, from one exponential of a non-positive argument: within 9.1e-8 of
+   exact (float32 tanhf: about 1e-7). No double: a Cortex-M4F's FPU has none, and would emulate it.
+   Written without selects that a compiler could turn into branches (which stop it vectorising under
+   the default strict IEEE flags): the clamps are integer minimums, the choices 0/1 blends. */
+static inline float exp_nonpositive(float y)  /* e^y for y in [-30, 0] */
+{
+    const int32_t n = (int32_t)(y * %(log2e)s - 0.5f);  /* round(y / ln2): y <= 0, the cast truncates */
+    const float whole = (float)n;
+    const float r = (y - whole * %(ln2_high)s) - whole * %(ln2_low)s;  /* |r| <= ln2 / 2 */
+    const float poly = %(exp_poly)s;
+    const uint32_t bits = (uint32_t)(n + 127) << 23;  /* 2^n: n + 127 is its biased exponent */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return poly * scale;
+}
+
+/* min(magnitude, limit) for magnitude >= 0: non-negative floats order as their bits do as integers,
+   and an integer minimum stays branch-free where a float one (NaN rules) may not. */
+static inline float at_most(float magnitude, float limit)
+{
+    int32_t a, b, least;
+    float result;
+    memcpy(&a, &magnitude, sizeof a);
+    memcpy(&b, &limit, sizeof b);
+    least = a < b ? a : b;
+    memcpy(&result, &least, sizeof result);
+    return result;
+}
+
 static inline float tanh_approx(float v)
 {
-    const double x = (double)clamp_magnitude(v, 9.0f);
-    const double x2 = x * x;
-    const double p = ((((-1.03821162e-11 * x2 + 2.78178600e-08) * x2 + 2.67446258e-05) * x2 + 3.80222599e-03) * x2
-                      + 1.36261799e-01) * x2 + 9.99999908e-01;
-    const double q = (((1.20278291e-06 * x2 + 3.82464926e-04) * x2 + 2.70007688e-02) * x2 + 4.69594857e-01) * x2
-                     + 1.0;
-    return clamp_magnitude((float)(x * p) / (float)q, 1.0f);
+    const float a = at_most(fabsf(v), %(tanh_clamp)s);  /* beyond, tanh is +-1 in float */
+    const float e = exp_nonpositive(-2.0f * a);
+    const float a2 = a * a;
+    const float small = a + a * a2 * %(tanh_poly)s;  /* near 0, where 1 - e would cancel */
+    const float large = (1.0f - e) / (1.0f + e);
+    const float near_zero = (float)(a < %(small_tanh)s);  /* 1 or 0: the blend below is exact */
+    return copysignf(near_zero * small + (1.0f - near_zero) * large, v);
+}
+
+static inline float sigmoid_approx(float v)
+{
+    const float e = exp_nonpositive(-at_most(fabsf(v), %(sigmoid_clamp)s));
+    const float positive = (float)(v >= 0.0f);
+    /* 1 / (1 + e), or e / (1 + e) for v < 0 (no cancellation) */
+    return (positive + (1.0f - positive) * e) / (1.0f + e);
 }
 
 enum { ACT_LINEAR, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTMAX };
@@ -100,9 +155,9 @@ static void activate(float *v, size_t n, int activation)
         for (j = 0; j < n; j++)
             v[j] = tanh_approx(v[j]);
         break;
-    case ACT_SIGMOID:  /* sigmoid(x) = (tanh(x / 2) + 1) / 2, exactly */
+    case ACT_SIGMOID:
         for (j = 0; j < n; j++)
-            v[j] = 0.5f * tanh_approx(0.5f * v[j]) + 0.5f;
+            v[j] = sigmoid_approx(v[j]);
         break;
     case ACT_HARD_SIGMOID:  /* Keras 3: clip(x / 6 + 0.5, 0, 1) (tf.keras 2 used 0.2 x + 0.5) */
         for (j = 0; j < n; j++)

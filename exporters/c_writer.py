@@ -7,8 +7,8 @@ microcontroller); the state is a struct the caller owns. One C function per laye
 
 Semantics are the engine's (``gru_engine.runtime``): ``NAME_predict`` is ``Model.predict`` on one
 sequence, ``NAME_step`` is ``Stream.step`` (a masked step emits the carry), and the bundle's
-transforms are applied inside both, in double precision as the engine does. tanh and sigmoid use
-the engine's rational approximation (error 1.4e-7), so C and engine agree to rounding.
+transforms are applied inside both, in double precision as the engine does. tanh and sigmoid are
+the engine's float32 formulas (within 9.1e-8 of exact), so C and engine agree to rounding.
 
 int8 weights ("w8a32"): every kernel is stored as int8 with one float32 scale per output column
 (symmetric: scale = max|column| / 127); activations, biases and state stay float32.
@@ -32,7 +32,7 @@ from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, sample_i
 from . import c_build
 from .c_api import (api_c, c_array, float_literal, header_c, header_comment, main_width_of, network_c,
                     self_check_c, transforms_c)
-from .c_layers import CORE_C, FAMILIES, MATRIX_FIELDS, MATVEC_FLOAT, MATVEC_INT8
+from .c_layers import ACTIVATION_CONSTANTS, CORE_C, FAMILIES, MATRIX_FIELDS, MATVEC_FLOAT, MATVEC_INT8
 
 WEIGHT_TYPES = ("float32", "int8")
 C_KEYWORDS = set("""auto break case char const continue default do double else enum extern float for goto if inline
@@ -275,7 +275,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
     output_is_sequence = shapes[-1].output_is_sequence
     comment = header_comment(spec, name, weights, origin or "a model description")
     core = CORE_C % {"matrix_fields": MATRIX_FIELDS[weights],
-                     "matvec": MATVEC_FLOAT if weights == "float32" else MATVEC_INT8}
+                     "matvec": MATVEC_FLOAT if weights == "float32" else MATVEC_INT8, **ACTIVATION_CONSTANTS}
     network = network_c(writer, name)
     parts = [comment.replace(f"/* {name}:", f"/* {name}.c:", 1) + "\n",
              f'#include "{name}.h"', "", "#include <math.h>", "#include <stdint.h>", "#include <string.h>",

@@ -315,6 +315,14 @@ def test_export_c_writes_both_files_and_reports_sizes(tmp_path):
     assert "int8 largest deviation" in summary and "state: 400 bytes" in summary
 
 
+def test_c_activations_use_float_only():
+    """A Cortex-M4F's FPU has no double, so tanh and sigmoid must not use it (only the transforms do)."""
+    source = build_c(SPECS["m_airline"], "airline").source
+    activations = source[source.index("static inline float exp_nonpositive"):source.index("enum { ACT_LINEAR")]
+    assert "tanh_approx" in activations and "sigmoid_approx" in activations
+    assert "double" not in activations
+
+
 @pytest.mark.parametrize("name", ["", "1abc", "a-b", "int", "a b", "x" * 64, None])
 def test_export_c_refuses_a_name_that_is_not_a_c_identifier(tmp_path, name):
     with pytest.raises(ValueError, match="not a usable C identifier"):
