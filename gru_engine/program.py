@@ -346,16 +346,17 @@ class Program:
         if bad:
             self._refuse(bad, x)
 
-    def bind(self, carry, work):
-        """``run`` from and into ``carry`` on ``work`` as a call of (x, out) alone: a stream makes it
-        every step or chunk, and the Python between it and the kernel is most of a step's overhead."""
+    def bind(self, carry, work, zero_carry=False):
+        """``run`` from and into ``carry`` (or from zero state, with ``zero_carry``) on ``work`` as a
+        call of (x, out) alone: a stream makes it every step or chunk, ``predict`` every call shaped
+        like the last, and the Python between it and the kernel is most of a small call's overhead."""
         if work.shape[0] != 1:
-            return lambda x, out: self.run(x, carry, work, out)
+            return lambda x, out: self.run(x, carry, work, out, zero_carry)
         kernel = functools.partial(plan.run_batch, self.plan, self.weights)
         max_dim, max_gate_width = self.max_dim, self.max_gate_width
 
         def advance(x, out):
-            bad = kernel(x, NO_LENGTHS, carry, work, max_dim, max_gate_width, False, out)
+            bad = kernel(x, NO_LENGTHS, carry, work, max_dim, max_gate_width, zero_carry, out)
             if bad:
                 self._refuse(bad, x)
 

@@ -149,6 +149,35 @@ def test_out_buffers_are_checked_and_written():
         with_state.predict(x, out=np.empty((3, 5), np.float32))
 
 
+def test_a_repeated_call_with_out_still_honours_every_argument():
+    """predict(x, out=) shaped like the last such call goes straight to the kernel call bound then;
+    initial_state, lengths, a new shape and a bad input still take the full path."""
+    model = Model(random_spec([GRU_SEQUENCES], FEATURES, seed=2))
+    x = np.random.default_rng(2).standard_normal((3, 4, FEATURES)).astype(np.float32)
+    out = np.empty((3, 4, 5), np.float32)
+    expected = model.predict(x)
+    for _ in range(2):
+        assert model.predict(x, out=out) is out
+        np.testing.assert_array_equal(out, expected)
+    assert model._scratch.bound[0] == x.shape  # the second call took the bound path
+    state = [np.full((3, 5), 0.5, np.float32)]
+    np.testing.assert_array_equal(model.predict(x, initial_state=state, out=out), model.predict(x, initial_state=state))
+    np.testing.assert_array_equal(model.predict(x, out=out), expected)  # from zero state again
+    lengths = np.array([4, 2, 1])
+    np.testing.assert_array_equal(model.predict(x, lengths=lengths, out=out), model.predict(x, lengths=lengths))
+    longer = np.concatenate([x, x], axis=1)
+    np.testing.assert_array_equal(model.predict(longer, out=np.empty((3, 8, 5), np.float32)), model.predict(longer))
+    bad = x.copy()
+    bad[1, 2, 0] = np.nan
+    model.predict(x, out=out)
+    kept = out.copy()
+    with pytest.raises(InputError, match="NaN"):
+        model.predict(bad, out=out)
+    np.testing.assert_array_equal(out, kept)
+    with pytest.raises(InputError, match="out must be"):
+        model.predict(x, out=out[:, :2])
+
+
 def allocated_bytes(call, repeats=50) -> int:
     """Peak bytes traced while ``call`` runs ``repeats`` times, after a first call (which may
     allocate scratch)."""
