@@ -18,8 +18,8 @@ from .spec import RECURRENT_FAMILIES, ModelSpec, output_shapes, stream_blockers,
 
 # Numeric dtypes accepted and cast to float32.
 ACCEPTED_KINDS = "fiub"
-# A thread's bound predict call before it has one: shapes no array has.
-UNBOUND = ((), (), (), None)
+# A thread's bound predict call before it has one: no array's shape equals None.
+UNBOUND = (None, None, None, None)
 
 KERAS_CLASS_NAMES = {"masking": "Masking", "bidirectional": "Bidirectional", "dense": "Dense",
                      **{kind: family.keras_class for kind, family in RECURRENT_FAMILIES.items()},
@@ -173,13 +173,14 @@ class Model:
         a Keras mask, the recurrent layers skip padded steps (carrying the state through), and their
         sequences there are zero, or repeat the last output, per ``zero_output_for_mask``.
         """
-        if out is not None and initial_state is None and lengths is None:
-            # A call shaped like the last one with out= on this thread goes straight to the kernel
-            # call bound then: both shapes were checked then, and the arrays are checked here.
+        if initial_state is None and lengths is None:
+            # A call shaped like the last one on this thread goes straight to the kernel call bound
+            # then: the shapes were checked then, and the arrays are checked here.
             x_shape, returned, kernel_shape, run = getattr(self._scratch, "bound", UNBOUND)
-            if ready(x, x_shape) and ready(out, returned) and out.flags.writeable:
-                run(x, out.reshape(kernel_shape))
-                return out
+            if ready(x, x_shape) and (out is None or ready(out, returned) and out.flags.writeable):
+                result = np.empty(returned, FLOAT32) if out is None else out
+                run(x, result.reshape(kernel_shape))
+                return result
         return self._run(as_input(x, self._features, self._program.check_size), initial_state, out, lengths)
 
     def predict_raw(self, x, initial_state=None, lengths=None):
@@ -222,17 +223,18 @@ class Model:
             scratch.bound = UNBOUND
             scratch.key = key
         carry = scratch.carry
+        # Bound for predict's next call of this shape; only where Numba's thread count cannot change
+        # the kernel to call, and the output is one array.
+        if initial_state is None and lengths is None and self._single_output and batch < PARALLEL_MIN_BATCH \
+                and scratch.bound is UNBOUND:
+            scratch.bound = (x.shape, scratch.returned_shape, scratch.output_shape,
+                             program.bind(carry, scratch.work, zero_carry=True))
         lengths = NO_LENGTHS if lengths is None else self._lengths(lengths, batch, steps)
         if out is not None:
             if not self._single_output:
                 raise InputError("out= needs a model with one output; this one returns "
                                  f"{self.spec.output_count}")
             check_out(out, scratch.returned_shape)
-            # Bound only where Numba's thread count cannot change the kernel to call.
-            if initial_state is None and lengths is NO_LENGTHS and batch < PARALLEL_MIN_BATCH \
-                    and scratch.bound is UNBOUND:
-                scratch.bound = (x.shape, scratch.returned_shape, scratch.output_shape,
-                                 program.bind(carry, scratch.work, zero_carry=True))
             result = out
             out = out.reshape(scratch.output_shape)  # a view: (B, rows * D), the kernel's layout
         if initial_state is not None:

@@ -150,16 +150,19 @@ def test_out_buffers_are_checked_and_written():
 
 
 def test_a_repeated_call_with_out_still_honours_every_argument():
-    """predict(x, out=) shaped like the last such call goes straight to the kernel call bound then;
-    initial_state, lengths, a new shape and a bad input still take the full path."""
+    """predict(x) shaped like the last call goes straight to the kernel call bound then, with out=
+    or without; initial_state, lengths, a new shape and a bad input still take the full path."""
     model = Model(random_spec([GRU_SEQUENCES], FEATURES, seed=2))
     x = np.random.default_rng(2).standard_normal((3, 4, FEATURES)).astype(np.float32)
     out = np.empty((3, 4, 5), np.float32)
     expected = model.predict(x)
+    assert model._scratch.bound[0] == x.shape  # the next call of this shape takes the bound path
+    again = model.predict(x)
+    assert again is not expected
+    np.testing.assert_array_equal(again, expected)
     for _ in range(2):
         assert model.predict(x, out=out) is out
         np.testing.assert_array_equal(out, expected)
-    assert model._scratch.bound[0] == x.shape  # the second call took the bound path
     state = [np.full((3, 5), 0.5, np.float32)]
     np.testing.assert_array_equal(model.predict(x, initial_state=state, out=out), model.predict(x, initial_state=state))
     np.testing.assert_array_equal(model.predict(x, out=out), expected)  # from zero state again
