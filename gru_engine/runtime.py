@@ -105,9 +105,14 @@ def ready(array, shape) -> bool:
     return type(array) is np.ndarray and array.dtype is FLOAT32 and array.shape == shape and array.flags.c_contiguous
 
 
+def writable(out, shape) -> bool:
+    """Whether the kernel can write a result of ``shape`` into ``out`` as it is."""
+    return ready(out, shape) and out.flags.writeable
+
+
 def check_out(out, shape) -> None:
     """Refuse an ``out=`` array the kernel cannot write the result into as it is."""
-    if not ready(out, shape) or not out.flags.writeable:
+    if not writable(out, shape):
         got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
         raise InputError(f"out must be a writable C-contiguous float32 array of shape {shape}, got {got}")
 
@@ -177,7 +182,7 @@ class Model:
             # A call shaped like the last one on this thread goes straight to the kernel call bound
             # then: the shapes were checked then, and the arrays are checked here.
             x_shape, returned, kernel_shape, run = getattr(self._scratch, "bound", UNBOUND)
-            if ready(x, x_shape) and (out is None or ready(out, returned) and out.flags.writeable):
+            if ready(x, x_shape) and (out is None or writable(out, returned)):
                 result = np.empty(returned, FLOAT32) if out is None else out
                 run(x, result.reshape(kernel_shape))
                 return result

@@ -149,7 +149,7 @@ def test_out_buffers_are_checked_and_written():
         with_state.predict(x, out=np.empty((3, 5), np.float32))
 
 
-def test_a_repeated_call_with_out_still_honours_every_argument():
+def test_a_repeated_predict_call_still_honours_every_argument():
     """predict(x) shaped like the last call goes straight to the kernel call bound then, with out=
     or without; initial_state, lengths, a new shape and a bad input still take the full path."""
     model = Model(random_spec([GRU_SEQUENCES], FEATURES, seed=2))
