@@ -140,6 +140,14 @@ def aligned_empty(shape) -> np.ndarray:
     return buffer[start:start + size].reshape(shape)
 
 
+def compiled(kernel, typed_like):
+    """``kernel``'s compiled function for arguments of exactly the types of ``typed_like`` (loaded or
+    compiled now), to be called without Numba's dispatcher: resolving the types of ten arguments
+    costs it about 0.4 us per call. The function reads its arguments as those types, unchecked, so
+    every caller passes arrays of the same dtype, dimensions and C layout."""
+    return kernel.compile(tuple(numba.typeof(value) for value in typed_like))
+
+
 class Program:
     """A plan and packed weights; ``streaming`` makes every recurrent layer emit each step's output.
 
@@ -346,14 +354,20 @@ class Program:
         if bad:
             self._refuse(bad, x)
 
-    def bind(self, carry, work, zero_carry=False):
+    def bind(self, carry, work, out_ndim, zero_carry=False):
         """``run`` from and into ``carry`` (or from zero state, with ``zero_carry``) on ``work`` as a
         call of (x, out) alone: a stream makes it every step or chunk, ``predict`` every call shaped
-        like the last, and the Python between it and the kernel is most of a small call's overhead."""
+        like the last, and the Python between it and the kernel is most of a small call's overhead.
+
+        x: (B, T, F) and out: (B, rows * D) or (B, rows, D), as ``out_ndim`` says; the caller checks
+        that both are C-contiguous float32 arrays of the shapes this work was sized for.
+        """
         if work.shape[0] != 1:
-            return lambda x, out: self.run(x, carry, work, out, zero_carry)
-        kernel = functools.partial(plan.run_batch, self.plan, self.weights)
+            return lambda x, out: self.run(x, carry, work, out.reshape((out.shape[0], -1)), zero_carry)
         max_dim, max_gate_width = self.max_dim, self.max_gate_width
+        typed_like = (self.plan, self.weights, np.empty((1, 1, 1), np.float32), NO_LENGTHS, carry, work, max_dim,
+                      max_gate_width, zero_carry, np.empty((1,) * out_ndim, np.float32))
+        kernel = functools.partial(compiled(plan.run_batch, typed_like), self.plan, self.weights)
 
         def advance(x, out):
             bad = kernel(x, NO_LENGTHS, carry, work, max_dim, max_gate_width, zero_carry, out)

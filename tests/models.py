@@ -202,3 +202,13 @@ def stateful(layers: list[dict]) -> list[dict]:
 
 def is_causal(layers: list[dict]) -> bool:
     return not any(spec["kind"] == "bidirectional" or spec.get("go_backwards") for spec in layers)
+
+
+def unaligned(x) -> np.ndarray:
+    """A read-only float32 copy of x whose data starts one byte past an element boundary, as
+    ``np.frombuffer`` gives from an offset: the engine copies such input before a kernel reads it."""
+    x = np.asarray(x, np.float32)
+    raw = np.frombuffer(b"\0" + x.tobytes(), np.float32, count=x.size, offset=1).reshape(x.shape)
+    if raw.flags.aligned:
+        raise RuntimeError("numpy aligned a buffer read from an odd offset; this helper cannot build the case")
+    return raw

@@ -11,7 +11,7 @@ import pytest
 
 import gru_engine
 from gru_engine.spec import max_excess, recurrent_configs
-from models import FAMILY_MATRIX, PARITY_MATRIX, build_model, is_causal, random_input, stateful, uses_masking
+from models import FAMILY_MATRIX, PARITY_MATRIX, build_model, is_causal, random_input, stateful, unaligned, uses_masking
 
 MATRIX = {**PARITY_MATRIX, **FAMILY_MATRIX}
 # GRU options are many variants of one kernel: a selection; every streamable LSTM, SimpleRNN and mixed chain.
@@ -212,7 +212,7 @@ def test_chunks_of_the_last_length_are_still_checked_and_agree_with_predict():
     out = np.empty((2, 4, 4), np.float32)
     # Same length, but float64 and a view with gaps: both go through the full check and a copy.
     assert stream.run(x[:, 4:8].astype(np.float64), out=out) is out
-    outputs += [out.copy(), stream.run(x[:, 8:12])]
+    outputs += [out.copy(), stream.run(unaligned(x[:, 8:12]))]
     assert stream.steps == 12
     assert max_excess(np.concatenate(outputs, axis=1)[:, -1], main_output(model.predict(x))) <= 0
 

@@ -13,6 +13,7 @@ from gru_engine import InputError
 from gru_engine.kernels.transforms import FIRST_STEP
 from gru_engine.runtime import Model
 from gru_engine.spec import Layer, max_excess
+from models import unaligned
 from reference import gru_config, random_spec, recurrent_config, reference_predict
 
 FEATURES = 2
@@ -163,6 +164,7 @@ def test_a_repeated_predict_call_still_honours_every_argument():
     for _ in range(2):
         assert model.predict(x, out=out) is out
         np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(model.predict(unaligned(x), out=out), expected)  # copied first
     state = [np.full((3, 5), 0.5, np.float32)]
     np.testing.assert_array_equal(model.predict(x, initial_state=state, out=out), model.predict(x, initial_state=state))
     np.testing.assert_array_equal(model.predict(x, out=out), expected)  # from zero state again

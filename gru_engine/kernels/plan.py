@@ -290,21 +290,29 @@ def admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry):
     return bad
 
 
+@njit(inline="always", **KERNEL_FLAGS)
+def sample_rows(out):
+    """A C-contiguous out (B, ...) with B >= 1 as (B, everything else): one row per sample."""
+    return out.reshape((out.shape[0], out.size // out.shape[0]))
+
+
 @njit(**KERNEL_FLAGS)
 def run_batch(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_block over the batch, BLOCK samples after BLOCK samples.
 
-    x: (B, T, F), lengths: (B,) or (0,), carry: (B, C), work: (1, K), out: (B, rows * D)
+    x: (B, T, F), lengths: (B,) or (0,), carry: (B, C), work: (1, K)
+    out: (B, rows * D), or (B, rows, D): what the caller returns, so no call reshapes it
     zero_carry: start from zero state instead of carry's contents.
     Returns ``admit``'s verdict: anything but 0 means nothing ran.
     """
     prefer_wide_vectors()
     bad = admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry)
     if bad == 0:
+        flat_out = sample_rows(out)  # (B, rows * D)
         for start in range(0, x.shape[0], BLOCK):
             stop = min(start + BLOCK, x.shape[0])
             run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[0], max_dim,
-                      max_gate_width, out[start:stop])
+                      max_gate_width, flat_out[start:stop])
     return bad
 
 
@@ -317,11 +325,12 @@ def run_batch_parallel(plan, weights, x, lengths, carry, work, max_dim, max_gate
     prefer_wide_vectors()
     bad = admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry)
     if bad == 0:
+        flat_out = sample_rows(out)  # (B, rows * D)
         for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             stop = min(start + BLOCK, x.shape[0])
             run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[block], max_dim,
-                      max_gate_width, out[start:stop])
+                      max_gate_width, flat_out[start:stop])
     return bad
 
 
