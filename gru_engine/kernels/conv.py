@@ -19,7 +19,7 @@ from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ZERO, activate
-from .products import LANES, accumulate_matvec, accumulate_matvec4, four_rows
+from .products import LANES, accumulate_matvec, accumulate_matvec4, four_rows, shaped
 
 PAD_VALID, PAD_SAME, PAD_CAUSAL = range(3)
 # How the runtime packs a Conv1D kernel (see ``kernel_layout``).
@@ -97,13 +97,13 @@ def conv1d_layer(x, samples, rows, input_dim, kernel, taps, groups, bias, stride
                 row[f] = bias[f]
     layout = kernel_layout(groups, dilation, taps, input_dim)
     if layout == LAYOUT_TAPS:
-        _tap_products(x, samples, rows, kernel.reshape((groups, taps, input_dim // groups, filters // groups)),
+        _tap_products(x, samples, rows, shaped(kernel, 0, (groups, taps, input_dim // groups, filters // groups)),
                       strides, dilation, pad, out_rows, carry, history, out)
     elif layout == LAYOUT_DOTS:
-        _window_products(x, samples, rows, input_dim, kernel.reshape((filters, taps * input_dim)), True, strides,
+        _window_products(x, samples, rows, input_dim, shaped(kernel, 0, (filters, taps * input_dim)), True, strides,
                          pad, out_rows, carry, history, packed, out)
     else:
-        _window_products(x, samples, rows, input_dim, kernel.reshape((taps * input_dim, filters)), False, strides,
+        _window_products(x, samples, rows, input_dim, shaped(kernel, 0, (taps * input_dim, filters)), False, strides,
                          pad, out_rows, carry, history, packed, out)
     if history >= 0:
         _keep_history(x, samples, rows, input_dim, pad, carry, history)

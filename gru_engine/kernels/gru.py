@@ -20,7 +20,7 @@ from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import ONE, activate, activate_with
-from .products import accumulate_rows, padded
+from .products import accumulate_rows, padded, shaped
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT, B_OPTION,
                         B_PARAMS, B_REC_ACT, B_RECURRENT_BIAS, B_RECURRENT_KERNEL, B_UNITS,
                         MASKED_CARRY, NO_PARAMS, PARAMS_SIZE, carry_in, carry_out,
@@ -58,9 +58,9 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     three = 3 * units
     # Multiplied by the previous h each step: z | r | h columns, or z | r alone when reset_after is False.
     first_width = row_width if reset_after else two
-    recurrent_first = recurrent_kernel[:units * first_width].reshape((units, first_width))  # (H, P) or (H, 2H)
+    recurrent_first = shaped(recurrent_kernel, 0, (units, first_width))  # (H, P) or (H, 2H)
     # Multiplied by r * h; read only when reset_after is False.
-    recurrent_h = recurrent_kernel[units * two:units * three].reshape((units, units))     # (H, H)
+    recurrent_h = shaped(recurrent_kernel, units * two, (units, units))     # (H, H)
     # Bit s: sample s has had an unmasked step, so its previous output is its carry (Keras: zero before).
     emitted = (1 << samples) - 1 if masked_output == MASKED_CARRY else 0
     recurrent_h_bias = recurrent_bias[two:row_width]  # (P - 2H,)
@@ -140,7 +140,7 @@ def gru_block(row, col, weights, input_dim, x, samples, steps, mask, masked, car
     params = weights[p:p + PARAMS_SIZE] if p != NO_PARAMS else weights[:0]  # (5,) or (0,)
     gru_layer(
         x, samples, steps, input_dim,
-        weights[k:k + input_dim * width].reshape((input_dim, width)),
+        shaped(weights, k, (input_dim, width)),
         weights[r:r + units * width],
         weights[ib:ib + width], weights[rb:rb + width],
         row[col + B_ACT], row[col + B_REC_ACT], row[col + B_OPTION] != 0,

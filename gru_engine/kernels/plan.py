@@ -17,7 +17,7 @@ from .gru import gru_block
 from .lstm import lstm_block
 from .masking import mask_lengths, mask_steps
 from .pooling import affine_layer, global_pool_layer, pool1d_layer
-from .products import BLOCK, padded
+from .products import BLOCK, padded, shaped
 from .recurrent import (B_CELL, B_RETURN_SEQUENCES, B_UNITS, BLOCK_WIDTH, CELL_GRU, CELL_LSTM, CELL_SIMPLE_RNN,
                         PROJECT_AHEAD, merge_directions)
 from .simple_rnn import simple_rnn_block
@@ -81,23 +81,23 @@ def scratch(work, samples, steps, features, max_dim, max_gate_width, means_size)
     """run_block's views of its scratch work (K,); every one C-contiguous, so LLVM knows the strides."""
     size = samples * steps * max_dim
     block = (samples, steps, max_dim)
-    current = work[:size].reshape(block)                          # (S, T, Dmax)
-    following = work[size:2 * size].reshape(block)               # (S, T, Dmax)
-    backward = work[2 * size:3 * size].reshape(block)             # (S, T, Dmax)
+    current = shaped(work, 0, block)           # (S, T, Dmax)
+    following = shaped(work, size, block)      # (S, T, Dmax)
+    backward = shaped(work, 2 * size, block)   # (S, T, Dmax)
     offset = 3 * size
     ahead = min(steps, PROJECT_AHEAD)
-    xw = work[offset:offset + samples * ahead * max_gate_width].reshape((samples, ahead, max_gate_width))  # (S, A, Pmax)
+    xw = shaped(work, offset, (samples, ahead, max_gate_width))  # (S, A, Pmax)
     offset += samples * ahead * max_gate_width
-    gates = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
+    gates = shaped(work, offset, (samples, max_gate_width))      # (S, Pmax)
     offset += samples * max_gate_width
-    spare = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))      # (S, Pmax)
+    spare = shaped(work, offset, (samples, max_gate_width))      # (S, Pmax)
     offset += samples * max_gate_width
-    hidden = work[offset:offset + samples * max_gate_width].reshape((samples, max_gate_width))     # (S, Pmax)
+    hidden = shaped(work, offset, (samples, max_gate_width))     # (S, Pmax)
     offset += samples * max_gate_width
-    mask = work[offset:offset + samples * steps].reshape((samples, steps))               # (S, T)
+    mask = shaped(work, offset, (samples, steps))                # (S, T)
     offset += samples * steps
     slots = means_size // features
-    means = work[offset:offset + samples * means_size].reshape((samples, slots, features))  # (S, slots, F)
+    means = shaped(work, offset, (samples, slots, features))     # (S, slots, F)
     return current, following, backward, xw, gates, spare, hidden, mask, means
 
 
@@ -138,7 +138,7 @@ def frontend_layer(row, weights, x, samples, rows, mask, masked, carry, spare, o
                             taps, groups, weights[b:b + output_dim],
                             row[COL_CONV_STRIDES], row[COL_CONV_DILATION], row[COL_CONV_PADDING],
                             row[COL_CONV_ACTIVATION], carry, row[COL_CONV_HISTORY],
-                            spare.reshape((spare.shape[0], spare.shape[1] * spare.shape[2])), out)
+                            shaped(spare, 0, (spare.shape[0], spare.shape[1] * spare.shape[2])), out)
     if kind == KIND_MAX_POOLING or kind == KIND_AVERAGE_POOLING:
         return pool1d_layer(x, samples, rows, input_dim, row[COL_POOL_SIZE], row[COL_POOL_STRIDES],
                             row[COL_POOL_PADDING], kind == KIND_MAX_POOLING, out)
@@ -218,7 +218,7 @@ def run_block(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, o
             k = row[COL_DENSE_KERNEL]
             b = row[COL_DENSE_BIAS]
             dense_layer(current, samples, rows, input_dim,
-                        weights[k:k + input_dim * output_dim].reshape((input_dim, output_dim)),
+                        shaped(weights, k, (input_dim, output_dim)),
                         weights[b:b + output_dim], row[COL_DENSE_ACTIVATION], following)
         else:
             bidirectional = kind == KIND_BIDIRECTIONAL
@@ -293,7 +293,7 @@ def admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry):
 @njit(inline="always", **KERNEL_FLAGS)
 def sample_rows(out):
     """A C-contiguous out (B, ...) with B >= 1 as (B, everything else): one row per sample."""
-    return out.reshape((out.shape[0], out.size // out.shape[0]))
+    return shaped(out, 0, (out.shape[0], out.size // out.shape[0]))
 
 
 @njit(**KERNEL_FLAGS)

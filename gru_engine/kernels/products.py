@@ -84,6 +84,37 @@ def stack_floats(typingctx, size):
     return array_type(size), codegen
 
 
+@intrinsic
+def shaped(typingctx, array, start, shape):
+    """The C-contiguous ``array``'s elements start .. start + prod(shape), as a C-contiguous array of
+    ``shape`` (a tuple of ints): ``array.ravel()[start:].reshape(shape)``, built in place. Numba's
+    reshape calls into its runtime for each view, and a model call makes a dozen or more (scratch,
+    weight matrices). Unchecked, like every index here: callers size ``array`` for the view.
+    """
+    if not (isinstance(array, types.Array) and array.layout == "C" and isinstance(start, types.Integer)
+            and isinstance(shape, types.BaseTuple) and all(isinstance(n, types.Integer) for n in shape)):
+        return None
+    ndim = len(shape)
+    view_type = types.Array(array.dtype, ndim, "C")
+
+    def codegen(context, builder, signature, args):
+        from numba.np.arrayobj import make_array, populate_array  # see stack_floats
+
+        source = make_array(signature.args[0])(context, builder, args[0])
+        dims = [context.cast(builder, n, n_type, types.intp)
+                for n, n_type in zip(cgutils.unpack_tuple(builder, args[2], ndim), shape)]
+        strides = [source.itemsize] * ndim
+        for axis in range(ndim - 2, -1, -1):
+            strides[axis] = builder.mul(strides[axis + 1], dims[axis + 1])
+        offset = context.cast(builder, args[1], start, types.intp)
+        view = make_array(view_type)(context, builder)
+        populate_array(view, data=cgutils.gep_inbounds(builder, source.data, offset), shape=dims, strides=strides,
+                       itemsize=source.itemsize, meminfo=None)
+        return view._getvalue()
+
+    return view_type(array, start, shape), codegen
+
+
 @njit(inline="always", **KERNEL_FLAGS)
 def accumulate_tile4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3, first, width, t0, t1, t2, t3):
     """acc_s[first:first + width] += v_s @ matrix[:, first:first + width] for four samples.

@@ -9,7 +9,7 @@ from numba import njit
 
 from .._flags import KERNEL_FLAGS, prefer_wide_vectors
 from .activations import activate
-from .products import padded
+from .products import padded, shaped
 from .recurrent import (B_ACT, B_CARRY, B_GO_BACKWARDS, B_INPUT_BIAS, B_KERNEL, B_MASKED_OUTPUT,
                         B_RECURRENT_KERNEL, B_UNITS, MASKED_CARRY,
                         carry_in, carry_out, gate_sums, skip_masked_step, project_ahead)
@@ -71,8 +71,8 @@ def simple_rnn_block(row, col, weights, input_dim, x, samples, steps, mask, mask
     carry_in(samples, carry, start, units, hidden)
     simple_rnn_layer(
         x, samples, steps, input_dim,
-        weights[k:k + input_dim * width].reshape((input_dim, width)),
-        weights[r:r + units * width].reshape((units, width)),
+        shaped(weights, k, (input_dim, width)),
+        shaped(weights, r, (units, width)),
         weights[b:b + width], row[col + B_ACT], row[col + B_GO_BACKWARDS] != 0, row[col + B_MASKED_OUTPUT],
         mask, masked, hidden, xw, gates, out, time_ordered_output,
     )
