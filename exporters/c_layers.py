@@ -185,50 +185,47 @@ static void activate(float *v, size_t n, int activation)
 }
 """
 
-MATVEC_FLOAT = """/* acc[j] += sum_i v[i] * m[i][first + j] for j < count, in the axpy form: for each row i, add
+MATVEC_TEMPLATE = """/* acc[j] += %(sum)s for j < count, in the axpy form: for each row i, add
    v[i] times the row. Compilers vectorise that over j under strict IEEE flags, which they cannot
    do for a dot product per output (a float reduction). Eight rows per pass keep each acc[j] in a
-   register across them: an eighth of the loads and stores of acc. */
+   register across them: an eighth of the loads and stores of acc%(why_scale)s. */
 static void matvec_acc(float *RESTRICT acc, const float *RESTRICT v, size_t rows, const Matrix *m, size_t first,
                        size_t count)
 {
     const size_t cols = m->cols;
-    const float *RESTRICT w = m->values + first;  /* row i of the columns used */
+    const %(type)s *RESTRICT w = m->values + first;  /* row i of the columns used */%(scale_line)s
     size_t i = 0, j;
     for (; i + 8 <= rows; i += 8, w += 8 * cols) {
         const float v0 = v[i], v1 = v[i + 1], v2 = v[i + 2], v3 = v[i + 3];
         const float v4 = v[i + 4], v5 = v[i + 5], v6 = v[i + 6], v7 = v[i + 7];
-        for (j = 0; j < count; j++)
-            acc[j] += ((v0 * w[j] + v1 * w[cols + j]) + (v2 * w[2 * cols + j] + v3 * w[3 * cols + j]))
-                      + ((v4 * w[4 * cols + j] + v5 * w[5 * cols + j]) + (v6 * w[6 * cols + j] + v7 * w[7 * cols + j]));
+        for (j = 0; j < count; j++) {
+            const float eight_rows = ((v0 * %(w0)s + v1 * %(w1)s) + (v2 * %(w2)s + v3 * %(w3)s))
+                                     + ((v4 * %(w4)s + v5 * %(w5)s) + (v6 * %(w6)s + v7 * %(w7)s));
+            acc[j] += %(scaled)seight_rows;
+        }
     }
     for (; i < rows; i++, w += cols) {
         const float vi = v[i];
         for (j = 0; j < count; j++)
-            acc[j] += vi * w[j];
+            acc[j] += %(scaled)svi * %(w0)s;
     }
 }"""
 
-MATVEC_INT8 = """/* acc[j] += scale[first + j] * sum_i v[i] * m[i][first + j] for j < count: the int8 products are
-   summed in float over a block of columns, then scaled once per column. */
-#define MATVEC_BLOCK 32
-static void matvec_acc(float *RESTRICT acc, const float *RESTRICT v, size_t rows, const Matrix *m, size_t first,
-                       size_t count)
-{
-    size_t start, i, j;
-    for (start = 0; start < count; start += MATVEC_BLOCK) {
-        const size_t n = count - start < MATVEC_BLOCK ? count - start : MATVEC_BLOCK;
-        float sum[MATVEC_BLOCK] = {0.0f};
-        for (i = 0; i < rows; i++) {
-            const float vi = v[i];
-            const int8_t *row = m->values + i * m->cols + first + start;
-            for (j = 0; j < n; j++)
-                sum[j] += vi * (float)row[j];
-        }
-        for (j = 0; j < n; j++)
-            acc[start + j] += sum[j] * m->scale[first + start + j];
-    }
-}"""
+
+def matvec_source(weights: str) -> str:
+    """matvec_acc for float32 or int8 weights: one loop, the int8 one reading each weight as a float
+    and scaling each column's sum over eight rows once (per-column scales, so they cannot go first)."""
+    int8 = weights == "int8"
+    offsets = ["j"] + [f"{k} * cols + j" if k > 1 else "cols + j" for k in range(1, 8)]
+    read = "(float)w[%s]" if int8 else "w[%s]"
+    fields = {f"w{k}": read % offset for k, offset in enumerate(offsets)}
+    return MATVEC_TEMPLATE % dict(
+        fields, type="int8_t" if int8 else "float",
+        sum="scale[first + j] * sum_i v[i] * m[i][first + j]" if int8 else "sum_i v[i] * m[i][first + j]",
+        why_scale=", and of the column scales" if int8 else "",
+        scale_line="\n    const float *RESTRICT scale = m->scale + first;" if int8 else "",
+        scaled="scale[j] * " if int8 else "")
+
 
 MATRIX_FIELDS = {
     "float32": "    const float *values;\n    size_t cols;",

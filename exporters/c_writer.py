@@ -32,7 +32,7 @@ from gru_engine.spec import PARITY_ATOL, PARITY_RTOL, Layer, ModelSpec, sample_i
 from . import c_build
 from .c_api import (api_c, c_array, float_literal, header_c, header_comment, main_width_of, network_c,
                     self_check_c, transforms_c)
-from .c_layers import ACTIVATION_CONSTANTS, CORE_C, FAMILIES, MATRIX_FIELDS, MATVEC_FLOAT, MATVEC_INT8
+from .c_layers import ACTIVATION_CONSTANTS, CORE_C, FAMILIES, MATRIX_FIELDS, matvec_source
 
 WEIGHT_TYPES = ("float32", "int8")
 C_KEYWORDS = set("""auto break case char const continue default do double else enum extern float for goto if inline
@@ -275,7 +275,7 @@ def build_c(spec: ModelSpec, name: str = "model", weights: str = "float32", orig
     output_is_sequence = shapes[-1].output_is_sequence
     comment = header_comment(spec, name, weights, origin or "a model description")
     core = CORE_C % {"matrix_fields": MATRIX_FIELDS[weights],
-                     "matvec": MATVEC_FLOAT if weights == "float32" else MATVEC_INT8, **ACTIVATION_CONSTANTS}
+                     "matvec": matvec_source(weights), **ACTIVATION_CONSTANTS}
     network = network_c(writer, name)
     parts = [comment.replace(f"/* {name}:", f"/* {name}.c:", 1) + "\n",
              f'#include "{name}.h"', "", "#include <math.h>", "#include <stdint.h>", "#include <string.h>",
