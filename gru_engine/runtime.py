@@ -18,7 +18,8 @@ from .spec import RECURRENT_FAMILIES, ModelSpec, output_shapes, stream_blockers,
 
 # Numeric dtypes accepted and cast to float32.
 ACCEPTED_KINDS = "fiub"
-# A thread's bound predict call before it has one: no array's shape equals None.
+# A bound call (predict's per thread, a stream's per chunk length) before there is one: no array's
+# shape equals None.
 UNBOUND = (None, None, None)
 
 KERAS_CLASS_NAMES = {"masking": "Masking", "bidirectional": "Bidirectional", "dense": "Dense",
@@ -330,9 +331,10 @@ class Stream:
         # run's scratch as (steps, work): grown to the longest chunk so far, read and replaced as one
         # object, so a call never pairs a chunk with scratch made for a shorter one.
         self._chunk_work = (1, self._work)
-        # The last chunk length's (x shape, returned shape, bound call): a chunk of
-        # that length, already float32 and contiguous, goes from run to the kernel without other checks.
-        self._chunk = self._chunk_call(1)
+        # The last chunk length's (x shape, returned shape, bound call), bound at the first chunk
+        # (binding loads the compiled kernel): a chunk of that length, already float32 and contiguous,
+        # goes from run to the kernel without other checks.
+        self._chunk = UNBOUND
         self._lock = threading.Lock()
         self.steps = 0
 
