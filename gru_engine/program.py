@@ -360,7 +360,8 @@ class Program:
         like the last, and the Python between it and the kernel is most of a small call's overhead.
 
         x: (B, T, F) and out: (B, rows * D) or (B, rows, D), as ``out_ndim`` says; the caller checks
-        that both are C-contiguous float32 arrays of the shapes this work was sized for.
+        that both are aligned, C-contiguous float32 arrays of the shapes this work was sized for
+        (``runtime.ready`` and ``writable``).
         """
         if work.shape[0] != 1:
             return lambda x, out: self.run(x, carry, work, out.reshape((out.shape[0], -1)), zero_carry)

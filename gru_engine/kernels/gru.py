@@ -60,7 +60,7 @@ def gru_layer(x, samples, steps, input_dim, kernel, recurrent_kernel, input_bias
     first_width = row_width if reset_after else two
     recurrent_first = shaped(recurrent_kernel, 0, (units, first_width))  # (H, P) or (H, 2H)
     # Multiplied by r * h; read only when reset_after is False.
-    recurrent_h = shaped(recurrent_kernel, units * two, (units, units))     # (H, H)
+    recurrent_h = shaped(recurrent_kernel, units * two, (units, units))  # (H, H)
     # Bit s: sample s has had an unmasked step, so its previous output is its carry (Keras: zero before).
     emitted = (1 << samples) - 1 if masked_output == MASKED_CARRY else 0
     recurrent_h_bias = recurrent_bias[two:row_width]  # (P - 2H,)
