@@ -364,6 +364,7 @@ class Program:
         (``runtime.ready`` and ``writable``).
         """
         if work.shape[0] != 1:
+            # out as (B, rows * D), the form every other call passes: one compiled parallel kernel.
             return lambda x, out: self.run(x, carry, work, out.reshape((out.shape[0], -1)), zero_carry)
         max_dim, max_gate_width = self.max_dim, self.max_gate_width
         typed_like = (self.plan, self.weights, np.empty((1, 1, 1), np.float32), NO_LENGTHS, carry, work, max_dim,

@@ -38,11 +38,11 @@ def as_array(value, what: str) -> np.ndarray:
 
 
 def as_input(x, features: int, check_size=None) -> np.ndarray:
-    """Check and coerce an input to a C-contiguous float32 (batch, time, features) array.
+    """Check and coerce an input to an aligned, C-contiguous float32 (batch, time, features) array (``ready``).
 
     ``check_size(batch, time)`` runs before the cast, so a huge input is refused before it is copied.
     """
-    if type(x) is np.ndarray and x.dtype is FLOAT32 and x.ndim == 3 and x.flags.c_contiguous and x.flags.aligned:
+    if type(x) is np.ndarray and x.ndim == 3 and ready(x, x.shape):
         batch, steps, width = x.shape
         if width == features and batch and steps:
             return x  # the common case, checked in about 200 ns
@@ -246,7 +246,7 @@ class Model:
                                  f"{self.spec.output_count}")
             check_out(out, scratch.returned_shape)
             result = out
-            out = out.reshape(scratch.output_shape)  # a view: (B, rows * D), the kernel's layout
+            out = out.reshape(scratch.output_shape)  # a view: (B, rows * D), the layout _outputs reads
         if initial_state is not None:
             self._initial_carry(initial_state, batch, carry)
         if out is None:
@@ -332,8 +332,8 @@ class Stream:
         # object, so a call never pairs a chunk with scratch made for a shorter one.
         self._chunk_work = (1, self._work)
         # The last chunk length's (x shape, returned shape, bound call), bound at the first chunk
-        # (binding loads the compiled kernel): a chunk of that length, already float32 and contiguous,
-        # goes from run to the kernel without other checks.
+        # (binding loads the compiled kernel): a chunk of that length, already aligned contiguous
+        # float32, goes from run to the kernel without other checks.
         self._chunk = UNBOUND
         self._lock = threading.Lock()
         self.steps = 0
