@@ -30,6 +30,17 @@ PARALLEL_KERNEL_FLAGS = dict(KERNEL_FLAGS, parallel=True)
 PREFERRED_VECTOR_BITS = 512
 
 
+def _target_features() -> list[str]:
+    """The CPU features the kernels compile for: NUMBA_CPU_FEATURES when set, else the host's."""
+    from numba.core import codegen, config
+    return (config.CPU_FEATURES or codegen.get_host_cpu_features()).split(",")
+
+
+# Whether the kernels get AVX-512's 32 vector registers of 16 floats (else AVX2's 16 of 8, or
+# fewer): the batch products size their register tiles by it.
+WIDE_VECTOR_REGISTERS = "+avx512f" in _target_features()
+
+
 @intrinsic
 def prefer_wide_vectors(typingctx):
     """Ask LLVM for PREFERRED_VECTOR_BITS-wide vectors in the calling kernel, and only there.

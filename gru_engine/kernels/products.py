@@ -9,16 +9,19 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._flags import KERNEL_FLAGS, prefer_wide_vectors
+from .._flags import KERNEL_FLAGS, WIDE_VECTOR_REGISTERS, prefer_wide_vectors
 
 # Samples run in lockstep, sharing each weight load (batch mode).
 BLOCK = 4
 # Gate rows are padded with zero columns to a multiple of this many floats, so the vectorised loops
 # over them have no scalar remainder (measured: 50x150 matvec 284 ns, padded to 160: 232 ns).
 LANES = 16
-# Columns of accumulate_matvec4's register tiles: four samples x 64 floats are sixteen 512-bit
-# registers (measured 4 x 50x208: 1731 -> 1053 ns against sums kept in memory; 256x768: 27 -> 23 us).
-TILE = 64
+# Columns of accumulate_matvec4's register tiles: four samples' tiles fill half the vector
+# registers, the rest hold the samples' inputs and the loaded weights. With AVX-512, four samples x
+# 64 floats are sixteen of its 32 registers (measured 4 x 50x208: 1731 -> 1053 ns against sums kept
+# in memory; 256x768: 27 -> 23 us); with AVX2, 4 x 16 floats are eight of its 16 (measured on a Zen 3:
+# 4 x 50x208 in 1.9 us, where 64-float tiles spill to memory and take 4.3 us).
+TILE = 64 if WIDE_VECTOR_REGISTERS else 16
 MIN_TILE_ROWS = 4
 
 
@@ -151,9 +154,9 @@ def accumulate_matvec4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3):
     v_s:    (R,)
     matrix: (R, N)
     acc_s:  (N,)
-    Each matrix load feeds four samples. Tiles of TILE columns, then 32 and 16 for the rest of a
-    padded row (literal widths, so each tile is whole registers), then column by column for what
-    remains of an unpadded one.
+    Each matrix load feeds four samples. Tiles of TILE columns, then of 32 and 16 (those narrower
+    than TILE) for the rest of a padded row (literal widths, so each tile is whole registers), then
+    column by column for what remains of an unpadded one.
     A matrix of few rows skips the tiles: filling and emptying them would cost more than the sum
     (measured 1x208: 201 ns tiled, 76 ns row by row).
     """
@@ -175,10 +178,10 @@ def accumulate_matvec4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3):
     while first + TILE <= width:
         accumulate_tile4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3, first, TILE, t0, t1, t2, t3)
         first += TILE
-    if first + 32 <= width:
+    if TILE > 32 and first + 32 <= width:
         accumulate_tile4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3, first, 32, t0, t1, t2, t3)
         first += 32
-    if first + 16 <= width:
+    if TILE > 16 and first + 16 <= width:
         accumulate_tile4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3, first, 16, t0, t1, t2, t3)
         first += 16
     # The columns of an unpadded matrix past the last 16: a sum per column, in registers.
