@@ -320,17 +320,22 @@ def run_batch(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, z
 def run_batch_parallel(plan, weights, x, lengths, carry, work, max_dim, max_gate_width, zero_carry, out):
     """run_batch with blocks spread over Numba's threads: samples are independent sequences.
 
-    work: (ceil(B / BLOCK), K), one scratch per block.
+    work: (W, K), one scratch per share: the blocks split into W runs of consecutive blocks. A
+    scratch per share rather than per block: each share's stays in its core's cache (measured,
+    LSTM airline at batch 1024 on 2 cores: a scratch per block was 17 MB, touched once per call).
     """
     prefer_wide_vectors()
     bad = admit(plan, weights, x, carry, work, max_dim, max_gate_width, zero_carry)
     if bad == 0:
         flat_out = sample_rows(out)  # (B, rows * D)
-        for block in prange((x.shape[0] + BLOCK - 1) // BLOCK):
-            start = block * BLOCK
-            stop = min(start + BLOCK, x.shape[0])
-            run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[block], max_dim,
-                      max_gate_width, flat_out[start:stop])
+        shares = work.shape[0]
+        blocks = (x.shape[0] + BLOCK - 1) // BLOCK
+        for share in prange(shares):
+            for block in range(share * blocks // shares, (share + 1) * blocks // shares):
+                start = block * BLOCK
+                stop = min(start + BLOCK, x.shape[0])
+                run_block(plan, weights, x[start:stop], lengths[start:stop], carry[start:stop], work[share],
+                          max_dim, max_gate_width, flat_out[start:stop])
     return bad
 
 
