@@ -142,7 +142,7 @@ def measure_workload(workload: Workload, subject: Subject, names: list[str], bud
     for name, call in calls.items():
         if isinstance(call, Looped):
             calls[name], repeats[name] = call.timed(budget.sample_s)
-    samples, failures = timing.round_robin(calls, budget)
+    samples, failures = timing.round_robin(calls, budget, timing.SETTLE_S if workload.threads > 1 else 0.0)
     for name, error in failures.items():
         entries[name].update(status="failed", note=error)
     for name, values in samples.items():

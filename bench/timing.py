@@ -77,8 +77,16 @@ def calibrate(call: Call, sample_s: float) -> int:
         calls *= 10
 
 
-def round_robin(calls: dict[str, Call], budget: Budget) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Per-call seconds of every sample of every call, and the error of each call that raised."""
+# Thread pools keep spinning for a while after their last task: onnxruntime's, left to its
+# defaults as its users run it, took the cores from the implementation timed next (measured, LSTM
+# airline at batch 1024 on 2 cores: the engine's time 13.4 -> 16.6 ms; a 10 ms pause was not enough).
+SETTLE_S = 0.05
+
+
+def round_robin(calls: dict[str, Call], budget: Budget, settle_s: float = 0.0
+                ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per-call seconds of every sample of every call, and the error of each call that raised;
+    ``settle_s``: a pause before each implementation's slice (multi-threaded workloads: SETTLE_S)."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
     failures: dict[str, str] = {}
     per_sample = {}
@@ -93,6 +101,7 @@ def round_robin(calls: dict[str, Call], budget: Budget) -> tuple[dict[str, list[
     while active and rounds < budget.max_rounds:
         shift = rounds % len(active)
         for name in active[shift:] + active[:shift]:
+            time.sleep(settle_s)
             slice_end = time.perf_counter() + budget.slice_s
             try:
                 while True:
