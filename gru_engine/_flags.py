@@ -31,9 +31,11 @@ PREFERRED_VECTOR_BITS = 512
 
 
 def _target_features() -> list[str]:
-    """The CPU features the kernels compile for: NUMBA_CPU_FEATURES when set, else the host's."""
+    """The CPU features the kernels compile for: NUMBA_CPU_FEATURES when set, else the host's
+    (Numba's JIT codegen's own rule)."""
     from numba.core import codegen, config
-    return (config.CPU_FEATURES or codegen.get_host_cpu_features()).split(",")
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+    return features.split(",")
 
 
 # Whether the kernels get AVX-512's 32 vector registers of 16 floats (else AVX2's 16 of 8, or
