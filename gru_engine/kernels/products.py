@@ -125,12 +125,20 @@ def accumulate_tile4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3, first, widt
     t_s: (>=width,) stack tiles. Inlined with a literal width, each tile lives in registers
     across the whole sum over the matrix rows: per row, one load of the matrix columns feeds
     four samples' FMAs, and acc is read and written once, not once per row.
+    acc is read and written through views indexed from 0, one sample per loop: an offset index
+    (Numba's negative-index check) or stores to four arrays that may overlap in one loop kept
+    LLVM from making vectors of them, and the tiles went in and out one float at a time
+    (measured 4 x 50x208 on AVX2: 1.7 us, 1.1-1.3 us with whole vectors).
     """
+    s0 = acc0[first:first + width]  # (width,)
+    s1 = acc1[first:first + width]  # (width,)
+    s2 = acc2[first:first + width]  # (width,)
+    s3 = acc3[first:first + width]  # (width,)
     for j in range(width):
-        t0[j] = acc0[first + j]
-        t1[j] = acc1[first + j]
-        t2[j] = acc2[first + j]
-        t3[j] = acc3[first + j]
+        t0[j] = s0[j]
+        t1[j] = s1[j]
+        t2[j] = s2[j]
+        t3[j] = s3[j]
     for i in range(matrix.shape[0]):
         columns = matrix[i, first:first + width]  # (width,)
         a0, a1, a2, a3 = v0[i], v1[i], v2[i], v3[i]
@@ -141,10 +149,13 @@ def accumulate_tile4(v0, v1, v2, v3, matrix, acc0, acc1, acc2, acc3, first, widt
             t2[j] += a2 * m
             t3[j] += a3 * m
     for j in range(width):
-        acc0[first + j] = t0[j]
-        acc1[first + j] = t1[j]
-        acc2[first + j] = t2[j]
-        acc3[first + j] = t3[j]
+        s0[j] = t0[j]
+    for j in range(width):
+        s1[j] = t1[j]
+    for j in range(width):
+        s2[j] = t2[j]
+    for j in range(width):
+        s3[j] = t3[j]
 
 
 @njit(**KERNEL_FLAGS)
