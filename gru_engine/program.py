@@ -302,8 +302,8 @@ class Program:
         return batch >= PARALLEL_MIN_BATCH and numba.get_num_threads() > 1
 
     def workspace_shape(self, batch: int, steps: int, parallel: bool) -> tuple[int, int]:
-        """(rows, K): one block's scratch; in parallel, one per thread, reused for each block of
-        the thread's share, so that it stays in that core's cache."""
+        """(rows, K): one block's scratch; in parallel, one per thread, reused for each block the
+        thread claims, so that it stays in that core's cache."""
         rows = min(-(-batch // products.BLOCK), numba.get_num_threads()) if parallel else 1
         return rows, plan.workspace_size(min(batch, products.BLOCK), steps, self.max_dim, self.max_gate_width,
                                            self.means_size)
