@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +23,11 @@ CXX_FLAGS = ("-x", "c++", "-std=c++17", "-Wall", "-Wextra", "-Werror")
 SANITIZE_FLAGS = ("-std=c99", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer")
 # The bench's build: fused multiply-adds allowed (ISO C mode otherwise forbids contracting a*b+c).
-FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-ffp-contract=fast")
+# On x86-64, 512-bit vectors where the CPU has them: GCC and Clang tune -march=native for 256-bit
+# ones on AVX-512 CPUs (measured on Sapphire Rapids: an airline step 1.16 -> 1.05 us, an LSTM
+# airline step 1.57 -> 1.33 us). The option is x86's only, and widens nothing the CPU lacks.
+FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-ffp-contract=fast") + \
+    (("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ())
 
 
 class CompileError(RuntimeError):
