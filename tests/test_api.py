@@ -340,6 +340,24 @@ def test_kernels_use_512_bit_vectors_where_the_cpu_has_them():
     assert "zmm" in matvec.inspect_asm(matvec.signatures[0])
 
 
+@pytest.mark.parametrize("rows", [3, 5, 16, 50, 128])
+@pytest.mark.parametrize("width", [16, 48, 144, 160, 208, 400, 768])
+def test_one_sample_sums_exactly_as_in_a_block_of_four(rows, width):
+    """A sample's products are the same floats whether it runs alone (a batch's last, partial block,
+    or a stream of one) or in a block of four: both paths add the rows in the same order."""
+    from gru_engine.kernels import products
+    rng = np.random.default_rng(rows * 1000 + width)
+    v = rng.standard_normal((4, rows)).astype(np.float32)
+    matrix = rng.standard_normal((rows, width)).astype(np.float32)
+    start = rng.standard_normal((4, width)).astype(np.float32)
+    in_block = start.copy()
+    products.accumulate_matvec4(v[0], v[1], v[2], v[3], matrix, in_block[0], in_block[1], in_block[2], in_block[3])
+    alone = start.copy()
+    for sample in range(4):
+        products.accumulate_matvec(v[sample], matrix, alone[sample])
+    assert np.array_equal(alone, in_block)
+
+
 @pytest.mark.parametrize("code, exact", [
     (activations.TANH, np.tanh),
     (activations.SIGMOID, lambda x: 0.5 * (np.tanh(0.5 * x) + 1.0)),
