@@ -419,9 +419,10 @@ IMPLEMENTATIONS = {
         Implementation("tf-xla", "TensorFlow tf.function(jit_compile=True)", _tf_function(True), ("tensorflow",)),
         Implementation("keras-predict", "Keras model.predict", _keras_predict, ("keras",)),
         Implementation("keras-call", "Keras model(x)", _keras_call, ("keras",)),
-        Implementation("c-export", "export_c's C99 predict, -O3 -march=native (512-bit vectors on x86-64), timed in a C loop, 1 thread",
-                       _c_export, ("numpy",), does_not_apply=_cannot_write_c),
-        Implementation("c-export-stream", "export_c's C99 step, -O3 -march=native (512-bit vectors on x86-64), timed in a C loop",
-                       _c_export_stream, ("numpy",), does_not_apply=_cannot_stream_c, streaming=True),
+        Implementation("c-export", "export_c's C99 predict, -O3 -march=native (512-bit vectors on x86-64), "
+                       "timed in a C loop, 1 thread", _c_export, ("numpy",), does_not_apply=_cannot_write_c),
+        Implementation("c-export-stream", "export_c's C99 step, -O3 -march=native (512-bit vectors on x86-64), "
+                       "timed in a C loop", _c_export_stream, ("numpy",), does_not_apply=_cannot_stream_c,
+                       streaming=True),
     ]
 }

@@ -24,8 +24,10 @@ LANES = 16
 # 4 x 50x208 in 1.9 us, where 64-float tiles spill to memory and take 4.3 us).
 TILE = 64 if WIDE_VECTOR_REGISTERS else 16
 MIN_TILE_ROWS = 4
-# accumulate_matvec's column tiles read a matrix column stripe by stripe; up to this many floats
-# (256 KB, in L2) that is faster than passes of eight whole rows, beyond it slower.
+# accumulate_matvec's column tiles read a matrix column stripe by stripe, which beyond L2 is slower
+# than passes of eight whole rows (measured 512x1536, 3 MB: 92 us by rows, 105 us by tiles). Up to
+# 768 KB the tiles were faster alone (256x768: 5.29 -> 5.00 us) but not measurably in GRU(256), so
+# the tiles stop at 256 KB, where they were measured in whole models.
 MAX_TILED_FLOATS = 1 << 16
 
 
@@ -46,12 +48,12 @@ def accumulate_matvec(v, matrix, acc):
     Eight rows at once keep each acc element in a register across them: an eighth of the loads
     and stores of a plain axpy loop, whose acc traffic dominates at batch 1. LLVM turns their sum
     into one chain of dependent multiply-adds per vector, row after row (it reassociates it), whose
-    latency then bounds the pass; column tiles held in registers across every row run up to eight
-    such chains side by side (measured 50x208: 228 -> 161 ns; 36x144: 127 -> 82 ns). Both add the
+    latency then bounds the pass; column tiles held in registers across every row run three to ten
+    such chains side by side (measured 50x208: 228 -> 162 ns; 36x144: 127 -> 82 ns). Both add the
     rows in order, as ``accumulate_matvec4`` does, so a sample's result does not depend on whether
     it ran alone or in a block of four. Passes of eight rows remain for what the tiles do not suit:
-    few rows, unpadded rows, AVX2's sixteen registers, and a matrix too large for L2 to feed column
-    tiles (256x768: 5.3 us by rows, 5.7 us by tiles, which read it out of order).
+    few rows, rows narrower than 48 or unpadded, AVX2's sixteen registers, and large matrices
+    (MAX_TILED_FLOATS).
     """
     prefer_wide_vectors()
     rows = v.shape[0]
