@@ -1,4 +1,4 @@
-"""Fuzzing (issue 5): mutated bundles and hostile inputs must be refused cleanly, never crash.
+"""Fuzzing: mutated bundles and hostile inputs must be refused cleanly, never crash.
 
 Every mutated bundle either loads (and so passes its self-check, then runs) or raises BundleError;
 every hostile input either gives a float32 answer or raises InputError. Anything else is a failure.
