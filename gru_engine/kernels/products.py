@@ -10,7 +10,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._flags import KERNEL_FLAGS, WIDE_VECTOR_REGISTERS, prefer_wide_vectors
-from .activations import ZERO
 
 # Samples run in lockstep, sharing each weight load (batch mode).
 BLOCK = 4
